@@ -1,0 +1,1 @@
+//! Procedural macros of `outbox`. Implementation detail: use the attributes re-exported by `outbox`.

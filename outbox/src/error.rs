@@ -1,0 +1,285 @@
+//! Error types, one enum per surface.
+
+use std::fmt;
+
+/// A boxed error that can cross threads: what handlers and stores report.
+pub type BoxDynError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with the crate's general [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors of the administrative and runtime APIs (migrate, dead letters, status, shutdown).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database reported an error.
+    #[error("database error")]
+    Database(#[source] sea_orm::DbErr),
+    /// A name (queue, handler or table prefix) is not valid.
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
+    /// The queue is not registered in the database.
+    #[error("unknown queue `{0}`")]
+    UnknownQueue(String),
+    /// The dead letter does not exist (already replayed, discarded or purged).
+    #[error("dead letter {0} not found")]
+    DeadLetterNotFound(i64),
+    /// The runtime did not stop within the grace period; in-flight work was cancelled and its
+    /// leases released.
+    #[error("shutdown grace period of {0:?} elapsed; in-flight handlers were cancelled")]
+    ShutdownTimedOut(std::time::Duration),
+}
+
+impl From<sea_orm::DbErr> for Error {
+    fn from(e: sea_orm::DbErr) -> Self {
+        Error::Database(e)
+    }
+}
+
+/// A queue, handler or table-prefix name that cannot be used.
+///
+/// Names are 1 to 64 characters of ASCII letters, digits, `_`, `-` and `.`, starting with a
+/// letter; a table prefix is at most 32 characters of lowercase letters, digits and `_`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {kind} name `{name}`: {reason}")]
+pub struct InvalidName {
+    /// What was being named: `queue`, `handler` or `table prefix`.
+    pub kind: &'static str,
+    /// The rejected name.
+    pub name: String,
+    /// Why it was rejected.
+    pub reason: &'static str,
+}
+
+/// Errors of [`enqueue`](crate::Outbox::enqueue) and its typed and batch forms. On any of them
+/// nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnqueueError {
+    /// The queue name is not valid.
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
+    /// The queue is not registered in the database (run the runtime's migrate/registration
+    /// first, or declare the queue on the builder).
+    #[error("unknown queue `{0}`")]
+    UnknownQueue(String),
+    /// The partition index is not below the queue's partition count.
+    #[error("partition {partition} out of range for queue `{queue}` with {partitions} partitions")]
+    PartitionOutOfRange {
+        /// Queue name.
+        queue: String,
+        /// Requested partition.
+        partition: u32,
+        /// Partition count of the queue.
+        partitions: u32,
+    },
+    /// The payload is larger than the configured limit.
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes for queue `{queue}`")]
+    PayloadTooLarge {
+        /// Queue name.
+        queue: String,
+        /// Payload size in bytes.
+        size: usize,
+        /// Configured limit in bytes.
+        limit: usize,
+    },
+    /// The payload could not be serialized (typed enqueue).
+    #[error("payload of queue `{queue}` could not be serialized")]
+    Serialize {
+        /// Queue name.
+        queue: String,
+        /// The serializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The connection or transaction belongs to another kind of database than the outbox.
+    #[error("connection is {found:?} but the outbox runs on {expected:?}")]
+    BackendMismatch {
+        /// Backend of the outbox.
+        expected: sea_orm::DbBackend,
+        /// Backend of the connection passed in.
+        found: sea_orm::DbBackend,
+    },
+    /// The database reported an error; the caller's transaction should be rolled back.
+    #[error("database error")]
+    Database(#[source] sea_orm::DbErr),
+}
+
+impl From<sea_orm::DbErr> for EnqueueError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        EnqueueError::Database(e)
+    }
+}
+
+/// One problem found while building or starting the runtime. [`StartError::Registry`] carries
+/// all of them at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistryProblem {
+    /// Two queue declarations use one name.
+    DuplicateQueue(String),
+    /// Two handlers of one queue use one name.
+    DuplicateHandler {
+        /// Queue name.
+        queue: String,
+        /// Handler name.
+        handler: String,
+    },
+    /// A handler consumes a queue that is declared nowhere.
+    HandlerWithoutQueue {
+        /// Queue name.
+        queue: String,
+        /// Handler name.
+        handler: String,
+    },
+    /// The queue exists in the database with another partition count.
+    PartitionMismatch {
+        /// Queue name.
+        queue: String,
+        /// Count in the declaration.
+        declared: u32,
+        /// Count in the database.
+        stored: u32,
+    },
+    /// A name is not valid.
+    InvalidName(InvalidName),
+    /// A declared partition count is zero or above the maximum.
+    InvalidPartitions {
+        /// Queue name.
+        queue: String,
+        /// Declared count.
+        partitions: u32,
+    },
+    /// A knob of a profile, queue or handler is out of range.
+    InvalidTuning(String),
+}
+
+impl fmt::Display for RegistryProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DuplicateQueue(q) => write!(f, "queue `{q}` is declared more than once"),
+            Self::DuplicateHandler { queue, handler } => {
+                write!(f, "handler `{handler}` of queue `{queue}` is declared more than once")
+            }
+            Self::HandlerWithoutQueue { queue, handler } => {
+                write!(f, "handler `{handler}` consumes queue `{queue}`, which is not declared")
+            }
+            Self::PartitionMismatch { queue, declared, stored } => write!(
+                f,
+                "queue `{queue}` is declared with {declared} partitions but the database has {stored}"
+            ),
+            Self::InvalidName(e) => e.fmt(f),
+            Self::InvalidPartitions { queue, partitions } => write!(
+                f,
+                "queue `{queue}` has {partitions} partitions; expected 1 to {}",
+                crate::queue::MAX_PARTITIONS
+            ),
+            Self::InvalidTuning(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Errors of building or starting the runtime.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The declarations are inconsistent; every problem found is listed.
+    #[error("{} registry problem(s): {}", .0.len(), join(.0))]
+    Registry(Vec<RegistryProblem>),
+    /// The connection pool cannot hold the connections the runtime needs.
+    #[error(
+        "the connection pool allows {available} connections but the runtime needs at least {needed}; raise max_connections or lower handler concurrency"
+    )]
+    PoolTooSmall {
+        /// Connections the runtime needs.
+        needed: u32,
+        /// Maximum connections of the pool.
+        available: u32,
+    },
+    /// The database reported an error while migrating or registering.
+    #[error("database error during start-up")]
+    Database(#[source] sea_orm::DbErr),
+}
+
+impl From<sea_orm::DbErr> for StartError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        StartError::Database(e)
+    }
+}
+
+fn join(problems: &[RegistryProblem]) -> String {
+    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// What a handler returns when it did not succeed: retry later, or reject for good.
+///
+/// Any `std::error::Error` converts into [`HandlerError::Retry`] with `?`. A retried message is
+/// delivered again after an exponential backoff; after `max_attempts` it is dead-lettered (or
+/// blocks its partition, per the queue's policy). A rejected message is dead-lettered at once.
+#[non_exhaustive]
+pub enum HandlerError {
+    /// A transient failure: try again after a backoff.
+    Retry(BoxDynError),
+    /// A permanent failure: dead-letter the message now.
+    Reject(BoxDynError),
+}
+
+impl HandlerError {
+    /// A transient failure with this reason.
+    pub fn retry(reason: impl Into<BoxDynError>) -> Self {
+        Self::Retry(reason.into())
+    }
+
+    /// A permanent failure with this reason.
+    pub fn reject(reason: impl Into<BoxDynError>) -> Self {
+        Self::Reject(reason.into())
+    }
+
+    /// True for [`HandlerError::Reject`].
+    pub fn is_reject(&self) -> bool {
+        matches!(self, Self::Reject(_))
+    }
+
+    /// The reason, as recorded in `last_error` and in dead letters.
+    pub fn reason(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        match self {
+            Self::Retry(e) | Self::Reject(e) => e.as_ref(),
+        }
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
+    fn from(e: E) -> Self {
+        Self::Retry(Box::new(e))
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Retry(e) => f.debug_tuple("Retry").field(e).finish(),
+            Self::Reject(e) => f.debug_tuple("Reject").field(e).finish(),
+        }
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Retry(e) => write!(f, "retry: {}", full_chain(e.as_ref())),
+            Self::Reject(e) => write!(f, "reject: {}", full_chain(e.as_ref())),
+        }
+    }
+}
+
+/// An error and its sources on one line, as stored in `last_error`.
+pub(crate) fn full_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

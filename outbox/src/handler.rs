@@ -1,0 +1,164 @@
+//! Handler declarations: the two modes and what a handler receives.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sea_orm::DatabaseTransaction;
+
+use crate::error::HandlerError;
+use crate::profile::Overrides;
+use crate::queue::Message;
+
+/// The future a handler returns.
+pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
+
+pub(crate) type TxFn =
+    Arc<dyn for<'a> Fn(&'a Message, &'a DatabaseTransaction) -> HandlerFuture<'a> + Send + Sync>;
+pub(crate) type LeasedFn =
+    Arc<dyn for<'a> Fn(&'a Message, &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync>;
+
+#[derive(Clone)]
+pub(crate) enum Mode {
+    Transactional(TxFn),
+    Leased(LeasedFn),
+}
+
+impl Mode {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Mode::Transactional(_) => "transactional",
+            Mode::Leased(_) => "leased",
+        }
+    }
+}
+
+/// A handler: the queue it consumes, its durable name, its mode and its knobs.
+///
+/// Each handler of a queue has its own cursor and sees every message (fan-out). The name is
+/// stored with the cursor: renaming a handler starts a new cursor at the oldest retained message.
+#[derive(Clone)]
+pub struct HandlerSpec {
+    pub(crate) queue: Cow<'static, str>,
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) mode: Mode,
+    pub(crate) overrides: Overrides,
+}
+
+impl fmt::Debug for HandlerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerSpec")
+            .field("queue", &self.queue)
+            .field("name", &self.name)
+            .field("mode", &self.mode.name())
+            .field("overrides", &self.overrides)
+            .finish()
+    }
+}
+
+impl HandlerSpec {
+    /// A handler that runs inside the transaction that acks its messages: its writes through
+    /// `txn` commit if and only if the cursor moves past the message (exactly-once effects in
+    /// this database).
+    pub fn transactional<F>(queue: impl Into<Cow<'static, str>>, name: impl Into<Cow<'static, str>>, f: F) -> Self
+    where
+        F: for<'a> Fn(&'a Message, &'a DatabaseTransaction) -> HandlerFuture<'a> + Send + Sync + 'static,
+    {
+        Self {
+            queue: queue.into(),
+            name: name.into(),
+            mode: Mode::Transactional(Arc::new(f)),
+            overrides: Overrides::NONE,
+        }
+    }
+
+    /// A handler that runs outside any transaction under a time lease (at-least-once). It is
+    /// cancelled at lease end minus headroom; an ack after the lease was lost is rejected.
+    pub fn leased<F>(queue: impl Into<Cow<'static, str>>, name: impl Into<Cow<'static, str>>, f: F) -> Self
+    where
+        F: for<'a> Fn(&'a Message, &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync + 'static,
+    {
+        Self {
+            queue: queue.into(),
+            name: name.into(),
+            mode: Mode::Leased(Arc::new(f)),
+            overrides: Overrides::NONE,
+        }
+    }
+
+    /// Knobs for this handler (they win over the queue's and the profile's).
+    pub fn overrides(mut self, overrides: Overrides) -> Self {
+        self.overrides = overrides;
+        self
+    }
+
+    /// The queue consumed.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The handler name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// What a leased handler knows about its lease.
+#[derive(Debug, Clone)]
+pub struct LeaseContext {
+    pub(crate) queue: Arc<str>,
+    pub(crate) handler: Arc<str>,
+    pub(crate) partition: u32,
+    pub(crate) seq: i64,
+    pub(crate) attempt: u64,
+    pub(crate) deadline: tokio::time::Instant,
+    pub(crate) lease_expires_at_ms: i64,
+}
+
+impl LeaseContext {
+    /// The handler's name.
+    pub fn handler(&self) -> &str {
+        &self.handler
+    }
+
+    /// The queue name.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The partition of the message.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The message's sequence number in its partition.
+    pub fn seq(&self) -> i64 {
+        self.seq
+    }
+
+    /// Which attempt this delivery is, starting at 1. Raised after a failure and after a
+    /// lease that expired without an ack (a crashed or stalled worker).
+    pub fn attempt(&self) -> u64 {
+        self.attempt
+    }
+
+    /// A key that stays the same across redeliveries of this message to this handler:
+    /// `queue/partition/seq/handler`. Use it to make external side effects idempotent.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}/{}/{}/{}", self.queue, self.partition, self.seq, self.handler)
+    }
+
+    /// Time left before the handler is cancelled (lease end minus headroom).
+    pub fn remaining(&self) -> Duration {
+        self.deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+    }
+
+    /// When the lease ends, in milliseconds since the Unix epoch.
+    pub fn lease_expires_at_ms(&self) -> i64 {
+        self.lease_expires_at_ms
+    }
+}

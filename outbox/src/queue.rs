@@ -1,0 +1,206 @@
+//! Queue declarations, names and messages.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use crate::error::InvalidName;
+use crate::profile::Overrides;
+
+/// Largest partition count of a queue.
+pub const MAX_PARTITIONS: u32 = 4096;
+
+/// Default limit of a payload, in bytes (1 MiB). Change it with
+/// [`Builder::max_payload_bytes`](crate::Builder::max_payload_bytes).
+pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+
+/// What happens when a message exhausts its attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PoisonPolicy {
+    /// Copy it to the dead-letter table and move on to the next message of the partition.
+    #[default]
+    DeadLetter,
+    /// Keep it at the head: the partition stops for that handler until an operator unblocks
+    /// it ([`Outbox::unblock`](crate::Outbox::unblock)) or skips it to the dead letters
+    /// ([`Outbox::skip_head`](crate::Outbox::skip_head)).
+    Block,
+}
+
+/// A queue: its durable name, partition count and policies.
+///
+/// The name is part of the storage schema: renaming a queue orphans its stored messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) partitions: u32,
+    pub(crate) policy: PoisonPolicy,
+    pub(crate) overrides: Overrides,
+}
+
+impl QueueSpec {
+    /// A queue with `partitions` partitions (1 to [`MAX_PARTITIONS`]).
+    pub fn new(name: impl Into<Cow<'static, str>>, partitions: u32) -> Self {
+        Self {
+            name: name.into(),
+            partitions,
+            policy: PoisonPolicy::DeadLetter,
+            overrides: Overrides::NONE,
+        }
+    }
+
+    /// What to do with a message that exhausted its attempts.
+    pub fn poison_policy(mut self, policy: PoisonPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Knobs for every handler of this queue (handler overrides still win).
+    pub fn overrides(mut self, overrides: Overrides) -> Self {
+        self.overrides = overrides;
+        self
+    }
+
+    /// The queue name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The partition count.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+}
+
+/// Checks a queue or handler name: 1 to 64 ASCII letters, digits, `_`, `-`, `.`, starting with
+/// a letter.
+pub fn validate_name(kind: &'static str, name: &str) -> Result<(), InvalidName> {
+    let reason = if name.is_empty() {
+        Some("must not be empty")
+    } else if name.len() > 64 {
+        Some("must be at most 64 characters")
+    } else if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        Some("must start with an ASCII letter")
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        Some("may contain only ASCII letters, digits, `_`, `-` and `.`")
+    } else {
+        None
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(InvalidName {
+            kind,
+            name: name.to_owned(),
+            reason,
+        }),
+    }
+}
+
+/// Checks a table prefix: at most 32 lowercase ASCII letters, digits and `_`, starting with a
+/// letter.
+pub(crate) fn validate_prefix(prefix: &str) -> Result<(), InvalidName> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 32
+        && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidName {
+            kind: "table prefix",
+            name: prefix.to_owned(),
+            reason: "must be 1 to 32 lowercase ASCII letters, digits and `_`, starting with a letter",
+        })
+    }
+}
+
+/// A message to enqueue: queue, partition and payload bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub(crate) queue: Cow<'static, str>,
+    pub(crate) partition: u32,
+    pub(crate) payload: Vec<u8>,
+}
+
+impl NewMessage {
+    /// A message for `partition` of `queue`.
+    pub fn new(queue: impl Into<Cow<'static, str>>, partition: u32, payload: impl Into<Vec<u8>>) -> Self {
+        Self {
+            queue: queue.into(),
+            partition,
+            payload: payload.into(),
+        }
+    }
+}
+
+/// A delivered message, as a handler sees it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub(crate) queue: Arc<str>,
+    pub(crate) partition: u32,
+    pub(crate) seq: i64,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) enqueued_at_ms: i64,
+    pub(crate) attempt: u64,
+}
+
+impl Message {
+    /// The queue name.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The partition index.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The message's position in its partition: dense, starting at 1, in commit order.
+    pub fn seq(&self) -> i64 {
+        self.seq
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// When it was enqueued, in milliseconds since the Unix epoch (producer's clock).
+    pub fn enqueued_at_ms(&self) -> i64 {
+        self.enqueued_at_ms
+    }
+
+    /// Which attempt this delivery is, starting at 1.
+    pub fn attempt(&self) -> u64 {
+        self.attempt
+    }
+
+    /// A key that identifies this message for this handler across redeliveries:
+    /// `queue/partition/seq`. Use it to make leased handlers' side effects idempotent.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}/{}/{}", self.queue, self.partition, self.seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "orders", "order_placed", "Orders.v2-eu", &"x".repeat(64)] {
+            assert!(validate_name("queue", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "1abc", "_a", "a b", "a;drop", "é", &"x".repeat(65), "a'b"] {
+            assert!(validate_name("queue", bad).is_err(), "{bad}");
+        }
+        assert!(validate_prefix("outbox_").is_ok());
+        for bad in ["", "Outbox", "a-b", "1a", &"a".repeat(33)] {
+            assert!(validate_prefix(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! The runtime: the [`Outbox`] handle (enqueue, dead letters, status), its [`Builder`], and the
+//! [`Running`] workers with graceful shutdown.
+
+mod processor;
+mod sequencer;
+mod vacuum;
+mod wake;
+mod worker;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{EnqueueError, Error, RegistryProblem, StartError};
+use crate::handler::HandlerSpec;
+use crate::profile::{Profile, RuntimeTuning};
+use crate::queue::{DEFAULT_MAX_PAYLOAD, MAX_PARTITIONS, NewMessage, QueueSpec, validate_name, validate_prefix};
+use crate::storage::{DeadLetter, DeadLetterFilter, QueueDepth, Registered, Store};
+use wake::Wake;
+use worker::Pacing;
+
+/// Default table prefix.
+pub const DEFAULT_TABLE_PREFIX: &str = "outbox_";
+
+pub(crate) struct Shared {
+    pub(crate) store: Store,
+    pub(crate) wake: Arc<Wake>,
+    max_payload: usize,
+    /// Partition counts of queues known to exist in the database.
+    known: RwLock<HashMap<String, u32>>,
+    acked: AtomicU64,
+    vacuum_after: AtomicU64,
+}
+
+impl Shared {
+    /// Counts acked messages and wakes vacuum when enough accumulated.
+    pub(crate) fn acked(&self, n: u64) {
+        let threshold = self.vacuum_after.load(Ordering::Relaxed);
+        if threshold > 0 && self.acked.fetch_add(n, Ordering::Relaxed) + n >= threshold {
+            self.acked.store(0, Ordering::Relaxed);
+            self.wake.vacuum.notify_one();
+        }
+    }
+}
+
+/// A handle to the outbox in one database: enqueue, dead-letter operations and status.
+/// Cheap to clone. Obtain it from [`Builder::connect`] (producer only) or from a
+/// [`Running`] runtime.
+#[derive(Clone)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox")
+            .field("backend", &self.shared.store.backend)
+            .field("table_prefix", &self.shared.store.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// Starts configuring an outbox on `db`.
+    pub fn builder(db: DatabaseConnection) -> Builder {
+        Builder::new(db)
+    }
+
+    /// The database backend.
+    pub fn backend(&self) -> DbBackend {
+        self.shared.store.backend
+    }
+
+    /// The connection pool the outbox uses for its own work.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.shared.store.db
+    }
+
+    async fn partitions_of(&self, queue: &str) -> Result<u32, EnqueueError> {
+        if let Some(n) = self.shared.known.read().ok().and_then(|k| k.get(queue).copied()) {
+            return Ok(n);
+        }
+        let store = &self.shared.store;
+        match store.queue_partitions(&store.db, queue).await? {
+            Some(n) => {
+                if let Ok(mut k) = self.shared.known.write() {
+                    k.insert(queue.to_owned(), n);
+                }
+                Ok(n)
+            }
+            None => Err(EnqueueError::UnknownQueue(queue.to_owned())),
+        }
+    }
+
+    async fn validate(&self, m: &NewMessage) -> Result<(), EnqueueError> {
+        validate_name("queue", &m.queue)?;
+        let partitions = self.partitions_of(&m.queue).await?;
+        if m.partition >= partitions {
+            return Err(EnqueueError::PartitionOutOfRange {
+                queue: m.queue.to_string(),
+                partition: m.partition,
+                partitions,
+            });
+        }
+        if m.payload.len() > self.shared.max_payload {
+            return Err(EnqueueError::PayloadTooLarge {
+                queue: m.queue.to_string(),
+                size: m.payload.len(),
+                limit: self.shared.max_payload,
+            });
+        }
+        Ok(())
+    }
+
+    /// Enqueues one message through `conn`: a transaction (the message exists if and only if
+    /// it commits) or a plain connection (durable when this returns).
+    pub async fn enqueue<C: ConnectionTrait>(&self, conn: &C, message: NewMessage) -> Result<(), EnqueueError> {
+        self.enqueue_batch(conn, std::slice::from_ref(&message)).await
+    }
+
+    /// Enqueues several messages in call order through `conn`. Every message is validated
+    /// first: if one is invalid nothing is written.
+    pub async fn enqueue_batch<C: ConnectionTrait>(&self, conn: &C, messages: &[NewMessage]) -> Result<(), EnqueueError> {
+        let store = &self.shared.store;
+        let found = conn.get_database_backend();
+        if found != store.backend {
+            return Err(EnqueueError::BackendMismatch {
+                expected: store.backend,
+                found,
+            });
+        }
+        for m in messages {
+            self.validate(m).await?;
+        }
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<_> = messages
+            .iter()
+            .map(|m| (&*m.queue, m.partition, m.payload.as_slice(), None))
+            .collect();
+        store.insert_incoming(conn, &rows).await?;
+        self.shared.wake.enqueued();
+        Ok(())
+    }
+
+    /// Dead letters matching `filter` with an id above `after_id`, oldest first, at most
+    /// `limit` (page with the last id seen).
+    pub async fn dead_letters(&self, filter: &DeadLetterFilter, after_id: i64, limit: u32) -> Result<Vec<DeadLetter>, Error> {
+        Ok(self.shared.store.list_dead_letters(filter, after_id, limit).await?)
+    }
+
+    /// One dead letter.
+    pub async fn dead_letter(&self, id: i64) -> Result<DeadLetter, Error> {
+        self.shared
+            .store
+            .get_dead_letter(id)
+            .await?
+            .ok_or(Error::DeadLetterNotFound(id))
+    }
+
+    /// How many dead letters match `filter`.
+    pub async fn count_dead_letters(&self, filter: &DeadLetterFilter) -> Result<i64, Error> {
+        Ok(self.shared.store.count_dead_letters(filter).await?)
+    }
+
+    /// Puts a dead letter back at the tail of its partition, delivered to the handler that
+    /// dead-lettered it (other handlers of the queue are not affected), with attempts reset.
+    /// Racing replays of one dead letter deliver it once: the loser gets
+    /// [`Error::DeadLetterNotFound`].
+    pub async fn replay_dead_letter(&self, id: i64) -> Result<(), Error> {
+        if self.shared.store.replay_dead_letter(id).await? {
+            self.shared.wake.enqueued();
+            Ok(())
+        } else {
+            Err(Error::DeadLetterNotFound(id))
+        }
+    }
+
+    /// Deletes one dead letter.
+    pub async fn discard_dead_letter(&self, id: i64) -> Result<(), Error> {
+        if self.shared.store.delete_dead_letter(id).await? {
+            Ok(())
+        } else {
+            Err(Error::DeadLetterNotFound(id))
+        }
+    }
+
+    /// Deletes every dead letter matching `filter`; returns how many.
+    pub async fn purge_dead_letters(&self, filter: &DeadLetterFilter) -> Result<u64, Error> {
+        Ok(self.shared.store.purge_dead_letters(filter).await?)
+    }
+
+    /// Lets a partition blocked by a poisoned message (block policy) try its head again now.
+    /// Returns whether the cursor exists.
+    pub async fn unblock(&self, queue: &str, partition: u32, handler: &str) -> Result<bool, Error> {
+        let ok = self.shared.store.unblock(queue, handler, partition).await?;
+        self.shared.wake.sequenced(queue);
+        Ok(ok)
+    }
+
+    /// Moves the head message of a partition (for one handler) to the dead letters and lets the
+    /// partition continue. Returns false if there was no head or it is leased right now.
+    pub async fn skip_head(&self, queue: &str, partition: u32, handler: &str) -> Result<bool, Error> {
+        let ok = self.shared.store.skip_head(queue, handler, partition).await?;
+        self.shared.wake.sequenced(queue);
+        Ok(ok)
+    }
+
+    /// Counts of a queue: unsequenced, stored, and per handler pending, retrying, leased,
+    /// blocked and dead.
+    pub async fn depth(&self, queue: &str) -> Result<QueueDepth, Error> {
+        validate_name("queue", queue)?;
+        Ok(self.shared.store.depth(queue).await?)
+    }
+}
+
+/// Configures an outbox: table prefix, profile, queues and handlers.
+///
+/// [`connect`](Builder::connect) migrates and registers, for producers;
+/// [`start`](Builder::start) also starts the workers.
+#[must_use]
+pub struct Builder {
+    db: DatabaseConnection,
+    prefix: String,
+    profile: Profile,
+    runtime: Option<RuntimeTuning>,
+    queues: Vec<QueueSpec>,
+    handlers: Vec<HandlerSpec>,
+    max_payload: usize,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("prefix", &self.prefix)
+            .field("profile", &self.profile)
+            .field("queues", &self.queues)
+            .field("handlers", &self.handlers)
+            .field("max_payload", &self.max_payload)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    fn new(db: DatabaseConnection) -> Self {
+        Self {
+            db,
+            prefix: DEFAULT_TABLE_PREFIX.to_owned(),
+            profile: Profile::Default,
+            runtime: None,
+            queues: Vec::new(),
+            handlers: Vec::new(),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+
+    /// Prefix of every table (default `outbox_`): lowercase letters, digits and `_`.
+    pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The profile whose knobs apply where queues and handlers set none.
+    pub fn profile(mut self, profile: Profile) -> Self {
+        self.profile = profile;
+        self
+    }
+
+    /// Sequencer and vacuum knobs, replacing the profile's.
+    pub fn runtime_tuning(mut self, tuning: RuntimeTuning) -> Self {
+        self.runtime = Some(tuning);
+        self
+    }
+
+    /// Declares a queue.
+    pub fn queue(mut self, queue: QueueSpec) -> Self {
+        self.queues.push(queue);
+        self
+    }
+
+    /// Declares a handler. Its queue must be declared too.
+    pub fn handler(mut self, handler: HandlerSpec) -> Self {
+        self.handlers.push(handler);
+        self
+    }
+
+    /// Largest payload accepted by enqueue, in bytes (default 1 MiB).
+    pub fn max_payload_bytes(mut self, limit: usize) -> Self {
+        self.max_payload = limit;
+        self
+    }
+
+    fn check(&self) -> Vec<RegistryProblem> {
+        let mut problems = Vec::new();
+        if let Err(e) = validate_prefix(&self.prefix) {
+            problems.push(RegistryProblem::InvalidName(e));
+        }
+        let mut seen = HashSet::new();
+        for q in &self.queues {
+            if let Err(e) = validate_name("queue", &q.name) {
+                problems.push(RegistryProblem::InvalidName(e));
+            }
+            if !(1..=MAX_PARTITIONS).contains(&q.partitions) {
+                problems.push(RegistryProblem::InvalidPartitions {
+                    queue: q.name.to_string(),
+                    partitions: q.partitions,
+                });
+            }
+            if !seen.insert(&*q.name) {
+                problems.push(RegistryProblem::DuplicateQueue(q.name.to_string()));
+            }
+            problems.extend(self.profile.tuning().with(&q.overrides).problems(&format!("queue `{}`", q.name)));
+        }
+        let mut seen_handlers = HashSet::new();
+        for h in &self.handlers {
+            if let Err(e) = validate_name("handler", &h.name) {
+                problems.push(RegistryProblem::InvalidName(e));
+            }
+            if !seen_handlers.insert((&*h.queue, &*h.name)) {
+                problems.push(RegistryProblem::DuplicateHandler {
+                    queue: h.queue.to_string(),
+                    handler: h.name.to_string(),
+                });
+            }
+            match self.queues.iter().find(|q| q.name == h.queue) {
+                None => problems.push(RegistryProblem::HandlerWithoutQueue {
+                    queue: h.queue.to_string(),
+                    handler: h.name.to_string(),
+                }),
+                Some(q) => problems.extend(
+                    self.profile
+                        .tuning()
+                        .with(&q.overrides)
+                        .with(&h.overrides)
+                        .problems(&format!("handler `{}` of queue `{}`", h.name, h.queue)),
+                ),
+            }
+        }
+        problems
+    }
+
+    /// Validates every declaration (reporting all problems at once), creates the tables if
+    /// needed and registers queues and handler cursors. Starts no workers: use it in processes
+    /// that only enqueue.
+    pub async fn connect(self) -> Result<Outbox, StartError> {
+        Ok(self.prepare().await?.0)
+    }
+
+    async fn prepare(self) -> Result<(Outbox, Self), StartError> {
+        let problems = self.check();
+        if !problems.is_empty() {
+            return Err(StartError::Registry(problems));
+        }
+        let store = Store::new(self.db.clone(), &self.prefix);
+        store.migrate().await?;
+        let mut problems = Vec::new();
+        let mut known = HashMap::new();
+        for q in &self.queues {
+            match store.register_queue(&q.name, q.partitions).await? {
+                Registered::Ok => {
+                    known.insert(q.name.to_string(), q.partitions);
+                }
+                Registered::PartitionMismatch { stored } => problems.push(RegistryProblem::PartitionMismatch {
+                    queue: q.name.to_string(),
+                    declared: q.partitions,
+                    stored,
+                }),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(StartError::Registry(problems));
+        }
+        for h in &self.handlers {
+            store.register_handler(&h.queue, &h.name, known[&*h.queue]).await?;
+        }
+        let shared = Arc::new(Shared {
+            store,
+            wake: Arc::new(Wake::new()),
+            max_payload: self.max_payload,
+            known: RwLock::new(known),
+            acked: AtomicU64::new(0),
+            vacuum_after: AtomicU64::new(0),
+        });
+        Ok((Outbox { shared }, self))
+    }
+
+    /// Connections the workers need at most at once: one per partition in flight per handler,
+    /// one for the sequencer and one for vacuum and dispatch scans (SQLite serializes writers,
+    /// so two suffice there).
+    fn connections_needed(&self) -> u32 {
+        if self.db.get_database_backend() == DbBackend::Sqlite {
+            return 2;
+        }
+        let per_handler: u32 = self
+            .handlers
+            .iter()
+            .map(|h| {
+                let q = self.queues.iter().find(|q| q.name == h.queue);
+                let mut t = self.profile.tuning();
+                if let Some(q) = q {
+                    t = t.with(&q.overrides);
+                }
+                t.with(&h.overrides).concurrency
+            })
+            .sum();
+        per_handler + 2
+    }
+
+    fn pool_size(&self) -> Option<u32> {
+        use sea_orm::DatabaseConnectionType as T;
+        match &self.db.inner {
+            T::SqlxPostgresPoolConnection(_) => Some(self.db.get_postgres_connection_pool().options().get_max_connections()),
+            T::SqlxMySqlPoolConnection(_) => Some(self.db.get_mysql_connection_pool().options().get_max_connections()),
+            T::SqlxSqlitePoolConnection(_) => Some(self.db.get_sqlite_connection_pool().options().get_max_connections()),
+            _ => None,
+        }
+    }
+
+    /// Like [`connect`](Builder::connect), then starts the sequencer, vacuum and one dispatcher
+    /// per handler. Fails fast if the pool is too small for the configured concurrency.
+    pub async fn start(self) -> Result<Running, StartError> {
+        let needed = self.connections_needed();
+        if let Some(available) = self.pool_size()
+            && available < needed
+        {
+            return Err(StartError::PoolTooSmall { needed, available });
+        }
+        let (outbox, builder) = self.prepare().await?;
+        let shared = outbox.shared.clone();
+        let rt = builder.runtime.unwrap_or_else(|| builder.profile.runtime());
+        shared.vacuum_after.store(rt.vacuum_after_acks, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        let hard = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let owner: Arc<str> = format!("{}-{:08x}", std::process::id(), rand::random::<u32>()).into();
+        let base = builder.profile.tuning();
+        let pacing = move |poll| Pacing {
+            poll,
+            error_min: rt.error_backoff_min,
+            error_max: rt.error_backoff_max,
+        };
+
+        for h in &builder.handlers {
+            let Some(q) = builder.queues.iter().find(|q| q.name == h.queue) else { continue };
+            let tuning = base.with(&q.overrides).with(&h.overrides);
+            let p = Arc::new(processor::Processor {
+                shared: shared.clone(),
+                queue: Arc::from(&*h.queue),
+                handler: Arc::from(&*h.name),
+                mode: h.mode.clone(),
+                tuning,
+                policy: q.policy,
+                owner: owner.clone(),
+                wake: shared.wake.register_handler(&h.queue),
+                in_flight: Mutex::new(HashSet::new()),
+                slots: Arc::new(Semaphore::new(tuning.concurrency as usize)),
+                tracker: tracker.clone(),
+                cancel: cancel.child_token(),
+                hard: hard.clone(),
+            });
+            let name = format!("dispatcher {}/{}", h.queue, h.name);
+            let wake = p.wake.clone();
+            let c = cancel.child_token();
+            tracker.spawn(async move {
+                worker::run(&name, || p.dispatch(), wake, pacing(tuning.poll_interval), c).await;
+            });
+        }
+
+        let poll = base.poll_interval;
+        {
+            let s = shared.clone();
+            let wake = shared.wake.sequencer.clone();
+            let c = cancel.child_token();
+            tracker.spawn(async move {
+                worker::run("sequencer", || sequencer::step(&s, rt.sequencer_batch, poll), wake, pacing(poll), c).await;
+            });
+        }
+        {
+            let s = shared.clone();
+            let wake = shared.wake.vacuum.clone();
+            let c = cancel.child_token();
+            tracker.spawn(async move {
+                worker::run("vacuum", || vacuum::step(&s, rt.vacuum_chunk), wake, pacing(rt.vacuum_interval), c).await;
+            });
+        }
+        if let sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &shared.store.db.inner {
+            let pool = shared.store.db.get_postgres_connection_pool().clone();
+            let channel = shared.store.t.channel.clone();
+            let wake = shared.wake.clone();
+            let c = cancel.child_token();
+            tracker.spawn(wake::listen_postgres(pool, channel, wake, c));
+        }
+        // Start every worker with one pass of work: nothing enqueued before start is stranded.
+        shared.wake.all();
+        tracker.close();
+        Ok(Running {
+            outbox,
+            cancel,
+            hard,
+            tracker,
+        })
+    }
+}
+
+/// The running workers of one process. Dereferences to its [`Outbox`].
+///
+/// Stop it with [`shutdown`](Running::shutdown); dropping it without shutting down cancels the
+/// workers abruptly (in-flight transactions roll back, leases expire on their own).
+#[must_use = "dropping `Running` stops the workers; call `shutdown`"]
+pub struct Running {
+    outbox: Outbox,
+    cancel: CancellationToken,
+    hard: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl fmt::Debug for Running {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Running")
+            .field("outbox", &self.outbox)
+            .field("stopping", &self.cancel.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = Outbox;
+    fn deref(&self) -> &Outbox {
+        &self.outbox
+    }
+}
+
+impl Running {
+    /// The outbox handle (also available through `Deref`).
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    /// Stops taking work, lets in-flight batches finish within `grace`, then cancels what is
+    /// left (transactions roll back, leases are released) and returns. Idempotent.
+    pub async fn shutdown(&self, grace: Duration) -> Result<(), Error> {
+        self.cancel.cancel();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_ok() {
+            return Ok(());
+        }
+        self.hard.cancel();
+        self.tracker.wait().await;
+        Err(Error::ShutdownTimedOut(grace))
+    }
+
+    /// Runs until `signal` completes (for example `tokio::signal::ctrl_c()`), then shuts down
+    /// with `grace`.
+    pub async fn run_until<F: Future>(self, signal: F, grace: Duration) -> Result<(), Error> {
+        signal.await;
+        self.shutdown(grace).await
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.hard.cancel();
+        self.cancel.cancel();
+    }
+}

@@ -1,0 +1,158 @@
+//! Wake-ups: in-process signals with stored permits, an eager re-check window for enqueues
+//! whose commit has not happened yet, and PostgreSQL LISTEN/NOTIFY for other processes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// First re-check delay after an in-process enqueue; doubles up to the poll interval.
+const EAGER_FIRST: Duration = Duration::from_millis(1);
+/// How long after an in-process enqueue the sequencer keeps re-checking quickly. An enqueue
+/// signals before its transaction commits; this window covers the usual commit delay, and the
+/// poll interval covers any longer one.
+const EAGER_WINDOW: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+struct Eager {
+    until: Option<Instant>,
+    next_delay: Duration,
+}
+
+/// Every wake-up source of one runtime. `Notify::notify_one` stores a permit, so a signal sent
+/// before a worker waits is not lost.
+#[derive(Debug)]
+pub(crate) struct Wake {
+    pub(crate) sequencer: Arc<Notify>,
+    pub(crate) vacuum: Arc<Notify>,
+    eager: Mutex<Eager>,
+    handlers: RwLock<HashMap<String, Vec<Arc<Notify>>>>,
+}
+
+impl Wake {
+    pub(crate) fn new() -> Self {
+        Self {
+            sequencer: Arc::new(Notify::new()),
+            vacuum: Arc::new(Notify::new()),
+            eager: Mutex::new(Eager {
+                until: None,
+                next_delay: EAGER_FIRST,
+            }),
+            handlers: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// A message was enqueued in this process (perhaps not committed yet).
+    pub(crate) fn enqueued(&self) {
+        if let Ok(mut e) = self.eager.lock() {
+            e.until = Some(Instant::now() + EAGER_WINDOW);
+            e.next_delay = EAGER_FIRST;
+        }
+        self.sequencer.notify_one();
+    }
+
+    /// The sequencer found nothing: when to look again if an enqueue is still expected.
+    pub(crate) fn eager_delay(&self, cap: Duration) -> Option<Duration> {
+        let mut e = self.eager.lock().ok()?;
+        let until = e.until?;
+        if Instant::now() >= until {
+            e.until = None;
+            return None;
+        }
+        let d = e.next_delay.min(cap);
+        e.next_delay = (e.next_delay * 2).min(cap);
+        Some(d)
+    }
+
+    /// The sequencer found work: re-check quickly again if more enqueues are expected.
+    pub(crate) fn found_work(&self) {
+        if let Ok(mut e) = self.eager.lock() {
+            e.next_delay = EAGER_FIRST;
+        }
+    }
+
+    pub(crate) fn register_handler(&self, queue: &str) -> Arc<Notify> {
+        let n = Arc::new(Notify::new());
+        if let Ok(mut h) = self.handlers.write() {
+            h.entry(queue.to_owned()).or_default().push(n.clone());
+        }
+        n
+    }
+
+    /// Messages of `queue` were sequenced.
+    pub(crate) fn sequenced(&self, queue: &str) {
+        if let Ok(h) = self.handlers.read() {
+            for n in h.get(queue).into_iter().flatten() {
+                n.notify_one();
+            }
+        }
+    }
+
+    /// Everything may have changed (start-up, a lost notification connection).
+    pub(crate) fn all(&self) {
+        self.sequencer.notify_one();
+        if let Ok(h) = self.handlers.read() {
+            for n in h.values().flatten() {
+                n.notify_one();
+            }
+        }
+    }
+}
+
+/// Listens on the PostgreSQL channel and turns notifications into wake-ups. Reconnects after
+/// a lost connection and then wakes every worker, since notifications sent meanwhile are lost.
+pub(crate) async fn listen_postgres(
+    pool: sea_orm::sqlx::PgPool,
+    channel: String,
+    wake: Arc<Wake>,
+    cancel: CancellationToken,
+) {
+    use sea_orm::sqlx::postgres::PgListener;
+    let mut delay = Duration::from_millis(100);
+    while !cancel.is_cancelled() {
+        let listener = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen(&channel).await?;
+            Ok::<_, sea_orm::sqlx::Error>(l)
+        }
+        .await;
+        match listener {
+            Ok(mut l) => {
+                delay = Duration::from_millis(100);
+                wake.all();
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        n = l.try_recv() => match n {
+                            Ok(Some(n)) => dispatch(&wake, n.payload()),
+                            Ok(None) => {
+                                tracing::warn!("notification connection lost; reconnecting");
+                                wake.all();
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "notification listener failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "could not listen for notifications"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn dispatch(wake: &Wake, payload: &str) {
+    match payload.strip_prefix("s:") {
+        Some(queue) => wake.sequenced(queue),
+        None => wake.sequencer.notify_one(),
+    }
+}

@@ -1,0 +1,219 @@
+//! The storage layer: one dialect type that knows the three backends, and the SQL of every
+//! pipeline step. Nothing outside this module writes SQL.
+
+mod ops;
+mod schema;
+
+pub use ops::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
+pub(crate) use ops::{CursorRow, CursorUpdate, StoredMessage};
+pub(crate) use schema::Registered;
+
+use std::sync::Arc;
+
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, IsolationLevel,
+    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait, Value,
+};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+/// Milliseconds since the Unix epoch, the unit of every stored timestamp.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Table names, derived once from the validated prefix.
+#[derive(Debug)]
+pub(crate) struct Tables {
+    pub(crate) schema_version: String,
+    pub(crate) queues: String,
+    pub(crate) partitions: String,
+    pub(crate) incoming: String,
+    pub(crate) outgoing: String,
+    pub(crate) cursors: String,
+    pub(crate) dead_letters: String,
+    /// PostgreSQL NOTIFY channel.
+    pub(crate) channel: String,
+}
+
+impl Tables {
+    fn new(prefix: &str) -> Self {
+        let t = |s: &str| format!("{prefix}{s}");
+        Self {
+            schema_version: t("schema_version"),
+            queues: t("queues"),
+            partitions: t("partitions"),
+            incoming: t("incoming"),
+            outgoing: t("outgoing"),
+            cursors: t("cursors"),
+            dead_letters: t("dead_letters"),
+            channel: t("wake"),
+        }
+    }
+}
+
+/// The database dialect plus table names. Cheap to clone through `Arc`.
+#[derive(Debug)]
+pub(crate) struct Store {
+    pub(crate) db: DatabaseConnection,
+    pub(crate) backend: DbBackend,
+    pub(crate) t: Tables,
+    pub(crate) prefix: String,
+    /// SQLite has one writer: the engine's own write transactions queue here instead of
+    /// spinning in SQLite's busy handler.
+    write_gate: Option<Arc<Mutex<()>>>,
+}
+
+/// A write transaction of the engine. On SQLite it holds the write gate and began with
+/// `BEGIN IMMEDIATE`, so it never has to upgrade a read lock (no `SQLITE_BUSY_SNAPSHOT`).
+#[derive(Debug)]
+pub(crate) struct WriteTxn {
+    pub(crate) txn: DatabaseTransaction,
+    _gate: Option<OwnedMutexGuard<()>>,
+}
+
+impl WriteTxn {
+    pub(crate) async fn commit(self) -> Result<(), DbErr> {
+        self.txn.commit().await
+    }
+}
+
+impl std::ops::Deref for WriteTxn {
+    type Target = DatabaseTransaction;
+    fn deref(&self) -> &DatabaseTransaction {
+        &self.txn
+    }
+}
+
+/// A guard for an engine write outside a transaction (SQLite gate; nothing elsewhere).
+#[derive(Debug)]
+pub(crate) struct WriteGuard(#[allow(dead_code)] Option<OwnedMutexGuard<()>>);
+
+impl Store {
+    pub(crate) fn new(db: DatabaseConnection, prefix: &str) -> Self {
+        let backend = db.get_database_backend();
+        Self {
+            write_gate: (backend == DbBackend::Sqlite).then(|| Arc::new(Mutex::new(()))),
+            db,
+            backend,
+            t: Tables::new(prefix),
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub(crate) fn is_pg(&self) -> bool {
+        self.backend == DbBackend::Postgres
+    }
+
+    pub(crate) fn is_mysql(&self) -> bool {
+        self.backend == DbBackend::MySql
+    }
+
+    pub(crate) fn is_sqlite(&self) -> bool {
+        self.backend == DbBackend::Sqlite
+    }
+
+    /// `FOR UPDATE SKIP LOCKED` where the backend has row locks; SQLite's write transaction
+    /// already excludes every other writer.
+    pub(crate) fn skip_locked(&self) -> &'static str {
+        if self.is_sqlite() {
+            ""
+        } else {
+            " FOR UPDATE SKIP LOCKED"
+        }
+    }
+
+    /// `FOR UPDATE` where the backend has row locks.
+    pub(crate) fn for_update(&self) -> &'static str {
+        if self.is_sqlite() { "" } else { " FOR UPDATE" }
+    }
+
+    /// Builds a statement from SQL written with `?` placeholders (rewritten to `$n` on
+    /// PostgreSQL). Every value is bound, never spliced.
+    pub(crate) fn stmt(&self, sql: &str, values: Vec<Value>) -> Statement {
+        Statement::from_sql_and_values(self.backend, self.placeholders(sql), values)
+    }
+
+    fn placeholders(&self, sql: &str) -> String {
+        if !self.is_pg() {
+            return sql.to_owned();
+        }
+        let mut out = String::with_capacity(sql.len() + 16);
+        let mut n = 0;
+        for c in sql.chars() {
+            if c == '?' {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// `(?, ?, ...)` with `n` placeholders.
+    pub(crate) fn list(n: usize) -> String {
+        let mut s = String::with_capacity(n * 3 + 2);
+        s.push('(');
+        for i in 0..n {
+            if i > 0 {
+                s.push_str(", ");
+            }
+            s.push('?');
+        }
+        s.push(')');
+        s
+    }
+
+    pub(crate) async fn begin_write(&self) -> Result<WriteTxn, DbErr> {
+        let gate = match &self.write_gate {
+            Some(g) => Some(g.clone().lock_owned().await),
+            None => None,
+        };
+        let txn = begin_on(&self.db, self.backend).await?;
+        Ok(WriteTxn { txn, _gate: gate })
+    }
+
+    pub(crate) async fn write_guard(&self) -> WriteGuard {
+        match &self.write_gate {
+            Some(g) => WriteGuard(Some(g.clone().lock_owned().await)),
+            None => WriteGuard(None),
+        }
+    }
+}
+
+/// Begins a transaction the way the engine needs it on each backend: `BEGIN IMMEDIATE` on
+/// SQLite, READ COMMITTED on MySQL/MariaDB (no gap locks, fresh snapshot per statement), the
+/// default READ COMMITTED on PostgreSQL.
+pub(crate) async fn begin_on(
+    db: &DatabaseConnection,
+    backend: DbBackend,
+) -> Result<DatabaseTransaction, DbErr> {
+    match backend {
+        DbBackend::Sqlite => {
+            db.begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await
+        }
+        DbBackend::MySql => {
+            db.begin_with_config(Some(IsolationLevel::ReadCommitted), None)
+                .await
+        }
+        _ => db.begin().await,
+    }
+}
+
+/// Reads column `i` of a row.
+pub(crate) fn col<T: sea_orm::TryGetable>(row: &sea_orm::QueryResult, i: usize) -> Result<T, DbErr> {
+    row.try_get_by_index::<T>(i)
+}
+
+/// Runs `f` on any connection: shorthand for executing one statement.
+pub(crate) async fn exec<C: ConnectionTrait>(c: &C, s: Statement) -> Result<u64, DbErr> {
+    Ok(c.execute_raw(s).await?.rows_affected())
+}

@@ -1,0 +1,800 @@
+//! The SQL of the pipeline: enqueue, sequence, claim and ack, dead letters, vacuum, status.
+
+use std::sync::Arc;
+
+use sea_orm::{ConnectionTrait, DbErr, Value};
+
+use super::{Store, col, exec, now_ms};
+use crate::queue::Message;
+
+/// A cursor row as read under its lock.
+#[derive(Debug, Clone)]
+pub(crate) struct CursorRow {
+    pub(crate) processed_seq: i64,
+    pub(crate) attempts: i64,
+    pub(crate) retry_at: i64,
+    pub(crate) blocked: bool,
+    pub(crate) lease_token: Option<String>,
+    pub(crate) lease_expires_at: Option<i64>,
+}
+
+/// A stored message with its routing column.
+#[derive(Debug, Clone)]
+pub(crate) struct StoredMessage {
+    pub(crate) seq: i64,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) target_handler: Option<String>,
+    pub(crate) created_at: i64,
+}
+
+impl StoredMessage {
+    pub(crate) fn into_message(self, queue: &Arc<str>, partition: u32, attempt: u64) -> Message {
+        Message {
+            queue: queue.clone(),
+            partition,
+            seq: self.seq,
+            payload: self.payload,
+            enqueued_at_ms: self.created_at,
+            attempt,
+        }
+    }
+}
+
+/// The new state of a cursor, written in one statement.
+#[derive(Debug, Clone)]
+pub(crate) struct CursorUpdate {
+    pub(crate) processed_seq: i64,
+    pub(crate) attempts: i64,
+    pub(crate) retry_at: i64,
+    pub(crate) blocked: bool,
+    pub(crate) last_error: Option<String>,
+}
+
+/// A partition that has messages a handler has not processed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadyPartition {
+    pub(crate) partition: u32,
+    pub(crate) retry_at: i64,
+    pub(crate) lease_expires_at: Option<i64>,
+}
+
+/// A dead letter as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// Identifier of the dead letter.
+    pub id: i64,
+    /// Queue of the message.
+    pub queue: String,
+    /// Partition of the message.
+    pub partition: u32,
+    /// Sequence of the message in its partition.
+    pub seq: i64,
+    /// Handler that gave up on it.
+    pub handler: String,
+    /// The full payload.
+    pub payload: Vec<u8>,
+    /// The last error, with its sources.
+    pub last_error: String,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When the message was enqueued (ms since the Unix epoch).
+    pub enqueued_at_ms: i64,
+    /// When it was dead-lettered (ms since the Unix epoch).
+    pub failed_at_ms: i64,
+}
+
+/// Which dead letters an operation applies to; empty fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetterFilter {
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// Only this partition.
+    pub partition: Option<u32>,
+    /// Only this handler.
+    pub handler: Option<String>,
+}
+
+impl DeadLetterFilter {
+    /// Matches every dead letter.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Only dead letters of `queue`.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Only dead letters of `partition`.
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// Only dead letters of `handler`.
+    pub fn handler(mut self, handler: impl Into<String>) -> Self {
+        self.handler = Some(handler.into());
+        self
+    }
+
+    fn where_clause(&self) -> (String, Vec<Value>) {
+        let mut sql = String::from(" WHERE 1 = 1");
+        let mut values = Vec::new();
+        if let Some(q) = &self.queue {
+            sql.push_str(" AND queue = ?");
+            values.push(q.clone().into());
+        }
+        if let Some(p) = self.partition {
+            sql.push_str(" AND partition_no = ?");
+            values.push(i64::from(p).into());
+        }
+        if let Some(h) = &self.handler {
+            sql.push_str(" AND handler = ?");
+            values.push(h.clone().into());
+        }
+        (sql, values)
+    }
+}
+
+/// Counts of one handler's view of a queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HandlerDepth {
+    /// Handler name.
+    pub handler: String,
+    /// Sequenced messages this handler has not processed yet.
+    pub pending: i64,
+    /// Partitions whose head is waiting for a retry.
+    pub retrying_partitions: u32,
+    /// Partitions held by a live lease.
+    pub leased_partitions: u32,
+    /// Partitions blocked by a poisoned head (block policy).
+    pub blocked_partitions: u32,
+    /// Dead letters of this handler.
+    pub dead: i64,
+}
+
+/// Depth of one queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueDepth {
+    /// Queue name.
+    pub queue: String,
+    /// Committed messages not yet sequenced.
+    pub unsequenced: i64,
+    /// Sequenced messages still stored (not yet vacuumed).
+    pub stored: i64,
+    /// One entry per registered handler.
+    pub handlers: Vec<HandlerDepth>,
+}
+
+fn dead_letter_from_row(r: &sea_orm::QueryResult) -> Result<DeadLetter, DbErr> {
+    Ok(DeadLetter {
+        id: col(r, 0)?,
+        queue: col(r, 1)?,
+        partition: u32::try_from(col::<i64>(r, 2)?).unwrap_or(0),
+        seq: col(r, 3)?,
+        handler: col(r, 4)?,
+        payload: col(r, 5)?,
+        last_error: col(r, 6)?,
+        attempts: col(r, 7)?,
+        enqueued_at_ms: col(r, 8)?,
+        failed_at_ms: col(r, 9)?,
+    })
+}
+
+const DEAD_LETTER_COLS: &str =
+    "id, queue, partition_no, seq, handler, payload, last_error, attempts, enqueued_at, failed_at";
+
+impl Store {
+    // ---------------------------------------------------------------- enqueue
+
+    /// Inserts messages into `incoming` on the caller's connection. On PostgreSQL the same
+    /// statement sends a NOTIFY, which is delivered only if the caller commits.
+    pub(crate) async fn insert_incoming<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        rows: &[(&str, u32, &[u8], Option<&str>)],
+    ) -> Result<(), DbErr> {
+        let now = now_ms();
+        for chunk in rows.chunks(500) {
+            let mut values = Vec::with_capacity(chunk.len() * 5);
+            for (queue, partition, payload, target) in chunk {
+                values.push((*queue).into());
+                values.push(i64::from(*partition).into());
+                values.push(payload.to_vec().into());
+                values.push(target.map(str::to_owned).into());
+                values.push(now.into());
+            }
+            let insert = format!(
+                "INSERT INTO {} (queue, partition_no, payload, target_handler, created_at) VALUES {}",
+                self.t.incoming,
+                vec![Store::list(5); chunk.len()].join(", ")
+            );
+            let sql = if self.is_pg() {
+                values.push(self.t.channel.clone().into());
+                format!("WITH ins AS ({insert} RETURNING 1) SELECT pg_notify(?, 'i') FROM ins LIMIT 1")
+            } else {
+                insert
+            };
+            c.execute_raw(self.stmt(&sql, values)).await?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- sequencer
+
+    /// Partitions with committed, unsequenced messages, oldest first.
+    pub(crate) async fn unsequenced_partitions(&self, limit: u32) -> Result<Vec<(String, u32)>, DbErr> {
+        let rows = self
+            .db
+            .query_all_raw(self.stmt(
+                &format!("SELECT queue, partition_no FROM {} ORDER BY id LIMIT ?", self.t.incoming),
+                vec![i64::from(limit).into()],
+            ))
+            .await?;
+        let mut out: Vec<(String, u32)> = Vec::new();
+        for r in rows {
+            let key = (col::<String>(&r, 0)?, u32::try_from(col::<i64>(&r, 1)?).unwrap_or(0));
+            if !out.contains(&key) {
+                out.push(key);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves up to `limit` committed messages of one partition from `incoming` to `outgoing`,
+    /// giving them the next dense sequence numbers in id order. Returns how many moved, or
+    /// `None` if another sequencer holds the partition.
+    ///
+    /// Rows are deleted as they move, so a message whose transaction commits after one with a
+    /// higher id is found by the next pass and sequenced after it (commit order), never skipped.
+    pub(crate) async fn sequence_partition(&self, queue: &str, partition: u32, limit: u32) -> Result<Option<u64>, DbErr> {
+        let txn = self.begin_write().await?;
+        let key = || -> Vec<Value> { vec![queue.into(), i64::from(partition).into()] };
+        let row = txn
+            .query_one_raw(self.stmt(
+                &format!(
+                    "SELECT last_seq FROM {} WHERE queue = ? AND partition_no = ?{}",
+                    self.t.partitions,
+                    self.skip_locked()
+                ),
+                key(),
+            ))
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let last_seq: i64 = col(&row, 0)?;
+        let mut values = key();
+        values.push(i64::from(limit).into());
+        let ids: Vec<i64> = txn
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT id FROM {} WHERE queue = ? AND partition_no = ? ORDER BY id LIMIT ?",
+                    self.t.incoming
+                ),
+                values,
+            ))
+            .await?
+            .iter()
+            .map(|r| col::<i64>(r, 0))
+            .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            txn.commit().await?;
+            return Ok(Some(0));
+        }
+        let n = ids.len() as i64;
+        let id_values = || ids.iter().map(|&i| Value::from(i)).collect::<Vec<_>>();
+        let mut values = vec![last_seq.into()];
+        values.extend(id_values());
+        let moved = exec(
+            &*txn,
+            self.stmt(
+                &format!(
+                    "INSERT INTO {} (queue, partition_no, seq, payload, target_handler, created_at) \
+                     SELECT queue, partition_no, ? + ROW_NUMBER() OVER (ORDER BY id), payload, target_handler, created_at \
+                     FROM {} WHERE id IN {}",
+                    self.t.outgoing,
+                    self.t.incoming,
+                    Store::list(ids.len())
+                ),
+                values,
+            ),
+        )
+        .await?;
+        let deleted = exec(
+            &*txn,
+            self.stmt(
+                &format!("DELETE FROM {} WHERE id IN {}", self.t.incoming, Store::list(ids.len())),
+                id_values(),
+            ),
+        )
+        .await?;
+        if moved != n as u64 || deleted != n as u64 {
+            return Err(DbErr::Custom(format!(
+                "sequencer moved {moved} and deleted {deleted} rows for {n} ids; rolled back"
+            )));
+        }
+        let mut values = vec![(last_seq + n).into()];
+        values.extend(key());
+        exec(
+            &*txn,
+            self.stmt(
+                &format!("UPDATE {} SET last_seq = ? WHERE queue = ? AND partition_no = ?", self.t.partitions),
+                values,
+            ),
+        )
+        .await?;
+        if self.is_pg() {
+            exec(
+                &*txn,
+                self.stmt("SELECT pg_notify(?, ?)", vec![self.t.channel.clone().into(), format!("s:{queue}").into()]),
+            )
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(Some(n as u64))
+    }
+
+    // ---------------------------------------------------------------- processors
+
+    /// Partitions of `queue` where `handler` has unprocessed messages and is not blocked.
+    pub(crate) async fn ready_partitions(&self, queue: &str, handler: &str) -> Result<Vec<ReadyPartition>, DbErr> {
+        let rows = self
+            .db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT c.partition_no, c.retry_at, c.lease_expires_at FROM {} c JOIN {} p \
+                     ON p.queue = c.queue AND p.partition_no = c.partition_no \
+                     WHERE c.queue = ? AND c.handler = ? AND p.last_seq > c.processed_seq AND c.blocked = 0",
+                    self.t.cursors, self.t.partitions
+                ),
+                vec![queue.into(), handler.into()],
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ReadyPartition {
+                    partition: u32::try_from(col::<i64>(r, 0)?).unwrap_or(0),
+                    retry_at: col(r, 1)?,
+                    lease_expires_at: col(r, 2)?,
+                })
+            })
+            .collect()
+    }
+
+    fn cursor_key(queue: &str, handler: &str, partition: u32) -> Vec<Value> {
+        vec![queue.into(), handler.into(), i64::from(partition).into()]
+    }
+
+    /// Locks a cursor row (skipping it if another worker holds it).
+    pub(crate) async fn lock_cursor<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        queue: &str,
+        handler: &str,
+        partition: u32,
+    ) -> Result<Option<CursorRow>, DbErr> {
+        let row = c
+            .query_one_raw(self.stmt(
+                &format!(
+                    "SELECT processed_seq, attempts, retry_at, blocked, lease_token, lease_expires_at FROM {} \
+                     WHERE queue = ? AND handler = ? AND partition_no = ?{}",
+                    self.t.cursors,
+                    self.skip_locked()
+                ),
+                Self::cursor_key(queue, handler, partition),
+            ))
+            .await?;
+        row.map(|r| {
+            Ok(CursorRow {
+                processed_seq: col(&r, 0)?,
+                attempts: col(&r, 1)?,
+                retry_at: col(&r, 2)?,
+                blocked: col::<i64>(&r, 3)? != 0,
+                lease_token: col(&r, 4)?,
+                lease_expires_at: col(&r, 5)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Up to `limit` messages after `after_seq`, in sequence order.
+    pub(crate) async fn read_batch<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        queue: &str,
+        partition: u32,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, DbErr> {
+        let rows = c
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT seq, payload, target_handler, created_at FROM {} \
+                     WHERE queue = ? AND partition_no = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    self.t.outgoing
+                ),
+                vec![queue.into(), i64::from(partition).into(), after_seq.into(), i64::from(limit).into()],
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredMessage {
+                    seq: col(r, 0)?,
+                    payload: col(r, 1)?,
+                    target_handler: col(r, 2)?,
+                    created_at: col(r, 3)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes a cursor's new state and clears its lease. With `fence = Some(token)` the write
+    /// happens only if that lease is still held and unexpired; returns whether a row changed.
+    pub(crate) async fn update_cursor<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        queue: &str,
+        handler: &str,
+        partition: u32,
+        u: &CursorUpdate,
+        fence: Option<&str>,
+    ) -> Result<bool, DbErr> {
+        let now = now_ms();
+        let mut values: Vec<Value> = vec![
+            u.processed_seq.into(),
+            u.attempts.into(),
+            u.retry_at.into(),
+            i64::from(u.blocked).into(),
+            u.last_error.clone().into(),
+            now.into(),
+        ];
+        values.extend(Self::cursor_key(queue, handler, partition));
+        let mut sql = format!(
+            "UPDATE {} SET processed_seq = ?, attempts = ?, retry_at = ?, blocked = ?, last_error = ?, \
+             lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? \
+             WHERE queue = ? AND handler = ? AND partition_no = ?",
+            self.t.cursors
+        );
+        if let Some(token) = fence {
+            sql.push_str(" AND lease_token = ? AND lease_expires_at > ?");
+            values.push(token.into());
+            values.push(now.into());
+        }
+        Ok(exec(c, self.stmt(&sql, values)).await? == 1)
+    }
+
+    /// Takes the lease of a locked cursor row.
+    pub(crate) async fn take_lease<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        queue: &str,
+        handler: &str,
+        partition: u32,
+        token: &str,
+        owner: &str,
+        expires_at: i64,
+        attempts: i64,
+    ) -> Result<(), DbErr> {
+        let mut values: Vec<Value> = vec![
+            token.into(),
+            owner.into(),
+            expires_at.into(),
+            attempts.into(),
+            now_ms().into(),
+        ];
+        values.extend(Self::cursor_key(queue, handler, partition));
+        exec(
+            c,
+            self.stmt(
+                &format!(
+                    "UPDATE {} SET lease_token = ?, lease_owner = ?, lease_expires_at = ?, attempts = ?, updated_at = ? \
+                     WHERE queue = ? AND handler = ? AND partition_no = ?",
+                    self.t.cursors
+                ),
+                values,
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Copies a message to the dead-letter table.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn insert_dead_letter<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        queue: &str,
+        partition: u32,
+        handler: &str,
+        m: &StoredMessage,
+        last_error: &str,
+        attempts: i64,
+    ) -> Result<(), DbErr> {
+        exec(
+            c,
+            self.stmt(
+                &format!(
+                    "INSERT INTO {} (queue, partition_no, seq, handler, payload, last_error, attempts, enqueued_at, failed_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    self.t.dead_letters
+                ),
+                vec![
+                    queue.into(),
+                    i64::from(partition).into(),
+                    m.seq.into(),
+                    handler.into(),
+                    m.payload.clone().into(),
+                    last_error.into(),
+                    attempts.into(),
+                    m.created_at.into(),
+                    now_ms().into(),
+                ],
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- dead letters
+
+    pub(crate) async fn list_dead_letters(&self, f: &DeadLetterFilter, after_id: i64, limit: u32) -> Result<Vec<DeadLetter>, DbErr> {
+        let (mut sql, mut values) = f.where_clause();
+        sql.push_str(" AND id > ? ORDER BY id LIMIT ?");
+        values.push(after_id.into());
+        values.push(i64::from(limit).into());
+        let rows = self
+            .db
+            .query_all_raw(self.stmt(&format!("SELECT {DEAD_LETTER_COLS} FROM {}{sql}", self.t.dead_letters), values))
+            .await?;
+        rows.iter().map(dead_letter_from_row).collect()
+    }
+
+    pub(crate) async fn get_dead_letter(&self, id: i64) -> Result<Option<DeadLetter>, DbErr> {
+        let row = self
+            .db
+            .query_one_raw(self.stmt(
+                &format!("SELECT {DEAD_LETTER_COLS} FROM {} WHERE id = ?", self.t.dead_letters),
+                vec![id.into()],
+            ))
+            .await?;
+        row.as_ref().map(dead_letter_from_row).transpose()
+    }
+
+    pub(crate) async fn count_dead_letters(&self, f: &DeadLetterFilter) -> Result<i64, DbErr> {
+        let (sql, values) = f.where_clause();
+        let row = self
+            .db
+            .query_one_raw(self.stmt(&format!("SELECT COUNT(*) FROM {}{sql}", self.t.dead_letters), values))
+            .await?;
+        row.map(|r| col::<i64>(&r, 0)).transpose().map(|n| n.unwrap_or(0))
+    }
+
+    /// Puts a dead letter back at the tail of its partition, for its handler only, and deletes
+    /// it, in one transaction. Returns false if it no longer exists (so racing replays deliver
+    /// it once).
+    pub(crate) async fn replay_dead_letter(&self, id: i64) -> Result<bool, DbErr> {
+        let txn = self.begin_write().await?;
+        let row = txn
+            .query_one_raw(self.stmt(
+                &format!("SELECT {DEAD_LETTER_COLS} FROM {} WHERE id = ?{}", self.t.dead_letters, self.for_update()),
+                vec![id.into()],
+            ))
+            .await?;
+        let Some(dl) = row.as_ref().map(dead_letter_from_row).transpose()? else {
+            return Ok(false);
+        };
+        let deleted = exec(
+            &*txn,
+            self.stmt(&format!("DELETE FROM {} WHERE id = ?", self.t.dead_letters), vec![id.into()]),
+        )
+        .await?;
+        if deleted != 1 {
+            return Ok(false);
+        }
+        self.insert_incoming(&*txn, &[(&dl.queue, dl.partition, &dl.payload, Some(&dl.handler))])
+            .await?;
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    pub(crate) async fn delete_dead_letter(&self, id: i64) -> Result<bool, DbErr> {
+        let _gate = self.write_guard().await;
+        Ok(exec(
+            &self.db,
+            self.stmt(&format!("DELETE FROM {} WHERE id = ?", self.t.dead_letters), vec![id.into()]),
+        )
+        .await?
+            == 1)
+    }
+
+    pub(crate) async fn purge_dead_letters(&self, f: &DeadLetterFilter) -> Result<u64, DbErr> {
+        let _gate = self.write_guard().await;
+        let (sql, values) = f.where_clause();
+        exec(&self.db, self.stmt(&format!("DELETE FROM {}{sql}", self.t.dead_letters), values)).await
+    }
+
+    // ---------------------------------------------------------------- operator actions
+
+    /// Clears the blocked flag and attempt count of a cursor so its head is tried again now.
+    pub(crate) async fn unblock(&self, queue: &str, handler: &str, partition: u32) -> Result<bool, DbErr> {
+        let _gate = self.write_guard().await;
+        let mut values: Vec<Value> = vec![now_ms().into()];
+        values.extend(Self::cursor_key(queue, handler, partition));
+        Ok(exec(
+            &self.db,
+            self.stmt(
+                &format!(
+                    "UPDATE {} SET blocked = 0, attempts = 0, retry_at = 0, updated_at = ? \
+                     WHERE queue = ? AND handler = ? AND partition_no = ?",
+                    self.t.cursors
+                ),
+                values,
+            ),
+        )
+        .await?
+            == 1)
+    }
+
+    /// Moves the head message of a cursor to the dead letters and advances past it.
+    pub(crate) async fn skip_head(&self, queue: &str, handler: &str, partition: u32) -> Result<bool, DbErr> {
+        let txn = self.begin_write().await?;
+        let Some(cur) = self.lock_cursor(&*txn, queue, handler, partition).await? else {
+            return Ok(false);
+        };
+        if cur.lease_token.is_some() && cur.lease_expires_at.unwrap_or(0) > now_ms() {
+            return Ok(false);
+        }
+        let batch = self.read_batch(&*txn, queue, partition, cur.processed_seq, 1).await?;
+        let Some(head) = batch.into_iter().next() else { return Ok(false) };
+        let reason = cur_error(&*txn, self, queue, handler, partition).await?;
+        self.insert_dead_letter(&*txn, queue, partition, handler, &head, &reason, cur.attempts)
+            .await?;
+        let u = CursorUpdate {
+            processed_seq: head.seq,
+            attempts: 0,
+            retry_at: 0,
+            blocked: false,
+            last_error: None,
+        };
+        self.update_cursor(&*txn, queue, handler, partition, &u, None).await?;
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    // ---------------------------------------------------------------- vacuum
+
+    /// Deletes sequenced messages that every handler of their queue has processed, at most
+    /// `chunk` rows per partition and statement. Returns rows deleted and whether more remain.
+    pub(crate) async fn vacuum(&self, chunk: u32) -> Result<(u64, bool), DbErr> {
+        let rows = self
+            .db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT c.queue, c.partition_no, MIN(c.processed_seq), MIN(p.vacuumed_seq) FROM {} c JOIN {} p \
+                     ON p.queue = c.queue AND p.partition_no = c.partition_no GROUP BY c.queue, c.partition_no",
+                    self.t.cursors, self.t.partitions
+                ),
+                vec![],
+            ))
+            .await?;
+        let mut deleted = 0;
+        let mut more = false;
+        for r in rows {
+            let queue: String = col(&r, 0)?;
+            let partition: i64 = col(&r, 1)?;
+            let min_processed: i64 = col(&r, 2)?;
+            let vacuumed: i64 = col(&r, 3)?;
+            if min_processed <= vacuumed {
+                continue;
+            }
+            let upto = min_processed.min(vacuumed + i64::from(chunk));
+            more |= upto < min_processed;
+            let _gate = self.write_guard().await;
+            deleted += exec(
+                &self.db,
+                self.stmt(
+                    &format!(
+                        "DELETE FROM {} WHERE queue = ? AND partition_no = ? AND seq > ? AND seq <= ?",
+                        self.t.outgoing
+                    ),
+                    vec![queue.clone().into(), partition.into(), vacuumed.into(), upto.into()],
+                ),
+            )
+            .await?;
+            exec(
+                &self.db,
+                self.stmt(
+                    &format!(
+                        "UPDATE {} SET vacuumed_seq = ? WHERE queue = ? AND partition_no = ? AND vacuumed_seq < ?",
+                        self.t.partitions
+                    ),
+                    vec![upto.into(), queue.into(), partition.into(), upto.into()],
+                ),
+            )
+            .await?;
+        }
+        Ok((deleted, more))
+    }
+
+    // ---------------------------------------------------------------- status
+
+    pub(crate) async fn depth(&self, queue: &str) -> Result<QueueDepth, DbErr> {
+        let one = |sql: String, values: Vec<Value>| async move {
+            let row = self.db.query_one_raw(self.stmt(&sql, values)).await?;
+            row.map(|r| col::<Option<i64>>(&r, 0)).transpose().map(|n| n.flatten().unwrap_or(0))
+        };
+        let unsequenced = one(
+            format!("SELECT COUNT(*) FROM {} WHERE queue = ?", self.t.incoming),
+            vec![queue.into()],
+        )
+        .await?;
+        let stored = one(
+            format!("SELECT COUNT(*) FROM {} WHERE queue = ?", self.t.outgoing),
+            vec![queue.into()],
+        )
+        .await?;
+        let now = now_ms();
+        let rows = self
+            .db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT c.handler, p.last_seq - c.processed_seq, c.retry_at, c.lease_expires_at, c.blocked FROM {} c JOIN {} p \
+                     ON p.queue = c.queue AND p.partition_no = c.partition_no WHERE c.queue = ? ORDER BY c.handler, c.partition_no",
+                    self.t.cursors, self.t.partitions
+                ),
+                vec![queue.into()],
+            ))
+            .await?;
+        let mut handlers: Vec<HandlerDepth> = Vec::new();
+        for r in rows {
+            let name: String = col(&r, 0)?;
+            if handlers.last().is_none_or(|h| h.handler != name) {
+                handlers.push(HandlerDepth {
+                    handler: name.clone(),
+                    ..Default::default()
+                });
+            }
+            let Some(h) = handlers.last_mut() else { continue };
+            let pending: i64 = col(&r, 1)?;
+            h.pending += pending;
+            if pending > 0 && col::<i64>(&r, 2)? > now {
+                h.retrying_partitions += 1;
+            }
+            if col::<Option<i64>>(&r, 3)?.is_some_and(|e| e > now) {
+                h.leased_partitions += 1;
+            }
+            if col::<i64>(&r, 4)? != 0 {
+                h.blocked_partitions += 1;
+            }
+        }
+        for h in &mut handlers {
+            h.dead = self
+                .count_dead_letters(&DeadLetterFilter::all().queue(queue).handler(h.handler.clone()))
+                .await?;
+        }
+        Ok(QueueDepth {
+            queue: queue.to_owned(),
+            unsequenced,
+            stored,
+            handlers,
+        })
+    }
+}
+
+async fn cur_error<C: ConnectionTrait>(c: &C, s: &Store, queue: &str, handler: &str, partition: u32) -> Result<String, DbErr> {
+    let row = c
+        .query_one_raw(s.stmt(
+            &format!("SELECT last_error FROM {} WHERE queue = ? AND handler = ? AND partition_no = ?", s.t.cursors),
+            Store::cursor_key(queue, handler, partition),
+        ))
+        .await?;
+    Ok(row
+        .map(|r| col::<Option<String>>(&r, 0))
+        .transpose()?
+        .flatten()
+        .unwrap_or_else(|| "skipped by an operator".to_owned()))
+}

@@ -1,0 +1,1 @@
+//! trybuild tests of the outbox attributes live in `tests/`.
