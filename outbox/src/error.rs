@@ -100,6 +100,10 @@ pub enum EnqueueError {
         /// Backend of the connection passed in.
         found: sea_orm::DbBackend,
     },
+    /// A typed enqueue found no outbox for this process: call `outbox::start` or
+    /// `outbox::connect` first, or pass an [`Outbox`](crate::Outbox) explicitly.
+    #[error("no outbox is connected in this process; call `outbox::start` or `outbox::connect` first")]
+    NotConnected,
     /// The database reported an error; the caller's transaction should be rolled back.
     #[error("database error")]
     Database(#[source] sea_orm::DbErr),

@@ -17,3 +17,7 @@ pub use storage::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
 
 /// Re-exported so users and generated code name one sea-orm.
 pub use sea_orm;
+
+// ---- typed layer (macros, discovery, one-call start): owned by `typed.rs` and `__private` ----
+// mod typed;
+// pub use typed::*;
