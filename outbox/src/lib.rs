@@ -19,5 +19,38 @@ pub use storage::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
 pub use sea_orm;
 
 // ---- typed layer (macros, discovery, one-call start): owned by `typed.rs` and `__private` ----
-// mod typed;
-// pub use typed::*;
+mod typed;
+pub use typed::*;
+
+#[cfg(feature = "macros")]
+#[cfg_attr(docsrs, doc(cfg(feature = "macros")))]
+#[doc(inline)]
+pub use outbox_macros::{handler, queue};
+
+/// Support for the code that `#[outbox::queue]` and `#[outbox::handler]` generate.
+///
+/// **Not public API.** Nothing here is covered by semver: it may change in any release, in step
+/// with `outbox-macros` (which `outbox` pins exactly).
+#[doc(hidden)]
+pub mod __private {
+    pub use ::core::future::Future;
+    pub use ::core::marker::Send;
+    pub use ::core::option::Option;
+    pub use ::core::pin::Pin;
+    pub use ::core::result::Result;
+    pub use ::inventory;
+    pub use ::sea_orm::DatabaseTransaction;
+    pub use ::std::boxed::Box;
+
+    pub use crate::handler::{HandlerFuture, HandlerSpec, LeaseContext};
+    pub use crate::profile::Overrides;
+    pub use crate::queue::PoisonPolicy;
+    pub use crate::typed::{HandlerDecl, HandlerMode, Queue, QueueDecl, leased, partition_for_key, spread, transactional};
+    pub use crate::error::HandlerError;
+
+    /// Never called: makes rustc check at the user's tokens that a handler's future is `Send`.
+    #[inline(always)]
+    pub fn assert_send<F: Future + Send>(future: F) -> F {
+        future
+    }
+}

@@ -1,0 +1,364 @@
+//! Parsing of the attributes' own arguments with `syn::meta::parser`.
+//!
+//! Every problem is recorded in [`Errors`] and parsing goes on, so one compile shows them all.
+
+use proc_macro2::{Span, TokenStream};
+use syn::meta::ParseNestedMeta;
+use syn::parse::Parser;
+use syn::spanned::Spanned;
+
+use crate::check::{self, Errors};
+
+/// Argument names, written once.
+pub(crate) mod sym {
+    pub(crate) const PARTITIONS: &str = "partitions";
+    pub(crate) const NAME: &str = "name";
+    pub(crate) const MAX_ATTEMPTS: &str = "max_attempts";
+    pub(crate) const POISON: &str = "poison";
+    pub(crate) const BATCH_SIZE: &str = "batch_size";
+    pub(crate) const CONCURRENCY: &str = "concurrency";
+    pub(crate) const LEASE_MS: &str = "lease_ms";
+    pub(crate) const CRATE: &str = "crate";
+    pub(crate) const TRANSACTIONAL: &str = "transactional";
+    pub(crate) const LEASED: &str = "leased";
+    pub(crate) const KEY: &str = "key";
+}
+
+/// One argument's value and where it was written.
+pub(crate) struct Arg<T> {
+    pub(crate) value: T,
+    pub(crate) span: Span,
+}
+
+/// Knobs both attributes accept.
+#[derive(Default)]
+pub(crate) struct Knobs {
+    pub(crate) max_attempts: Option<Arg<u32>>,
+    pub(crate) batch_size: Option<Arg<u32>>,
+    pub(crate) concurrency: Option<Arg<u32>>,
+    pub(crate) lease_ms: Option<Arg<u64>>,
+}
+
+/// Arguments of `#[outbox::queue(…)]`.
+#[derive(Default)]
+pub(crate) struct QueueArgs {
+    pub(crate) partitions: Option<Arg<u32>>,
+    pub(crate) name: Option<Arg<String>>,
+    pub(crate) poison: Option<Arg<Poison>>,
+    pub(crate) knobs: Knobs,
+    pub(crate) krate: Option<syn::Path>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Poison {
+    DeadLetter,
+    Block,
+}
+
+/// How a handler runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Transactional,
+    Leased,
+}
+
+/// Arguments of `#[outbox::handler(…)]`.
+#[derive(Default)]
+pub(crate) struct HandlerArgs {
+    pub(crate) mode: Option<Arg<Mode>>,
+    pub(crate) name: Option<Arg<String>>,
+    pub(crate) knobs: Knobs,
+    pub(crate) krate: Option<syn::Path>,
+}
+
+const QUEUE_KEYS: &str =
+    "`partitions`, `name`, `max_attempts`, `poison`, `batch_size`, `concurrency`, `crate`";
+const HANDLER_KEYS: &str = "`transactional`, `leased`, `name`, `max_attempts`, `batch_size`, `concurrency`, `lease_ms`, `crate`";
+
+/// Parses `args` with `each` called per argument; a syntax error that stops the parser is
+/// recorded too.
+fn parse_with(
+    args: TokenStream,
+    errors: &mut Errors,
+    mut each: impl FnMut(&ParseNestedMeta<'_>, &mut Errors) -> syn::Result<()>,
+) {
+    let parser = syn::meta::parser(|meta| each(&meta, errors));
+    if let Err(e) = parser.parse2(args) {
+        errors.push(e);
+    }
+}
+
+/// Records `value` in `slot`, or a "set more than once" error.
+fn set<T>(slot: &mut Option<Arg<T>>, value: Option<T>, key: &str, span: Span, errors: &mut Errors) {
+    if slot.is_some() {
+        errors.at(span, format_args!("`{key}` set more than once"));
+    } else if let Some(value) = value {
+        *slot = Some(Arg { value, span });
+    }
+}
+
+/// Parses `= <integer>` in `min..=max`, reporting problems at the literal.
+fn int<T>(
+    meta: &ParseNestedMeta<'_>,
+    key: &str,
+    min: u64,
+    max: u64,
+    errors: &mut Errors,
+) -> syn::Result<Option<T>>
+where
+    T: TryFrom<u64>,
+{
+    let expr: syn::Expr = meta.value()?.parse()?;
+    let syn::Expr::Lit(syn::ExprLit {
+        lit: syn::Lit::Int(lit),
+        ..
+    }) = &expr
+    else {
+        errors.at(
+            expr.span(),
+            format_args!("`{key}` expects an integer literal, as in `{key} = {min}`"),
+        );
+        return Ok(None);
+    };
+    match lit.base10_parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(T::try_from(n).ok()),
+        _ => {
+            errors.at(lit.span(), format_args!("`{key}` must be {min} to {max}"));
+            Ok(None)
+        }
+    }
+}
+
+/// Parses `= "<string>"`.
+fn string(
+    meta: &ParseNestedMeta<'_>,
+    key: &str,
+    errors: &mut Errors,
+) -> syn::Result<Option<syn::LitStr>> {
+    let expr: syn::Expr = meta.value()?.parse()?;
+    match expr {
+        syn::Expr::Lit(syn::ExprLit {
+            lit: syn::Lit::Str(s),
+            ..
+        }) => Ok(Some(s)),
+        other => {
+            errors.at(
+                other.span(),
+                format_args!("`{key}` expects a string literal, as in `{key} = \"…\"`"),
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Parses and validates `name = "…"`.
+fn name(
+    meta: &ParseNestedMeta<'_>,
+    kind: &str,
+    errors: &mut Errors,
+) -> syn::Result<Option<String>> {
+    let Some(lit) = string(meta, sym::NAME, errors)? else {
+        return Ok(None);
+    };
+    let value = lit.value();
+    if let Some(why) = check::name_problem(&value) {
+        errors.at(
+            lit.span(),
+            format_args!("invalid {kind} name `{value}`: {why}"),
+        );
+        return Ok(None);
+    }
+    Ok(Some(value))
+}
+
+/// Parses `crate = "path"`.
+fn krate(
+    meta: &ParseNestedMeta<'_>,
+    slot: &mut Option<syn::Path>,
+    errors: &mut Errors,
+) -> syn::Result<()> {
+    let span = meta.path.span();
+    let Some(lit) = string(meta, sym::CRATE, errors)? else {
+        return Ok(());
+    };
+    if slot.is_some() {
+        errors.at(span, "`crate` set more than once");
+        return Ok(());
+    }
+    match lit.parse::<syn::Path>() {
+        Ok(path) => *slot = Some(path),
+        Err(_) => errors.at(
+            lit.span(),
+            format_args!(
+                "`crate` expects a path, as in `crate = \"::outbox\"`; found `{}`",
+                lit.value()
+            ),
+        ),
+    }
+    Ok(())
+}
+
+/// Parses the knobs shared by both attributes; returns false if `key` is not one.
+fn knob(
+    meta: &ParseNestedMeta<'_>,
+    key: &str,
+    knobs: &mut Knobs,
+    errors: &mut Errors,
+) -> syn::Result<bool> {
+    let span = meta.path.span();
+    match key {
+        sym::MAX_ATTEMPTS => {
+            let v = int(meta, key, 1, u64::from(u32::MAX), errors)?;
+            set(&mut knobs.max_attempts, v, key, span, errors);
+        }
+        sym::BATCH_SIZE => {
+            let v = int(meta, key, 1, 10_000, errors)?;
+            set(&mut knobs.batch_size, v, key, span, errors);
+        }
+        sym::CONCURRENCY => {
+            let v = int(meta, key, 1, 256, errors)?;
+            set(&mut knobs.concurrency, v, key, span, errors);
+        }
+        sym::LEASE_MS => {
+            let v = int(meta, key, 1, 86_400_000, errors)?;
+            set(&mut knobs.lease_ms, v, key, span, errors);
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Skips the value of an unknown argument so parsing can go on.
+fn skip(meta: &ParseNestedMeta<'_>) -> syn::Result<()> {
+    if meta.input.peek(syn::Token![=]) {
+        let _: syn::Expr = meta.value()?.parse()?;
+    } else if meta.input.peek(syn::token::Paren) {
+        let _: proc_macro2::Group = meta.input.parse()?;
+    }
+    Ok(())
+}
+
+fn key_of(meta: &ParseNestedMeta<'_>) -> String {
+    match meta.path.get_ident() {
+        Some(ident) => ident.to_string(),
+        None => quote::ToTokens::to_token_stream(&meta.path)
+            .to_string()
+            .replace(' ', ""),
+    }
+}
+
+impl QueueArgs {
+    pub(crate) fn parse(args: TokenStream, errors: &mut Errors) -> Self {
+        let mut out = QueueArgs::default();
+        parse_with(args, errors, |meta, errors| {
+            let key = key_of(meta);
+            let span = meta.path.span();
+            match key.as_str() {
+                sym::PARTITIONS => {
+                    let v = int(meta, &key, 1, check::MAX_PARTITIONS, errors)?;
+                    set(&mut out.partitions, v, &key, span, errors);
+                }
+                sym::NAME => {
+                    let v = name(meta, "queue", errors)?;
+                    set(&mut out.name, v, &key, span, errors);
+                }
+                sym::POISON => {
+                    let v = string(meta, &key, errors)?.and_then(|lit| match lit.value().as_str() {
+                        "dead_letter" => Some(Poison::DeadLetter),
+                        "block" => Some(Poison::Block),
+                        other => {
+                            errors.at(
+                                lit.span(),
+                                format_args!("unknown `poison` policy `{other}`; expected `\"dead_letter\"` or `\"block\"`"),
+                            );
+                            None
+                        }
+                    });
+                    set(&mut out.poison, v, &key, span, errors);
+                }
+                sym::CRATE => krate(meta, &mut out.krate, errors)?,
+                sym::LEASE_MS => {
+                    skip(meta)?;
+                    errors.at(
+                        span,
+                        "`lease_ms` is a handler knob; set it on `#[outbox::handler]`",
+                    );
+                }
+                _ if knob(meta, &key, &mut out.knobs, errors)? => {}
+                _ => {
+                    skip(meta)?;
+                    let hint = if key == "partition" {
+                        " (did you mean `partitions`?)"
+                    } else {
+                        ""
+                    };
+                    errors.at(
+                        span,
+                        format_args!("unknown `outbox::queue` argument `{key}`{hint}; expected one of {QUEUE_KEYS}"),
+                    );
+                }
+            }
+            Ok(())
+        });
+        out
+    }
+}
+
+impl HandlerArgs {
+    pub(crate) fn parse(args: TokenStream, errors: &mut Errors) -> Self {
+        let mut out = HandlerArgs::default();
+        parse_with(args, errors, |meta, errors| {
+            let key = key_of(meta);
+            let span = meta.path.span();
+            let mode = match key.as_str() {
+                sym::TRANSACTIONAL => Some(Mode::Transactional),
+                sym::LEASED => Some(Mode::Leased),
+                _ => None,
+            };
+            if let Some(mode) = mode {
+                if !meta.input.is_empty() && !meta.input.peek(syn::Token![,]) {
+                    skip(meta)?;
+                    errors.at(
+                        span,
+                        format_args!("`{key}` takes no value; write `#[outbox::handler({key})]`"),
+                    );
+                }
+                match &out.mode {
+                    Some(prev) if prev.value == mode => {
+                        errors.at(span, format_args!("`{key}` set more than once"))
+                    }
+                    Some(_) => errors.at(
+                        span,
+                        "`transactional` and `leased` are exclusive; choose one mode",
+                    ),
+                    None => out.mode = Some(Arg { value: mode, span }),
+                }
+                return Ok(());
+            }
+            match key.as_str() {
+                sym::NAME => {
+                    let v = name(meta, "handler", errors)?;
+                    set(&mut out.name, v, &key, span, errors);
+                }
+                sym::CRATE => krate(meta, &mut out.krate, errors)?,
+                sym::PARTITIONS | sym::POISON => {
+                    skip(meta)?;
+                    errors.at(
+                        span,
+                        format_args!("`{key}` is a queue setting; set it on `#[outbox::queue]`"),
+                    );
+                }
+                _ if knob(meta, &key, &mut out.knobs, errors)? => {}
+                _ => {
+                    skip(meta)?;
+                    errors.at(
+                        span,
+                        format_args!("unknown `outbox::handler` argument `{key}`; expected one of {HANDLER_KEYS}"),
+                    );
+                }
+            }
+            Ok(())
+        });
+        out
+    }
+}

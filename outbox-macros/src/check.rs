@@ -1,0 +1,103 @@
+//! Checks that need no types: names, ranges, and the errors collected along the way.
+
+use proc_macro2::Span;
+
+/// Collects every error of one expansion, to be reported at once (serde's `Ctxt`).
+#[derive(Default)]
+pub(crate) struct Errors {
+    combined: Option<syn::Error>,
+}
+
+impl Errors {
+    pub(crate) fn push(&mut self, error: syn::Error) {
+        match &mut self.combined {
+            Some(e) => e.combine(error),
+            None => self.combined = Some(error),
+        }
+    }
+
+    pub(crate) fn at(&mut self, span: Span, message: impl std::fmt::Display) {
+        self.push(syn::Error::new(span, message));
+    }
+
+    pub(crate) fn into_result(self) -> Option<syn::Error> {
+        self.combined
+    }
+}
+
+/// Largest partition count (keep in step with `outbox::MAX_PARTITIONS`).
+pub(crate) const MAX_PARTITIONS: u64 = 4096;
+
+/// Why `name` is not a valid queue or handler name (keep in step with
+/// `outbox::validate_name`).
+pub(crate) fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("must not be empty")
+    } else if name.len() > 64 {
+        Some("must be at most 64 characters")
+    } else if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        Some("must start with an ASCII letter")
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        Some("may contain only ASCII letters, digits, `_`, `-` and `.`")
+    } else {
+        None
+    }
+}
+
+/// `OrderPlaced` → `order_placed`, `HTTPRequest` → `http_request`, `V2Event` → `v2_event`.
+pub(crate) fn snake_case(ident: &str) -> String {
+    let chars: Vec<char> = ident.chars().collect();
+    let mut out = String::with_capacity(ident.len() + 4);
+    for (i, &c) in chars.iter().enumerate() {
+        if c.is_uppercase() {
+            let prev = i.checked_sub(1).map(|p| chars[p]);
+            let next = chars.get(i + 1).copied();
+            let boundary = match prev {
+                None | Some('_') => false,
+                Some(p) => {
+                    p.is_lowercase()
+                        || p.is_ascii_digit()
+                        || (p.is_uppercase() && next.is_some_and(char::is_lowercase))
+                }
+            };
+            if boundary {
+                out.push('_');
+            }
+            out.extend(c.to_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snake_case_of_type_names() {
+        for (from, to) in [
+            ("OrderPlaced", "order_placed"),
+            ("HTTPRequest", "http_request"),
+            ("Email", "email"),
+            ("V2Event", "v2_event"),
+            ("ABC", "abc"),
+            ("already_snake", "already_snake"),
+            ("Event2Sent", "event2_sent"),
+        ] {
+            assert_eq!(snake_case(from), to, "{from}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(name_problem("order_placed"), None);
+        assert!(name_problem("1x").is_some());
+        assert!(name_problem("a b").is_some());
+        assert!(name_problem(&"x".repeat(65)).is_some());
+    }
+}

@@ -1,0 +1,223 @@
+//! `#[outbox::handler]`: a typed wrapper and the registry entry, beside the unchanged fn.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{ToTokens, quote, quote_spanned};
+use syn::spanned::Spanned;
+
+use crate::args::{HandlerArgs, Mode};
+use crate::check::{self, Errors};
+use crate::paths;
+
+/// What the checks learned about the fn.
+struct Sig {
+    payload: Option<syn::Type>,
+    /// Span of the context parameter's type, if there is one.
+    context: Option<Span>,
+}
+
+pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
+    let mut errors = Errors::default();
+    let args = HandlerArgs::parse(args, &mut errors);
+    let func: syn::ItemFn = match syn::parse2(item.clone()) {
+        Ok(f) => f,
+        Err(_) => {
+            let mut out = syn::Error::new(
+                Span::call_site(),
+                "`#[outbox::handler]` goes on an `async fn`",
+            )
+            .to_compile_error();
+            if let Some(e) = errors.into_result() {
+                out.extend(e.to_compile_error());
+            }
+            out.extend(item);
+            return out;
+        }
+    };
+    if args.mode.is_none() {
+        errors.at(
+            Span::call_site(),
+            "`#[outbox::handler]` requires a mode: `#[outbox::handler(transactional)]` (runs in the acking transaction) or `#[outbox::handler(leased)]` (at-least-once, under a lease)",
+        );
+    }
+    let mode = args.mode.as_ref().map(|m| m.value);
+    if let (Some(Mode::Transactional), Some(lease)) = (mode, &args.knobs.lease_ms) {
+        errors.at(lease.span, "`lease_ms` applies to `leased` handlers only");
+    }
+    let sig = check_sig(&func.sig, mode, &mut errors);
+    let mut out = TokenStream::new();
+    if let Some(e) = errors.into_result() {
+        out.extend(e.to_compile_error());
+    }
+    // The user's fn, unchanged: still callable and testable.
+    out.extend(func.to_token_stream());
+    if let (Some(mode), Some(payload)) = (mode, sig.payload) {
+        out.extend(register(&args, mode, &func.sig, &payload, sig.context));
+    }
+    out
+}
+
+fn check_sig(sig: &syn::Signature, mode: Option<Mode>, errors: &mut Errors) -> Sig {
+    if sig.asyncness.is_none() {
+        errors.at(
+            sig.fn_token.span,
+            "`#[outbox::handler]` requires an `async fn`; write `async fn` here",
+        );
+    }
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        let span = if sig.generics.params.is_empty() {
+            sig.generics.where_clause.span()
+        } else {
+            sig.generics.params.span()
+        };
+        errors.at(
+            span,
+            "`#[outbox::handler]` does not support generic functions; the payload type names the queue, so write one handler per queue type",
+        );
+    }
+    if let Some(c) = &sig.constness {
+        errors.at(c.span, "`#[outbox::handler]` cannot be a `const fn`");
+    }
+    if let Some(abi) = &sig.abi {
+        errors.at(
+            abi.span(),
+            "`#[outbox::handler]` cannot have an `extern` ABI",
+        );
+    }
+    if let Some(v) = &sig.variadic {
+        errors.at(v.span(), "`#[outbox::handler]` cannot be variadic");
+    }
+    let mut typed = Vec::new();
+    for input in &sig.inputs {
+        match input {
+            syn::FnArg::Receiver(r) => errors.at(
+                r.span(),
+                "`#[outbox::handler]` goes on a free `async fn`, not a method; call the method from a free fn",
+            ),
+            syn::FnArg::Typed(t) => typed.push(&*t.ty),
+        }
+    }
+    let expected = match mode {
+        Some(Mode::Transactional) => "`async fn name(msg: Payload, txn: &DatabaseTransaction)`",
+        Some(Mode::Leased) | None => {
+            "`async fn name(msg: Payload, ctx: &LeaseContext)` (the context is optional)"
+        }
+    };
+    let payload = typed.first().map(|ty| (*ty).clone());
+    if payload.is_none() {
+        errors.at(
+            sig.paren_token.span.join(),
+            format_args!(
+                "`#[outbox::handler]` needs the message as its first parameter: {expected}"
+            ),
+        );
+    }
+    if let Some(syn::Type::Reference(r)) = &payload {
+        errors.at(
+            r.span(),
+            "the first parameter of a handler takes the message by value (it is decoded for each delivery); remove the `&`",
+        );
+    }
+    let context = typed.get(1).copied();
+    match (mode, context) {
+        (Some(Mode::Transactional), None) if payload.is_some() => errors.at(
+            sig.paren_token.span.join(),
+            format_args!("a `transactional` handler takes the transaction as its second parameter: {expected}"),
+        ),
+        (Some(Mode::Transactional), Some(ty)) if names(ty, "LeaseContext") => errors.at(
+            ty.span(),
+            "a `transactional` handler receives `&DatabaseTransaction`, not `&LeaseContext`; use `#[outbox::handler(leased)]` for a leased handler",
+        ),
+        (Some(Mode::Leased), Some(ty)) if names(ty, "DatabaseTransaction") => errors.at(
+            ty.span(),
+            "a `leased` handler runs outside any transaction and receives `&LeaseContext`; use `#[outbox::handler(transactional)]` to write in the acking transaction",
+        ),
+        _ => {}
+    }
+    if let Some(extra) = typed.get(2) {
+        errors.at(
+            extra.span(),
+            format_args!("too many parameters for `#[outbox::handler]`; expected {expected}"),
+        );
+    }
+    Sig {
+        payload,
+        context: context.map(Spanned::span),
+    }
+}
+
+/// Whether `ty` is a reference to a path ending in `last`.
+fn names(ty: &syn::Type, last: &str) -> bool {
+    let ty = match ty {
+        syn::Type::Reference(r) => &*r.elem,
+        other => other,
+    };
+    matches!(ty, syn::Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == last))
+}
+
+fn register(
+    args: &HandlerArgs,
+    mode: Mode,
+    sig: &syn::Signature,
+    payload: &syn::Type,
+    context: Option<Span>,
+) -> TokenStream {
+    let private = paths::private(args.krate.as_ref());
+    let ident = &sig.ident;
+    let fn_name = ident.to_string();
+    let fn_name = fn_name.strip_prefix("r#").unwrap_or(&fn_name).to_owned();
+    let name = args.name.as_ref().map_or(fn_name, |n| n.value.clone());
+    debug_assert!(check::name_problem(&name).is_none() || args.name.is_none());
+    let lt = syn::Lifetime::new("'__outbox_a", Span::call_site());
+    let (cx_ty, wrap, mode_tokens) = match mode {
+        Mode::Transactional => (
+            quote!(#private::DatabaseTransaction),
+            quote!(#private::transactional),
+            quote!(#private::HandlerMode::Transactional),
+        ),
+        Mode::Leased => (
+            quote!(#private::LeaseContext),
+            quote!(#private::leased),
+            quote!(#private::HandlerMode::Leased),
+        ),
+    };
+    // The context argument is spanned at the user's parameter type, so a mismatch lands there.
+    let cx = match context {
+        Some(span) => {
+            let arg = quote_spanned!(span=> __outbox_cx);
+            quote!(, #arg)
+        }
+        None => quote!(),
+    };
+    // Spanned at the fn name: a non-`Send` future is reported there.
+    let call = quote_spanned! {ident.span()=>
+        #private::assert_send(#ident(__outbox_msg #cx))
+    };
+    let payload_spanned = quote_spanned!(payload.span()=> #payload);
+    let overrides = crate::queue::overrides(&private, &args.knobs);
+    quote! {
+        const _: () = {
+            #[doc(hidden)]
+            #[allow(clippy::needless_lifetimes)]
+            fn __outbox_call<#lt>(
+                __outbox_msg: #payload,
+                __outbox_cx: &#lt #cx_ty,
+            ) -> #private::HandlerFuture<#lt> {
+                let _ = &__outbox_cx;
+                #private::Box::pin(#call)
+            }
+            #[doc(hidden)]
+            fn __outbox_build() -> #private::HandlerSpec {
+                #wrap::<#payload_spanned>(#name, __outbox_call)
+            }
+            #private::inventory::submit! {
+                #private::HandlerDecl::new(
+                    <#payload_spanned as #private::Queue>::NAME,
+                    #name,
+                    #mode_tokens,
+                    __outbox_build,
+                )
+                .overrides(#overrides)
+            }
+        };
+    }
+}

@@ -1,0 +1,232 @@
+//! `#[outbox::queue]`: the `Queue` impl and the registry entry, beside the unchanged item.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+
+use crate::args::{Knobs, Poison, QueueArgs, sym};
+use crate::check::{self, Errors};
+use crate::paths;
+
+/// The routing key: a field access on `self`.
+enum Key {
+    Named(syn::Ident),
+    Index(syn::Index),
+}
+
+impl ToTokens for Key {
+    fn to_tokens(&self, tokens: &mut TokenStream) {
+        match self {
+            Key::Named(i) => i.to_tokens(tokens),
+            Key::Index(i) => i.to_tokens(tokens),
+        }
+    }
+}
+
+pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
+    let mut errors = Errors::default();
+    let args = QueueArgs::parse(args, &mut errors);
+    let mut parsed: syn::Item = match syn::parse2(item.clone()) {
+        Ok(i) => i,
+        Err(_) => {
+            // Not an item we can read: keep the user's tokens and say what is accepted.
+            let e = syn::Error::new(
+                Span::call_site(),
+                "`#[outbox::queue]` goes on a struct or an enum",
+            );
+            let mut out = e.to_compile_error();
+            if let Some(more) = errors.into_result() {
+                out.extend(more.to_compile_error());
+            }
+            out.extend(item);
+            return out;
+        }
+    };
+    let (ident, key) = match &mut parsed {
+        syn::Item::Struct(s) => {
+            check_generics(&s.generics, &mut errors);
+            let key = take_keys(s.fields.iter_mut(), true, &mut errors);
+            (Some(s.ident.clone()), key)
+        }
+        syn::Item::Enum(e) => {
+            check_generics(&e.generics, &mut errors);
+            for v in &mut e.variants {
+                take_keys(v.fields.iter_mut(), false, &mut errors);
+            }
+            (Some(e.ident.clone()), None)
+        }
+        other => {
+            errors.at(
+                item_keyword_span(other),
+                "`#[outbox::queue]` goes on a struct or an enum, the message type of the queue",
+            );
+            (None, None)
+        }
+    };
+    if args.partitions.is_none() {
+        errors.at(
+            Span::call_site(),
+            format_args!(
+                "`#[outbox::queue]` requires `{} = N` (1 to {}), as in `#[outbox::queue(partitions = 8)]`",
+                sym::PARTITIONS,
+                check::MAX_PARTITIONS
+            ),
+        );
+    }
+    let mut out = TokenStream::new();
+    if let Some(e) = errors.into_result() {
+        out.extend(e.to_compile_error());
+    }
+    out.extend(parsed.to_token_stream());
+    if let Some(ident) = ident {
+        // Expand with defaults even after an error: the type stays a queue, so its uses
+        // elsewhere do not add secondary errors.
+        out.extend(impl_queue(&args, &ident, key.as_ref()));
+    }
+    out
+}
+
+fn item_keyword_span(item: &syn::Item) -> Span {
+    match item {
+        syn::Item::Fn(f) => f.sig.fn_token.span,
+        syn::Item::Union(u) => u.union_token.span,
+        syn::Item::Type(t) => t.type_token.span,
+        other => other.span(),
+    }
+}
+
+fn check_generics(generics: &syn::Generics, errors: &mut Errors) {
+    if !generics.params.is_empty() {
+        errors.at(
+            generics.params.span(),
+            "`#[outbox::queue]` does not support generic types: a queue has one durable name; declare a concrete type per queue",
+        );
+    }
+}
+
+/// Removes every `#[outbox(…)]` helper attribute from `fields` and returns the key field.
+fn take_keys<'a>(
+    fields: impl Iterator<Item = &'a mut syn::Field>,
+    allowed: bool,
+    errors: &mut Errors,
+) -> Option<Key> {
+    let mut key: Option<(Key, Span)> = None;
+    for (index, field) in fields.enumerate() {
+        let mut keep = Vec::with_capacity(field.attrs.len());
+        for attr in std::mem::take(&mut field.attrs) {
+            if !attr.path().is_ident("outbox") {
+                keep.push(attr);
+                continue;
+            }
+            let mut is_key = false;
+            let parsed = attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident(sym::KEY) {
+                    is_key = true;
+                } else {
+                    let name = meta.path.to_token_stream().to_string();
+                    errors.at(
+                        meta.path.span(),
+                        format_args!("unknown `outbox` field attribute `{name}`; expected `key`"),
+                    );
+                }
+                Ok(())
+            });
+            if let Err(e) = parsed {
+                errors.push(e);
+            }
+            if !is_key {
+                continue;
+            }
+            let span = attr.span();
+            if !allowed {
+                errors.at(
+                    span,
+                    "`#[outbox(key)]` is supported on struct fields only; an enum queue spreads its messages over the partitions",
+                );
+            } else if let Some((_, first)) = &key {
+                let mut e = syn::Error::new(
+                    span,
+                    "`#[outbox(key)]` on more than one field; a queue has one routing key (combine the parts in one field)",
+                );
+                e.combine(syn::Error::new(*first, "first `#[outbox(key)]` here"));
+                errors.push(e);
+            } else {
+                let access = match &field.ident {
+                    Some(i) => Key::Named(i.clone()),
+                    None => Key::Index(syn::Index {
+                        index: index as u32,
+                        span: field.ty.span(),
+                    }),
+                };
+                key = Some((access, span));
+            }
+        }
+        field.attrs = keep;
+    }
+    key.map(|(k, _)| k)
+}
+
+pub(crate) fn overrides(private: &TokenStream, knobs: &Knobs) -> TokenStream {
+    let mut calls = TokenStream::new();
+    if let Some(a) = &knobs.max_attempts {
+        let v = a.value;
+        calls.extend(quote!(.max_attempts(#v)));
+    }
+    if let Some(a) = &knobs.batch_size {
+        let v = a.value;
+        calls.extend(quote!(.batch_size(#v)));
+    }
+    if let Some(a) = &knobs.concurrency {
+        let v = a.value;
+        calls.extend(quote!(.concurrency(#v)));
+    }
+    if let Some(a) = &knobs.lease_ms {
+        let v = a.value;
+        calls.extend(quote!(.lease(::core::time::Duration::from_millis(#v))));
+    }
+    quote!(#private::Overrides::NONE #calls)
+}
+
+fn impl_queue(args: &QueueArgs, ident: &syn::Ident, key: Option<&Key>) -> TokenStream {
+    let private = paths::private(args.krate.as_ref());
+    let type_name = ident.to_string();
+    let type_name = type_name.strip_prefix("r#").unwrap_or(&type_name);
+    let name = match &args.name {
+        Some(n) => n.value.clone(),
+        None => check::snake_case(type_name),
+    };
+    let partitions = args.partitions.as_ref().map_or(1, |p| p.value);
+    let partition = match key {
+        Some(key) => quote!(#private::partition_for_key(&self.#key, #partitions)),
+        None => quote!(#private::spread(#partitions)),
+    };
+    let policy = match args.poison.as_ref().map(|p| p.value) {
+        Some(Poison::Block) => quote!(#private::PoisonPolicy::Block),
+        Some(Poison::DeadLetter) | None => quote!(#private::PoisonPolicy::DeadLetter),
+    };
+    let overrides = overrides(&private, &args.knobs);
+    let decl = format_ident!("__OUTBOX_QUEUE");
+    // The impl is spanned at the type name, so a missing `Serialize` lands there.
+    let impl_head = quote_spanned!(ident.span()=> impl #private::Queue for #ident);
+    quote! {
+        const _: () = {
+            #[automatically_derived]
+            #impl_head {
+                const NAME: &'static ::core::primitive::str = #name;
+                const PARTITIONS: ::core::primitive::u32 = #partitions;
+                #[inline]
+                fn partition(&self) -> ::core::primitive::u32 {
+                    #partition
+                }
+            }
+            const #decl: #private::QueueDecl = #private::QueueDecl::new(
+                #name,
+                #partitions,
+                ::core::concat!(::core::module_path!(), "::", #type_name),
+            )
+            .policy(#policy)
+            .overrides(#overrides);
+            #private::inventory::submit! { #decl }
+        };
+    }
+}

@@ -1,0 +1,683 @@
+//! The typed layer: the [`Queue`] trait behind `#[outbox::queue]`, typed enqueue, the key hash,
+//! the registry that `#[outbox::queue]` and `#[outbox::handler]` fill, and the one-call
+//! [`start`] / [`connect`] with [`discover`] for finer control.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{EnqueueError, HandlerError, StartError};
+use crate::handler::{HandlerFuture, HandlerSpec, LeaseContext};
+use crate::profile::{Overrides, Profile};
+use crate::queue::{Message, NewMessage, PoisonPolicy, QueueSpec};
+use crate::runtime::{Builder, Outbox, Running};
+
+/// A message type with its own durable queue, usually declared with `#[outbox::queue]`.
+///
+/// The payload is stored as JSON (`serde_json`), so its serde representation is part of the
+/// storage format: messages enqueued by an older build must still deserialize in a newer one
+/// (add fields with `#[serde(default)]`, never rename them silently). A payload that no longer
+/// decodes is dead-lettered with the decode error, never a panic.
+///
+/// # Partitions and order
+///
+/// [`partition`](Queue::partition) routes a message. With a `#[outbox(key)]` field it is
+/// [`partition_for_key`] of that field: every message with the same key lands in the same
+/// partition and is handled in enqueue order. Without a key, messages are spread over the
+/// partitions round-robin and **no order between them is implied**.
+///
+/// Implementing this trait by hand is supported; keep `NAME` stable (it is part of the storage
+/// schema) and `partition` below `PARTITIONS`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an outbox queue",
+    label = "not declared with `#[outbox::queue]`",
+    note = "declare it: `#[outbox::queue(partitions = 8)]` on the type, together with `#[derive(Serialize, Deserialize)]`"
+)]
+pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The durable queue name (see [`validate_name`](crate::validate_name)).
+    const NAME: &'static str;
+    /// The partition count, 1 to [`MAX_PARTITIONS`](crate::MAX_PARTITIONS).
+    const PARTITIONS: u32;
+
+    /// The partition of this message, below [`PARTITIONS`](Queue::PARTITIONS).
+    fn partition(&self) -> u32;
+
+    /// This message as untyped bytes: JSON payload, routed by [`partition`](Queue::partition).
+    fn to_message(&self) -> Result<NewMessage, EnqueueError> {
+        let payload = serde_json::to_vec(self).map_err(|source| EnqueueError::Serialize {
+            queue: Self::NAME.to_owned(),
+            source,
+        })?;
+        Ok(NewMessage::new(Self::NAME, self.partition(), payload))
+    }
+
+    /// Enqueues this message through `conn` (a transaction: the message exists if and only if
+    /// it commits) on the outbox of this process, installed by [`start`], [`connect`] or
+    /// [`set_global`]. Without one it fails with [`EnqueueError::NotConnected`].
+    fn enqueue<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+    ) -> impl Future<Output = Result<(), EnqueueError>> + Send {
+        let message = self.to_message();
+        async move {
+            let outbox = global().ok_or(EnqueueError::NotConnected)?;
+            outbox.enqueue(conn, message?).await
+        }
+    }
+
+    /// Enqueues `items` in order through `conn`, on the outbox of this process. Every item is
+    /// serialized and validated first: if one fails nothing is written.
+    fn enqueue_batch<C: ConnectionTrait>(
+        items: &[Self],
+        conn: &C,
+    ) -> impl Future<Output = Result<(), EnqueueError>> + Send {
+        let messages: Result<Vec<_>, _> = items.iter().map(Self::to_message).collect();
+        async move {
+            let outbox = global().ok_or(EnqueueError::NotConnected)?;
+            outbox.enqueue_batch(conn, &messages?).await
+        }
+    }
+
+    /// Enqueues this message through `conn` on an explicit `outbox` (for example one with
+    /// another table prefix than the process-wide one).
+    fn enqueue_with<C: ConnectionTrait>(
+        &self,
+        outbox: &Outbox,
+        conn: &C,
+    ) -> impl Future<Output = Result<(), EnqueueError>> + Send {
+        let message = self.to_message();
+        async move { outbox.enqueue(conn, message?).await }
+    }
+}
+
+// ---- the process-wide outbox -------------------------------------------------------------
+
+static GLOBAL: RwLock<Option<Outbox>> = RwLock::new(None);
+
+/// Makes `outbox` the one that typed enqueue ([`Queue::enqueue`]) uses in this process,
+/// replacing any previous one. [`start`], [`connect`] and [`Discover`] call it for you.
+pub fn set_global(outbox: Outbox) {
+    match GLOBAL.write() {
+        Ok(mut g) => *g = Some(outbox),
+        Err(poisoned) => *poisoned.into_inner() = Some(outbox),
+    }
+}
+
+/// The outbox that typed enqueue uses in this process, if one was installed.
+pub fn global() -> Option<Outbox> {
+    match GLOBAL.read() {
+        Ok(g) => g.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+// ---- routing -----------------------------------------------------------------------------
+
+/// The partition of a message with routing key `key`: the 64-bit XXH3 hash (seed 0) of the
+/// key's `serde_json` bytes, modulo `partitions`.
+///
+/// This function is stable: it never changes in a release that does not also change the
+/// storage format, and any other language can compute it (`7` hashes the bytes `7`,
+/// `"abc"` hashes the five bytes `"abc"` with their quotes). Changing a queue's partition
+/// count moves keys to other partitions, which is why the runtime refuses to start when the
+/// declared count differs from the database.
+///
+/// Returns 0 when `partitions` is 0, and hashes whatever was written before the error if the
+/// key cannot be serialized (keys are normally integers, strings or ids, which always
+/// serialize).
+///
+/// ```
+/// assert_eq!(outbox::partition_for_key(&7_i64, 8), outbox::partition_for_key(&7_u8, 8));
+/// assert!(outbox::partition_for_key("customer-42", 16) < 16);
+/// ```
+pub fn partition_for_key<K: Serialize + ?Sized>(key: &K, partitions: u32) -> u32 {
+    if partitions == 0 {
+        return 0;
+    }
+    let mut hasher = HashWriter(xxhash_rust::xxh3::Xxh3::new());
+    // A failing key still routes deterministically: the bytes written so far are hashed.
+    let _ = serde_json::to_writer(&mut hasher, key);
+    (hasher.0.digest() % u64::from(partitions)) as u32
+}
+
+struct HashWriter(xxhash_rust::xxh3::Xxh3);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+static SPREAD: AtomicU32 = AtomicU32::new(0);
+
+/// The partition of a message without a key: round-robin over `partitions` within this
+/// process. No order between such messages is implied.
+pub fn spread(partitions: u32) -> u32 {
+    if partitions <= 1 {
+        return 0;
+    }
+    SPREAD.fetch_add(1, Ordering::Relaxed) % partitions
+}
+
+// ---- registry ----------------------------------------------------------------------------
+
+/// How a handler runs: see [`HandlerSpec::transactional`] and [`HandlerSpec::leased`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HandlerMode {
+    /// Inside the transaction that acks its messages.
+    Transactional,
+    /// Outside any transaction, under a time lease.
+    Leased,
+}
+
+/// A queue declared with `#[outbox::queue]`, as collected in this binary's registry.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueDecl {
+    name: &'static str,
+    partitions: u32,
+    policy: PoisonPolicy,
+    overrides: Overrides,
+    type_name: &'static str,
+}
+
+impl QueueDecl {
+    /// A declaration of queue `name` with `partitions` partitions, for the Rust type named
+    /// `type_name` (used in messages).
+    pub const fn new(name: &'static str, partitions: u32, type_name: &'static str) -> Self {
+        Self {
+            name,
+            partitions,
+            policy: PoisonPolicy::DeadLetter,
+            overrides: Overrides::NONE,
+            type_name,
+        }
+    }
+
+    /// Sets the poison policy.
+    pub const fn policy(mut self, policy: PoisonPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets the queue's knobs.
+    pub const fn overrides(mut self, overrides: Overrides) -> Self {
+        self.overrides = overrides;
+        self
+    }
+
+    /// The queue name.
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The partition count.
+    pub const fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The poison policy.
+    pub const fn poison_policy(&self) -> PoisonPolicy {
+        self.policy
+    }
+
+    /// The queue's knobs.
+    pub const fn get_overrides(&self) -> Overrides {
+        self.overrides
+    }
+
+    /// The Rust type declared as this queue.
+    pub const fn type_name(&self) -> &'static str {
+        self.type_name
+    }
+
+    /// The untyped declaration the [`Builder`] takes.
+    pub fn spec(&self) -> QueueSpec {
+        QueueSpec::new(self.name, self.partitions)
+            .poison_policy(self.policy)
+            .overrides(self.overrides)
+    }
+}
+
+/// A handler declared with `#[outbox::handler]`, as collected in this binary's registry.
+#[derive(Clone, Copy)]
+pub struct HandlerDecl {
+    queue: &'static str,
+    name: &'static str,
+    mode: HandlerMode,
+    overrides: Overrides,
+    build: fn() -> HandlerSpec,
+}
+
+impl fmt::Debug for HandlerDecl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerDecl")
+            .field("queue", &self.queue)
+            .field("name", &self.name)
+            .field("mode", &self.mode)
+            .field("overrides", &self.overrides)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HandlerDecl {
+    /// A declaration of handler `name` of `queue`; `build` makes its [`HandlerSpec`].
+    pub const fn new(
+        queue: &'static str,
+        name: &'static str,
+        mode: HandlerMode,
+        build: fn() -> HandlerSpec,
+    ) -> Self {
+        Self {
+            queue,
+            name,
+            mode,
+            overrides: Overrides::NONE,
+            build,
+        }
+    }
+
+    /// Sets the handler's knobs.
+    pub const fn overrides(mut self, overrides: Overrides) -> Self {
+        self.overrides = overrides;
+        self
+    }
+
+    /// The queue consumed.
+    pub const fn queue(&self) -> &'static str {
+        self.queue
+    }
+
+    /// The handler name.
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The mode.
+    pub const fn mode(&self) -> HandlerMode {
+        self.mode
+    }
+
+    /// The handler's knobs.
+    pub const fn get_overrides(&self) -> Overrides {
+        self.overrides
+    }
+
+    /// The untyped handler the [`Builder`] takes, with this declaration's knobs.
+    pub fn spec(&self) -> HandlerSpec {
+        (self.build)().overrides(self.overrides)
+    }
+}
+
+inventory::collect!(QueueDecl);
+inventory::collect!(HandlerDecl);
+
+/// Every queue declared with `#[outbox::queue]` in this binary, sorted by name (duplicates
+/// kept: [`Discover::start`] reports them).
+pub fn queues() -> Vec<&'static QueueDecl> {
+    let mut v: Vec<_> = inventory::iter::<QueueDecl>.into_iter().collect();
+    v.sort_by_key(|d| d.name);
+    v
+}
+
+/// Every handler declared with `#[outbox::handler]` in this binary, sorted by queue and name
+/// (duplicates kept: [`Discover::start`] reports them).
+pub fn handlers() -> Vec<&'static HandlerDecl> {
+    let mut v: Vec<_> = inventory::iter::<HandlerDecl>.into_iter().collect();
+    v.sort_by_key(|d| (d.queue, d.name));
+    v
+}
+
+// ---- typed handler wrappers --------------------------------------------------------------
+
+/// A payload that could not be decoded into its queue's type. Handlers never see it: the
+/// message is rejected (dead-lettered) with this error.
+#[derive(Debug)]
+pub struct DecodeError {
+    queue: String,
+    type_name: &'static str,
+    source: serde_json::Error,
+}
+
+impl DecodeError {
+    /// The queue of the message.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The Rust type the payload should have decoded into.
+    pub fn type_name(&self) -> &'static str {
+        self.type_name
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "payload of queue `{}` could not be decoded as `{}`",
+            self.queue, self.type_name
+        )
+    }
+}
+
+impl std::error::Error for DecodeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Decodes a delivered message's payload as `T`.
+pub fn decode<T: Queue>(message: &Message) -> Result<T, DecodeError> {
+    serde_json::from_slice(message.payload()).map_err(|source| DecodeError {
+        queue: message.queue().to_owned(),
+        type_name: std::any::type_name::<T>(),
+        source,
+    })
+}
+
+fn rejected<'a>(e: DecodeError) -> HandlerFuture<'a> {
+    Box::pin(std::future::ready(Err(HandlerError::reject(e))))
+}
+
+/// A typed transactional handler `call` of queue `T`, named `name`: payloads that do not
+/// decode are rejected (dead-lettered) without calling it.
+pub fn transactional<T: Queue>(
+    name: &'static str,
+    call: for<'a> fn(T, &'a DatabaseTransaction) -> HandlerFuture<'a>,
+) -> HandlerSpec {
+    HandlerSpec::transactional(
+        T::NAME,
+        name,
+        move |m: &Message, txn: &DatabaseTransaction| match decode::<T>(m) {
+            Ok(v) => call(v, txn),
+            Err(e) => rejected(e),
+        },
+    )
+}
+
+/// A typed leased handler `call` of queue `T`, named `name`: payloads that do not decode are
+/// rejected (dead-lettered) without calling it.
+pub fn leased<T: Queue>(
+    name: &'static str,
+    call: for<'a> fn(T, &'a LeaseContext) -> HandlerFuture<'a>,
+) -> HandlerSpec {
+    HandlerSpec::leased(
+        T::NAME,
+        name,
+        move |m: &Message, ctx: &LeaseContext| match decode::<T>(m) {
+            Ok(v) => call(v, ctx),
+            Err(e) => rejected(e),
+        },
+    )
+}
+
+// ---- discovery and one-call start --------------------------------------------------------
+
+/// Starts the workers of every queue and handler declared in this binary with `profile`, and
+/// makes the outbox the process-wide one for typed enqueue.
+///
+/// Every registry problem (duplicate queue or handler names, a handler whose queue is not
+/// declared, invalid names or knobs, partition counts that differ from the database) is
+/// reported at once in [`StartError::Registry`]. Use [`discover`] to select handlers or set
+/// other options.
+pub async fn start(db: DatabaseConnection, profile: Profile) -> Result<Running, StartError> {
+    discover(db).profile(profile).start().await
+}
+
+/// Creates the tables and registers every queue and handler declared in this binary, starts no
+/// workers, and makes the outbox the process-wide one for typed enqueue: for processes that
+/// only enqueue.
+pub async fn connect(db: DatabaseConnection) -> Result<Outbox, StartError> {
+    discover(db).connect().await
+}
+
+/// Configures a start from the declarations of this binary (see [`Discover`]).
+pub fn discover(db: DatabaseConnection) -> Discover {
+    Discover {
+        builder: Outbox::builder(db),
+        only_handlers: None,
+        excluded_handlers: HashSet::new(),
+        excluded_queues: HashSet::new(),
+        install: true,
+    }
+}
+
+/// Feeds the queues and handlers declared with `#[outbox::queue]` and `#[outbox::handler]` in
+/// this binary into an [`Outbox::builder`], with optional filters.
+///
+/// A handler filter names a handler as `name` (any queue) or `queue/name`. Excluding a queue
+/// also excludes its handlers; selecting handlers keeps every queue declared, so this process
+/// can still enqueue to all of them.
+///
+/// ```
+/// # async fn demo(db: outbox::sea_orm::DatabaseConnection) -> Result<(), outbox::StartError> {
+/// let running = outbox::discover(db)
+///     .profile(outbox::Profile::LowLatency)
+///     .only_handlers(["send_receipt", "order_placed/project"])
+///     .start()
+///     .await?;
+/// # drop(running);
+/// # Ok(()) }
+/// ```
+#[must_use]
+#[derive(Debug)]
+pub struct Discover {
+    builder: Builder,
+    only_handlers: Option<HashSet<String>>,
+    excluded_handlers: HashSet<String>,
+    excluded_queues: HashSet<String>,
+    install: bool,
+}
+
+impl Discover {
+    /// The profile whose knobs apply where queues and handlers set none.
+    pub fn profile(mut self, profile: Profile) -> Self {
+        self.builder = self.builder.profile(profile);
+        self
+    }
+
+    /// Prefix of every table (default `outbox_`).
+    pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.builder = self.builder.table_prefix(prefix);
+        self
+    }
+
+    /// Changes the underlying [`Builder`] (payload limit, runtime tuning, untyped queues and
+    /// handlers declared by hand).
+    pub fn configure(mut self, f: impl FnOnce(Builder) -> Builder) -> Self {
+        self.builder = f(self.builder);
+        self
+    }
+
+    /// Runs only these handlers (`name` or `queue/name`); may be called several times.
+    pub fn only_handlers<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.only_handlers
+            .get_or_insert_with(HashSet::new)
+            .extend(names.into_iter().map(Into::into));
+        self
+    }
+
+    /// Does not run this handler (`name` or `queue/name`).
+    pub fn exclude_handler(mut self, name: impl Into<String>) -> Self {
+        self.excluded_handlers.insert(name.into());
+        self
+    }
+
+    /// Does not declare this queue nor run its handlers.
+    pub fn exclude_queue(mut self, name: impl Into<String>) -> Self {
+        self.excluded_queues.insert(name.into());
+        self
+    }
+
+    /// Whether [`start`](Discover::start) and [`connect`](Discover::connect) make the outbox
+    /// the process-wide one for typed enqueue (default true).
+    pub fn install_global(mut self, install: bool) -> Self {
+        self.install = install;
+        self
+    }
+
+    /// The builder with every selected declaration added, duplicates included (the builder
+    /// reports them).
+    pub fn into_builder(self) -> Builder {
+        self.select().0
+    }
+
+    fn select(self) -> (Builder, bool) {
+        let matches = |set: &HashSet<String>, d: &HandlerDecl| {
+            set.contains(d.name) || set.contains(&format!("{}/{}", d.queue, d.name))
+        };
+        let mut builder = self.builder;
+        for q in queues() {
+            if !self.excluded_queues.contains(q.name) {
+                builder = builder.queue(q.spec());
+            }
+        }
+        for h in handlers() {
+            let selected = !self.excluded_queues.contains(h.queue)
+                && !matches(&self.excluded_handlers, h)
+                && self
+                    .only_handlers
+                    .as_ref()
+                    .is_none_or(|only| matches(only, h));
+            if selected {
+                builder = builder.handler(h.spec());
+            }
+        }
+        (builder, self.install)
+    }
+
+    /// Validates everything (all problems at once), migrates, registers and starts the workers.
+    pub async fn start(self) -> Result<Running, StartError> {
+        let (builder, install) = self.select();
+        let running = builder.start().await?;
+        if install {
+            set_global(running.outbox().clone());
+        }
+        Ok(running)
+    }
+
+    /// Validates everything (all problems at once), migrates and registers; starts no workers.
+    pub async fn connect(self) -> Result<Outbox, StartError> {
+        let (builder, install) = self.select();
+        let outbox = builder.connect().await?;
+        if install {
+            set_global(outbox.clone());
+        }
+        Ok(outbox)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xxh3_is_the_reference_algorithm() {
+        // Reference vector of XXH3-64 with seed 0 for the empty input.
+        assert_eq!(xxhash_rust::xxh3::xxh3_64(b""), 0x2D06_8005_38D3_94C2);
+    }
+
+    #[test]
+    fn key_hash_is_pinned() {
+        // Part of the storage format: a change here moves keys to other partitions.
+        // XXH3-64, seed 0, of the key's serde_json bytes.
+        fn check<K: Serialize + ?Sized>(key: &K, bytes: &[u8], hash: u64) {
+            assert_eq!(xxhash_rust::xxh3::xxh3_64(bytes), hash);
+            assert_eq!(serde_json::to_vec(key).ok().as_deref(), Some(bytes));
+            for partitions in [1_u32, 2, 8, 1000, 4096] {
+                assert_eq!(
+                    partition_for_key(key, partitions),
+                    (hash % u64::from(partitions)) as u32
+                );
+            }
+        }
+        check(&7_i64, b"7", 0x06ee_d105_b822_85fa);
+        check("abc", b"\"abc\"", 0x236a_c269_8e6b_6688);
+        check(&-1_i32, b"-1", 0xbc25_a7b6_12cb_a21f);
+        check(&[1_u8, 2], b"[1,2]", 0x233b_603c_eeca_89be);
+        assert_eq!(partition_for_key(&7_i64, 8), 2);
+        assert_eq!(partition_for_key("abc", 16), 8);
+        assert_eq!(partition_for_key(&7_i64, 0), 0);
+    }
+
+    #[test]
+    fn spread_stays_in_range_and_visits_every_partition() {
+        let mut seen = [false; 5];
+        for _ in 0..50 {
+            seen[spread(5) as usize] = true;
+        }
+        assert!(seen.iter().all(|s| *s));
+        assert_eq!(spread(1), 0);
+        assert_eq!(spread(0), 0);
+    }
+
+    #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+    struct Ping {
+        n: u32,
+    }
+
+    impl Queue for Ping {
+        const NAME: &'static str = "ping";
+        const PARTITIONS: u32 = 4;
+        fn partition(&self) -> u32 {
+            partition_for_key(&self.n, Self::PARTITIONS)
+        }
+    }
+
+    fn message(payload: &[u8]) -> Message {
+        Message {
+            queue: "ping".into(),
+            partition: 0,
+            seq: 1,
+            payload: payload.to_vec(),
+            enqueued_at_ms: 0,
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn typed_messages_round_trip_and_bad_payloads_are_rejected() {
+        let m = Ping { n: 7 }.to_message();
+        let m = m.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            m,
+            NewMessage::new("ping", partition_for_key(&7_u32, 4), b"{\"n\":7}".to_vec())
+        );
+        assert_eq!(
+            decode::<Ping>(&message(b"{\"n\":7}")).ok(),
+            Some(Ping { n: 7 })
+        );
+        let e = decode::<Ping>(&message(b"{\"n\":\"x\"}")).err();
+        let e = e.map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("payload of queue `ping` could not be decoded as `outbox::typed::tests::Ping`")
+        );
+    }
+
+    #[tokio::test]
+    async fn typed_enqueue_without_an_outbox_is_not_connected() {
+        // Only meaningful while no test of this binary installs a global outbox.
+        if global().is_none() {
+            let db = sea_orm::DatabaseConnection::default();
+            let r = Ping { n: 1 }.enqueue(&db).await;
+            assert!(matches!(r, Err(EnqueueError::NotConnected)), "{r:?}");
+        }
+    }
+}
