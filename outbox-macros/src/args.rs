@@ -43,6 +43,8 @@ pub(crate) struct Knobs {
 #[derive(Default)]
 pub(crate) struct QueueArgs {
     pub(crate) partitions: Option<Arg<u32>>,
+    /// Whether `partitions` was written at all (valid or not).
+    pub(crate) partitions_written: bool,
     pub(crate) name: Option<Arg<String>>,
     pub(crate) poison: Option<Arg<Poison>>,
     pub(crate) knobs: Knobs,
@@ -255,6 +257,7 @@ impl QueueArgs {
             let span = meta.path.span();
             match key.as_str() {
                 sym::PARTITIONS => {
+                    out.partitions_written = true;
                     let v = int(meta, &key, 1, check::MAX_PARTITIONS, errors)?;
                     set(&mut out.partitions, v, &key, span, errors);
                 }

@@ -6,10 +6,17 @@ use proc_macro2::Span;
 #[derive(Default)]
 pub(crate) struct Errors {
     combined: Option<syn::Error>,
+    count: usize,
 }
 
 impl Errors {
+    /// How many errors were recorded so far.
+    pub(crate) fn count(&self) -> usize {
+        self.count
+    }
+
     pub(crate) fn push(&mut self, error: syn::Error) {
+        self.count += 1;
         match &mut self.combined {
             Some(e) => e.combine(error),
             None => self.combined = Some(error),
@@ -18,6 +25,15 @@ impl Errors {
 
     pub(crate) fn at(&mut self, span: Span, message: impl std::fmt::Display) {
         self.push(syn::Error::new(span, message));
+    }
+
+    /// An error spanning all of `tokens` (first to last token, also on stable).
+    pub(crate) fn spanned(
+        &mut self,
+        tokens: impl quote::ToTokens,
+        message: impl std::fmt::Display,
+    ) {
+        self.push(syn::Error::new_spanned(tokens, message));
     }
 
     pub(crate) fn into_result(self) -> Option<syn::Error> {

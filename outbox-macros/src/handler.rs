@@ -43,14 +43,17 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     if let (Some(Mode::Transactional), Some(lease)) = (mode, &args.knobs.lease_ms) {
         errors.at(lease.span, "`lease_ms` applies to `leased` handlers only");
     }
+    let before = errors.count();
     let sig = check_sig(&func.sig, mode, &mut errors);
+    // A signature the wrapper cannot call would only add secondary errors: register nothing.
+    let callable = errors.count() == before;
     let mut out = TokenStream::new();
     if let Some(e) = errors.into_result() {
         out.extend(e.to_compile_error());
     }
     // The user's fn, unchanged: still callable and testable.
     out.extend(func.to_token_stream());
-    if let (Some(mode), Some(payload)) = (mode, sig.payload) {
+    if let (Some(mode), Some(payload), true) = (mode, sig.payload, callable) {
         out.extend(register(&args, mode, &func.sig, &payload, sig.context));
     }
     out
@@ -64,13 +67,13 @@ fn check_sig(sig: &syn::Signature, mode: Option<Mode>, errors: &mut Errors) -> S
         );
     }
     if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
-        let span = if sig.generics.params.is_empty() {
-            sig.generics.where_clause.span()
+        let generics: &dyn ToTokens = if sig.generics.params.is_empty() {
+            &sig.generics.where_clause
         } else {
-            sig.generics.params.span()
+            &sig.generics
         };
-        errors.at(
-            span,
+        errors.spanned(
+            generics,
             "`#[outbox::handler]` does not support generic functions; the payload type names the queue, so write one handler per queue type",
         );
     }
@@ -89,8 +92,8 @@ fn check_sig(sig: &syn::Signature, mode: Option<Mode>, errors: &mut Errors) -> S
     let mut typed = Vec::new();
     for input in &sig.inputs {
         match input {
-            syn::FnArg::Receiver(r) => errors.at(
-                r.span(),
+            syn::FnArg::Receiver(r) => errors.spanned(
+                r,
                 "`#[outbox::handler]` goes on a free `async fn`, not a method; call the method from a free fn",
             ),
             syn::FnArg::Typed(t) => typed.push(&*t.ty),
@@ -112,8 +115,8 @@ fn check_sig(sig: &syn::Signature, mode: Option<Mode>, errors: &mut Errors) -> S
         );
     }
     if let Some(syn::Type::Reference(r)) = &payload {
-        errors.at(
-            r.span(),
+        errors.spanned(
+            r,
             "the first parameter of a handler takes the message by value (it is decoded for each delivery); remove the `&`",
         );
     }
@@ -123,19 +126,19 @@ fn check_sig(sig: &syn::Signature, mode: Option<Mode>, errors: &mut Errors) -> S
             sig.paren_token.span.join(),
             format_args!("a `transactional` handler takes the transaction as its second parameter: {expected}"),
         ),
-        (Some(Mode::Transactional), Some(ty)) if names(ty, "LeaseContext") => errors.at(
-            ty.span(),
+        (Some(Mode::Transactional), Some(ty)) if names(ty, "LeaseContext") => errors.spanned(
+            ty,
             "a `transactional` handler receives `&DatabaseTransaction`, not `&LeaseContext`; use `#[outbox::handler(leased)]` for a leased handler",
         ),
-        (Some(Mode::Leased), Some(ty)) if names(ty, "DatabaseTransaction") => errors.at(
-            ty.span(),
+        (Some(Mode::Leased), Some(ty)) if names(ty, "DatabaseTransaction") => errors.spanned(
+            ty,
             "a `leased` handler runs outside any transaction and receives `&LeaseContext`; use `#[outbox::handler(transactional)]` to write in the acking transaction",
         ),
         _ => {}
     }
     if let Some(extra) = typed.get(2) {
-        errors.at(
-            extra.span(),
+        errors.spanned(
+            extra,
             format_args!("too many parameters for `#[outbox::handler]`; expected {expected}"),
         );
     }
@@ -188,10 +191,9 @@ fn register(
         }
         None => quote!(),
     };
-    // Spanned at the fn name: a non-`Send` future is reported there.
-    let call = quote_spanned! {ident.span()=>
-        #private::assert_send(#ident(__outbox_msg #cx))
-    };
+    // The coercion to the boxed `Send` future is spanned at the fn name: a non-`Send` future
+    // or a wrong output type is reported there, once.
+    let boxed = paths::respan(quote!(#private::Box::pin(__outbox_future)), ident.span());
     let payload_spanned = quote_spanned!(payload.span()=> #payload);
     let overrides = crate::queue::overrides(&private, &args.knobs);
     quote! {
@@ -203,7 +205,8 @@ fn register(
                 __outbox_cx: &#lt #cx_ty,
             ) -> #private::HandlerFuture<#lt> {
                 let _ = &__outbox_cx;
-                #private::Box::pin(#call)
+                let __outbox_future = #ident(__outbox_msg #cx);
+                #boxed
             }
             #[doc(hidden)]
             fn __outbox_build() -> #private::HandlerSpec {

@@ -44,16 +44,16 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     };
     let (ident, key) = match &mut parsed {
         syn::Item::Struct(s) => {
-            check_generics(&s.generics, &mut errors);
+            let plain = check_generics(&s.generics, &mut errors);
             let key = take_keys(s.fields.iter_mut(), true, &mut errors);
-            (Some(s.ident.clone()), key)
+            (plain.then(|| s.ident.clone()), key)
         }
         syn::Item::Enum(e) => {
-            check_generics(&e.generics, &mut errors);
+            let plain = check_generics(&e.generics, &mut errors);
             for v in &mut e.variants {
                 take_keys(v.fields.iter_mut(), false, &mut errors);
             }
-            (Some(e.ident.clone()), None)
+            (plain.then(|| e.ident.clone()), None)
         }
         other => {
             errors.at(
@@ -63,7 +63,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             (None, None)
         }
     };
-    if args.partitions.is_none() {
+    if !args.partitions_written {
         errors.at(
             Span::call_site(),
             format_args!(
@@ -95,13 +95,16 @@ fn item_keyword_span(item: &syn::Item) -> Span {
     }
 }
 
-fn check_generics(generics: &syn::Generics, errors: &mut Errors) {
-    if !generics.params.is_empty() {
-        errors.at(
-            generics.params.span(),
+/// Whether the type has no generics (a queue needs one concrete type).
+fn check_generics(generics: &syn::Generics, errors: &mut Errors) -> bool {
+    let plain = generics.params.is_empty();
+    if !plain {
+        errors.spanned(
+            generics,
             "`#[outbox::queue]` does not support generic types: a queue has one durable name; declare a concrete type per queue",
         );
     }
+    plain
 }
 
 /// Removes every `#[outbox(…)]` helper attribute from `fields` and returns the key field.
@@ -110,7 +113,7 @@ fn take_keys<'a>(
     allowed: bool,
     errors: &mut Errors,
 ) -> Option<Key> {
-    let mut key: Option<(Key, Span)> = None;
+    let mut key: Option<(Key, syn::Attribute)> = None;
     for (index, field) in fields.enumerate() {
         let mut keep = Vec::with_capacity(field.attrs.len());
         for attr in std::mem::take(&mut field.attrs) {
@@ -137,18 +140,20 @@ fn take_keys<'a>(
             if !is_key {
                 continue;
             }
-            let span = attr.span();
             if !allowed {
-                errors.at(
-                    span,
+                errors.spanned(
+                    &attr,
                     "`#[outbox(key)]` is supported on struct fields only; an enum queue spreads its messages over the partitions",
                 );
             } else if let Some((_, first)) = &key {
-                let mut e = syn::Error::new(
-                    span,
+                let mut e = syn::Error::new_spanned(
+                    &attr,
                     "`#[outbox(key)]` on more than one field; a queue has one routing key (combine the parts in one field)",
                 );
-                e.combine(syn::Error::new(*first, "first `#[outbox(key)]` here"));
+                e.combine(syn::Error::new_spanned(
+                    first,
+                    "first `#[outbox(key)]` here",
+                ));
                 errors.push(e);
             } else {
                 let access = match &field.ident {
@@ -158,7 +163,7 @@ fn take_keys<'a>(
                         span: field.ty.span(),
                     }),
                 };
-                key = Some((access, span));
+                key = Some((access, attr.clone()));
             }
         }
         field.attrs = keep;

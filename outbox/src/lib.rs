@@ -47,10 +47,4 @@ pub mod __private {
     pub use crate::queue::PoisonPolicy;
     pub use crate::typed::{HandlerDecl, HandlerMode, Queue, QueueDecl, leased, partition_for_key, spread, transactional};
     pub use crate::error::HandlerError;
-
-    /// Never called: makes rustc check at the user's tokens that a handler's future is `Send`.
-    #[inline(always)]
-    pub fn assert_send<F: Future + Send>(future: F) -> F {
-        future
-    }
 }

@@ -1,0 +1,6 @@
+#[outbox::handler(leased)]
+struct NotAFn;
+
+fn main() {
+    let _ = NotAFn;
+}

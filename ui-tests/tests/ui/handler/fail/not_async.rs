@@ -1,0 +1,12 @@
+#[derive(serde::Serialize, serde::Deserialize)]
+#[outbox::queue(partitions = 2)]
+struct Ping;
+
+#[outbox::handler(leased)]
+fn h(_msg: Ping) -> Result<(), outbox::HandlerError> {
+    Ok(())
+}
+
+fn main() {
+    let _ = h(Ping);
+}

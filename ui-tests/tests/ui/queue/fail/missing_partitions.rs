@@ -1,0 +1,5 @@
+#[derive(serde::Serialize, serde::Deserialize)]
+#[outbox::queue(name = "ping")]
+struct Ping;
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[outbox::queue(partitions = 2)]
+fn ping() {}
+
+fn main() {
+    ping();
+}

@@ -1,0 +1,7 @@
+#[derive(serde::Deserialize)]
+#[outbox::queue(partitions = 2)]
+struct Ping {
+    id: i64,
+}
+
+fn main() {}
