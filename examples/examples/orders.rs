@@ -130,7 +130,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Ok(None) => println!("order rolled back: its message never existed"),
                     Err(e) => println!("placing an order failed: {e}"),
                 }
-                if placed % 25 == 0 && placed > 0 {
+                if placed > 0 && placed.is_multiple_of(25) {
                     println!("{placed} orders placed so far");
                 }
             }

@@ -240,6 +240,21 @@ fn skip(meta: &ParseNestedMeta<'_>) -> syn::Result<()> {
     Ok(())
 }
 
+/// A hint for a likely misspelling or a name other queue libraries use.
+fn hint(key: &str) -> &'static str {
+    match key {
+        "partition" | "partition_count" | "shards" => " (did you mean `partitions`?)",
+        "retries" | "max_retries" | "attempts" | "retry" => " (did you mean `max_attempts`?)",
+        "batch" | "batch_len" => " (did you mean `batch_size`?)",
+        "lease" | "lease_time" | "timeout" => " (did you mean `lease_ms`?)",
+        "poison_policy" | "on_poison" | "dead_letter" => " (did you mean `poison`?)",
+        "transaction" | "tx" | "txn" => " (did you mean `transactional`?)",
+        "lease_based" | "at_least_once" => " (did you mean `leased`?)",
+        "krate" | "outbox" => " (did you mean `crate`?)",
+        _ => "",
+    }
+}
+
 fn key_of(meta: &ParseNestedMeta<'_>) -> String {
     match meta.path.get_ident() {
         Some(ident) => ident.to_string(),
@@ -252,9 +267,15 @@ fn key_of(meta: &ParseNestedMeta<'_>) -> String {
 impl QueueArgs {
     pub(crate) fn parse(args: TokenStream, errors: &mut Errors) -> Self {
         let mut out = QueueArgs::default();
+        let mut seen = std::collections::HashSet::new();
         parse_with(args, errors, |meta, errors| {
             let key = key_of(meta);
             let span = meta.path.span();
+            if QUEUE_KEYS.contains(&format!("`{key}`")) && !seen.insert(key.clone()) {
+                skip(meta)?;
+                errors.at(span, format_args!("`{key}` set more than once"));
+                return Ok(());
+            }
             match key.as_str() {
                 sym::PARTITIONS => {
                     out.partitions_written = true;
@@ -290,11 +311,7 @@ impl QueueArgs {
                 _ if knob(meta, &key, &mut out.knobs, errors)? => {}
                 _ => {
                     skip(meta)?;
-                    let hint = if key == "partition" {
-                        " (did you mean `partitions`?)"
-                    } else {
-                        ""
-                    };
+                    let hint = hint(&key);
                     errors.at(
                         span,
                         format_args!("unknown `outbox::queue` argument `{key}`{hint}; expected one of {QUEUE_KEYS}"),
@@ -310,9 +327,15 @@ impl QueueArgs {
 impl HandlerArgs {
     pub(crate) fn parse(args: TokenStream, errors: &mut Errors) -> Self {
         let mut out = HandlerArgs::default();
+        let mut seen = std::collections::HashSet::new();
         parse_with(args, errors, |meta, errors| {
             let key = key_of(meta);
             let span = meta.path.span();
+            if HANDLER_KEYS.contains(&format!("`{key}`")) && !seen.insert(key.clone()) {
+                skip(meta)?;
+                errors.at(span, format_args!("`{key}` set more than once"));
+                return Ok(());
+            }
             let mode = match key.as_str() {
                 sym::TRANSACTIONAL => Some(Mode::Transactional),
                 sym::LEASED => Some(Mode::Leased),
@@ -352,16 +375,106 @@ impl HandlerArgs {
                     );
                 }
                 _ if knob(meta, &key, &mut out.knobs, errors)? => {}
-                _ => {
+                "queue" => {
                     skip(meta)?;
                     errors.at(
                         span,
-                        format_args!("unknown `outbox::handler` argument `{key}`; expected one of {HANDLER_KEYS}"),
+                        "a handler's queue is the type of its first parameter; remove `queue` and take the message type as the first parameter",
+                    );
+                }
+                _ => {
+                    skip(meta)?;
+                    let hint = hint(&key);
+                    errors.at(
+                        span,
+                        format_args!("unknown `outbox::handler` argument `{key}`{hint}; expected one of {HANDLER_KEYS}"),
                     );
                 }
             }
             Ok(())
         });
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use super::*;
+
+    fn queue(args: TokenStream) -> (QueueArgs, Vec<String>) {
+        let mut errors = Errors::default();
+        let parsed = QueueArgs::parse(args, &mut errors);
+        let messages = errors
+            .into_result()
+            .map_or_else(Vec::new, |e| e.into_iter().map(|e| e.to_string()).collect());
+        (parsed, messages)
+    }
+
+    fn handler(args: TokenStream) -> (HandlerArgs, Vec<String>) {
+        let mut errors = Errors::default();
+        let parsed = HandlerArgs::parse(args, &mut errors);
+        let messages = errors
+            .into_result()
+            .map_or_else(Vec::new, |e| e.into_iter().map(|e| e.to_string()).collect());
+        (parsed, messages)
+    }
+
+    #[test]
+    fn every_queue_argument() {
+        let (a, errors) = queue(quote!(
+            partitions = 8,
+            name = "q.v1",
+            max_attempts = 3,
+            poison = "block",
+            batch_size = 10,
+            concurrency = 2,
+            crate = "::x"
+        ));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(a.partitions.map(|p| p.value), Some(8));
+        assert_eq!(a.name.map(|n| n.value).as_deref(), Some("q.v1"));
+        assert!(a.poison.is_some_and(|p| p.value == Poison::Block));
+        assert_eq!(a.knobs.max_attempts.map(|v| v.value), Some(3));
+        assert!(a.krate.is_some());
+    }
+
+    #[test]
+    fn all_problems_are_collected() {
+        let (_, errors) = queue(quote!(
+            partitions = 0,
+            partitions = 2,
+            retries = 3,
+            poison = "x",
+            name = "1"
+        ));
+        assert_eq!(errors.len(), 5, "{errors:?}");
+        assert!(
+            errors[2].contains("did you mean `max_attempts`?"),
+            "{}",
+            errors[2]
+        );
+    }
+
+    #[test]
+    fn handler_modes() {
+        let (a, errors) = handler(quote!(leased, lease_ms = 500));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(a.mode.is_some_and(|m| m.value == Mode::Leased));
+        let (_, errors) = handler(quote!(
+            transactional,
+            leased,
+            transactional = 1,
+            queue = Foo
+        ));
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].contains("exclusive"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_not_panicked() {
+        let (_, errors) = queue(quote!(partitions = 8,, name));
+        assert!(!errors.is_empty());
     }
 }

@@ -224,3 +224,51 @@ fn register(
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use super::*;
+
+    #[test]
+    fn the_fn_survives_every_error() {
+        let out = expand(
+            quote!(),
+            quote!(
+                fn handle<T>(msg: &T, a: u8, b: u8) {}
+            ),
+        )
+        .to_string();
+        assert!(out.contains("fn handle"), "{out}");
+        for needle in [
+            "requires a mode",
+            "requires an `async fn`",
+            "generic",
+            "by value",
+            "too many",
+        ] {
+            assert!(out.contains(needle), "missing {needle:?} in {out}");
+        }
+        assert!(
+            !out.contains("inventory"),
+            "nothing registered for an uncallable fn: {out}"
+        );
+    }
+
+    #[test]
+    fn registers_beside_the_unchanged_fn() {
+        let item = quote!(
+            async fn h(m: Ping, c: &LeaseContext) -> Result<(), HandlerError> {
+                Ok(())
+            }
+        );
+        let out = expand(quote!(leased, crate = "my::outbox"), item.clone()).to_string();
+        assert!(out.starts_with(&item.to_string()), "{out}");
+        assert!(
+            out.contains("my :: outbox :: __private :: HandlerDecl"),
+            "{out}"
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+}

@@ -235,3 +235,64 @@ fn impl_queue(args: &QueueArgs, ident: &syn::Ident, key: Option<&Key>) -> TokenS
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use super::*;
+
+    #[test]
+    fn key_attribute_is_removed_and_used() {
+        let out = expand(
+            quote!(partitions = 4),
+            quote!(
+                struct S {
+                    #[serde(default)]
+                    #[outbox(key)]
+                    id: u64,
+                }
+            ),
+        )
+        .to_string();
+        assert!(!out.contains("outbox (key)"), "{out}");
+        assert!(out.contains("serde (default)"), "{out}");
+        assert!(
+            out.contains("partition_for_key (& self . id , 4u32)"),
+            "{out}"
+        );
+        assert!(out.contains("\"s\""), "{out}");
+    }
+
+    #[test]
+    fn errors_keep_the_item_and_the_impl() {
+        let out = expand(
+            quote!(partitions = 0),
+            quote!(
+                struct OrderPlaced;
+            ),
+        )
+        .to_string();
+        assert!(out.contains("compile_error"), "{out}");
+        assert!(out.contains("struct OrderPlaced ;"), "{out}");
+        assert!(
+            out.contains("impl :: outbox :: __private :: Queue for OrderPlaced"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn not_a_type_keeps_the_tokens() {
+        let out = expand(
+            quote!(partitions = 1),
+            quote!(
+                fn f() {}
+            ),
+        )
+        .to_string();
+        assert!(
+            out.contains("compile_error") && out.contains("fn f"),
+            "{out}"
+        );
+    }
+}
