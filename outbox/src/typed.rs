@@ -459,7 +459,8 @@ pub fn discover(db: DatabaseConnection) -> Discover {
 ///
 /// A handler filter names a handler as `name` (any queue) or `queue/name`. Excluding a queue
 /// also excludes its handlers; selecting handlers keeps every queue declared, so this process
-/// can still enqueue to all of them.
+/// can still enqueue to all of them. A filter that names no declaration is logged as a `tracing`
+/// warning at start.
 ///
 /// ```
 /// # async fn demo(db: outbox::sea_orm::DatabaseConnection) -> Result<(), outbox::StartError> {
@@ -542,13 +543,15 @@ impl Discover {
         let matches = |set: &HashSet<String>, d: &HandlerDecl| {
             set.contains(d.name) || set.contains(&format!("{}/{}", d.queue, d.name))
         };
+        let (queues, handlers) = (queues(), handlers());
+        self.warn_unmatched(&queues, &handlers);
         let mut builder = self.builder;
-        for q in queues() {
+        for q in queues {
             if !self.excluded_queues.contains(q.name) {
                 builder = builder.queue(q.spec());
             }
         }
-        for h in handlers() {
+        for h in handlers {
             let selected = !self.excluded_queues.contains(h.queue)
                 && !matches(&self.excluded_handlers, h)
                 && self
@@ -560,6 +563,31 @@ impl Discover {
             }
         }
         (builder, self.install)
+    }
+
+    /// A filter naming nothing is most likely a typo: say so instead of silently running
+    /// other handlers than intended.
+    fn warn_unmatched(&self, queues: &[&QueueDecl], handlers: &[&HandlerDecl]) {
+        let handler_known = |name: &String| {
+            handlers
+                .iter()
+                .any(|h| *name == h.name || *name == format!("{}/{}", h.queue, h.name))
+        };
+        let filters = self
+            .only_handlers
+            .iter()
+            .flatten()
+            .chain(&self.excluded_handlers);
+        for name in filters.filter(|n| !handler_known(n)) {
+            tracing::warn!(filter = %name, "handler filter matches no declared handler");
+        }
+        for name in self
+            .excluded_queues
+            .iter()
+            .filter(|n| !queues.iter().any(|q| q.name == n.as_str()))
+        {
+            tracing::warn!(filter = %name, "excluded queue matches no declared queue");
+        }
     }
 
     /// Validates everything (all problems at once), migrates, registers and starts the workers.
