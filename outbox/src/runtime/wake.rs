@@ -140,7 +140,9 @@ pub(crate) async fn listen_postgres(
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "could not listen for notifications"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "could not listen for notifications")
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,

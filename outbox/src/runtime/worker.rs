@@ -34,8 +34,13 @@ pub(crate) struct Pacing {
 }
 
 /// Runs `step` until `cancel` fires.
-pub(crate) async fn run<F, Fut>(name: &str, mut step: F, wake: Arc<Notify>, pacing: Pacing, cancel: CancellationToken)
-where
+pub(crate) async fn run<F, Fut>(
+    name: &str,
+    mut step: F,
+    wake: Arc<Notify>,
+    pacing: Pacing,
+    cancel: CancellationToken,
+) where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Next, sea_orm::DbErr>>,
 {
@@ -68,7 +73,9 @@ where
                     Ok(Err(e)) => {
                         tracing::warn!(worker = name, error = %e, retry_in = ?error_delay, "worker step failed")
                     }
-                    _ => tracing::error!(worker = name, retry_in = ?error_delay, "worker step panicked"),
+                    _ => {
+                        tracing::error!(worker = name, retry_in = ?error_delay, "worker step panicked")
+                    }
                 }
                 let delay = error_delay;
                 error_delay = (error_delay * 2).min(pacing.error_max);

@@ -4,8 +4,8 @@
 mod ops;
 mod schema;
 
+pub(crate) use ops::{CursorRow, CursorUpdate, NewLease, StoredMessage};
 pub use ops::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
-pub(crate) use ops::{CursorRow, CursorUpdate, StoredMessage};
 pub(crate) use schema::Registered;
 
 use std::sync::Arc;
@@ -77,6 +77,12 @@ pub(crate) struct WriteTxn {
 impl WriteTxn {
     pub(crate) async fn commit(self) -> Result<(), DbErr> {
         self.txn.commit().await
+    }
+
+    /// Rolls back now, so the row locks are gone before the caller's next transaction (a
+    /// dropped transaction rolls back only when its connection is next used).
+    pub(crate) async fn rollback(self) -> Result<(), DbErr> {
+        self.txn.rollback().await
     }
 }
 
@@ -209,7 +215,10 @@ pub(crate) async fn begin_on(
 }
 
 /// Reads column `i` of a row.
-pub(crate) fn col<T: sea_orm::TryGetable>(row: &sea_orm::QueryResult, i: usize) -> Result<T, DbErr> {
+pub(crate) fn col<T: sea_orm::TryGetable>(
+    row: &sea_orm::QueryResult,
+    i: usize,
+) -> Result<T, DbErr> {
     row.try_get_by_index::<T>(i)
 }
 

@@ -21,7 +21,10 @@ impl Store {
         let p = &self.prefix;
         match self.backend {
             sea_orm::DbBackend::Postgres => vec![
-                format!("CREATE TABLE IF NOT EXISTS {} (version BIGINT NOT NULL)", t.schema_version),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {} (version BIGINT NOT NULL)",
+                    t.schema_version
+                ),
                 format!(
                     "CREATE TABLE IF NOT EXISTS {} (name VARCHAR(64) PRIMARY KEY, partitions BIGINT NOT NULL, created_at BIGINT NOT NULL)",
                     t.queues
@@ -56,7 +59,10 @@ impl Store {
                 ),
             ],
             sea_orm::DbBackend::MySql => vec![
-                format!("CREATE TABLE IF NOT EXISTS {} (version BIGINT NOT NULL) ENGINE=InnoDB", t.schema_version),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {} (version BIGINT NOT NULL) ENGINE=InnoDB",
+                    t.schema_version
+                ),
                 format!(
                     "CREATE TABLE IF NOT EXISTS {} (name VARCHAR(64) NOT NULL PRIMARY KEY, partitions BIGINT NOT NULL, created_at BIGINT NOT NULL) ENGINE=InnoDB",
                     t.queues
@@ -83,7 +89,10 @@ impl Store {
                 ),
             ],
             _ => vec![
-                format!("CREATE TABLE IF NOT EXISTS {} (version INTEGER NOT NULL)", t.schema_version),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {} (version INTEGER NOT NULL)",
+                    t.schema_version
+                ),
                 format!(
                     "CREATE TABLE IF NOT EXISTS {} (name TEXT NOT NULL PRIMARY KEY, partitions INTEGER NOT NULL, created_at INTEGER NOT NULL)",
                     t.queues
@@ -134,7 +143,10 @@ impl Store {
         if self.is_pg() {
             exec(
                 &*txn,
-                self.stmt("SELECT pg_advisory_xact_lock(hashtext(?))", vec![lock_name.clone().into()]),
+                self.stmt(
+                    "SELECT pg_advisory_xact_lock(hashtext(?))",
+                    vec![lock_name.clone().into()],
+                ),
             )
             .await?;
         } else if self.is_mysql() {
@@ -146,7 +158,9 @@ impl Store {
                 None => None,
             };
             if got != Some(1) {
-                return Err(DbErr::Custom(format!("could not take the migration lock `{lock_name}`")));
+                return Err(DbErr::Custom(format!(
+                    "could not take the migration lock `{lock_name}`"
+                )));
             }
         }
         let mut result = Ok(());
@@ -173,7 +187,10 @@ impl Store {
 
     async fn record_version<C: ConnectionTrait>(&self, c: &C) -> Result<(), DbErr> {
         let row = c
-            .query_one_raw(self.stmt(&format!("SELECT MAX(version) FROM {}", self.t.schema_version), vec![]))
+            .query_one_raw(self.stmt(
+                &format!("SELECT MAX(version) FROM {}", self.t.schema_version),
+                vec![],
+            ))
             .await?;
         let current: Option<i64> = match row {
             Some(r) => col(&r, 0)?,
@@ -199,19 +216,34 @@ impl Store {
     }
 
     /// `INSERT` that does nothing when the primary key exists.
-    fn insert_ignore(&self, table: &str, cols: &str, rows: usize, per_row: usize, conflict: &str) -> String {
+    fn insert_ignore(
+        &self,
+        table: &str,
+        cols: &str,
+        rows: usize,
+        per_row: usize,
+        conflict: &str,
+    ) -> String {
         let values = vec![Store::list(per_row); rows].join(", ");
         if self.is_mysql() {
             let first = cols.split(',').next().unwrap_or(cols).trim();
-            format!("INSERT INTO {table} ({cols}) VALUES {values} ON DUPLICATE KEY UPDATE {first} = {first}")
+            format!(
+                "INSERT INTO {table} ({cols}) VALUES {values} ON DUPLICATE KEY UPDATE {first} = {first}"
+            )
         } else {
-            format!("INSERT INTO {table} ({cols}) VALUES {values} ON CONFLICT ({conflict}) DO NOTHING")
+            format!(
+                "INSERT INTO {table} ({cols}) VALUES {values} ON CONFLICT ({conflict}) DO NOTHING"
+            )
         }
     }
 
     /// Registers a queue and its partitions, or reports the stored partition count if it
     /// differs. Safe to run concurrently from several processes.
-    pub(crate) async fn register_queue(&self, name: &str, partitions: u32) -> Result<Registered, DbErr> {
+    pub(crate) async fn register_queue(
+        &self,
+        name: &str,
+        partitions: u32,
+    ) -> Result<Registered, DbErr> {
         let txn = self.begin_write().await?;
         let now = now_ms();
         exec(
@@ -222,7 +254,10 @@ impl Store {
             ),
         )
         .await?;
-        let stored = self.queue_partitions(&*txn, name).await?.unwrap_or(partitions);
+        let stored = self
+            .queue_partitions(&*txn, name)
+            .await?
+            .unwrap_or(partitions);
         if stored != partitions {
             return Ok(Registered::PartitionMismatch { stored });
         }
@@ -235,7 +270,13 @@ impl Store {
             exec(
                 &*txn,
                 self.stmt(
-                    &self.insert_ignore(&self.t.partitions, "queue, partition_no", chunk.len(), 2, "queue, partition_no"),
+                    &self.insert_ignore(
+                        &self.t.partitions,
+                        "queue, partition_no",
+                        chunk.len(),
+                        2,
+                        "queue, partition_no",
+                    ),
                     values,
                 ),
             )
@@ -247,7 +288,12 @@ impl Store {
 
     /// Creates the cursor rows of a handler (one per partition), starting before the oldest
     /// retained message.
-    pub(crate) async fn register_handler(&self, queue: &str, handler: &str, partitions: u32) -> Result<(), DbErr> {
+    pub(crate) async fn register_handler(
+        &self,
+        queue: &str,
+        handler: &str,
+        partitions: u32,
+    ) -> Result<(), DbErr> {
         let txn = self.begin_write().await?;
         let now = now_ms();
         for chunk in (0..partitions).collect::<Vec<_>>().chunks(300) {
@@ -277,7 +323,11 @@ impl Store {
     }
 
     /// The stored partition count of a queue.
-    pub(crate) async fn queue_partitions<C: ConnectionTrait>(&self, c: &C, name: &str) -> Result<Option<u32>, DbErr> {
+    pub(crate) async fn queue_partitions<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        name: &str,
+    ) -> Result<Option<u32>, DbErr> {
         let row = c
             .query_one_raw(self.stmt(
                 &format!("SELECT partitions FROM {} WHERE name = ?", self.t.queues),
