@@ -3,6 +3,9 @@
 
 mod error;
 mod handler;
+#[cfg(feature = "migration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "migration")))]
+pub mod migration;
 mod profile;
 mod queue;
 mod runtime;

@@ -1,9 +1,9 @@
 //! Tables of the outbox, created by an idempotent migration that is safe to run from several
 //! processes at once, and the registration of queues and handler cursors.
 
-use sea_orm::{ConnectionTrait, DbErr};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr};
 
-use super::{Store, col, exec, now_ms};
+use super::{Store, Tables, col, exec, now_ms, statement};
 
 /// Current version of the schema written by [`Store::migrate`].
 pub(crate) const SCHEMA_VERSION: i64 = 1;
@@ -15,120 +15,120 @@ pub(crate) enum Registered {
     PartitionMismatch { stored: u32 },
 }
 
-impl Store {
-    fn ddl(&self) -> Vec<String> {
-        let t = &self.t;
-        let p = &self.prefix;
-        match self.backend {
-            sea_orm::DbBackend::Postgres => vec![
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (version BIGINT NOT NULL)",
-                    t.schema_version
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (name VARCHAR(64) PRIMARY KEY, partitions BIGINT NOT NULL, created_at BIGINT NOT NULL)",
-                    t.queues
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, last_seq BIGINT NOT NULL DEFAULT 0, vacuumed_seq BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (queue, partition_no))",
-                    t.partitions
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, payload BYTEA NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL)",
-                    t.incoming
-                ),
-                format!(
-                    "CREATE INDEX IF NOT EXISTS {p}incoming_partition ON {} (queue, partition_no, id)",
-                    t.incoming
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, payload BYTEA NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL, PRIMARY KEY (queue, partition_no, seq))",
-                    t.outgoing
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, handler VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, processed_seq BIGINT NOT NULL DEFAULT 0, attempts BIGINT NOT NULL DEFAULT 0, retry_at BIGINT NOT NULL DEFAULT 0, blocked BIGINT NOT NULL DEFAULT 0, last_error TEXT, lease_token VARCHAR(64), lease_owner VARCHAR(64), lease_expires_at BIGINT, updated_at BIGINT NOT NULL, PRIMARY KEY (queue, handler, partition_no))",
-                    t.cursors
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, handler VARCHAR(64) NOT NULL, payload BYTEA NOT NULL, last_error TEXT NOT NULL, attempts BIGINT NOT NULL, enqueued_at BIGINT NOT NULL, failed_at BIGINT NOT NULL)",
-                    t.dead_letters
-                ),
-                format!(
-                    "CREATE INDEX IF NOT EXISTS {p}dead_letters_queue ON {} (queue, handler, partition_no)",
-                    t.dead_letters
-                ),
-            ],
-            sea_orm::DbBackend::MySql => vec![
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (version BIGINT NOT NULL) ENGINE=InnoDB",
-                    t.schema_version
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (name VARCHAR(64) NOT NULL PRIMARY KEY, partitions BIGINT NOT NULL, created_at BIGINT NOT NULL) ENGINE=InnoDB",
-                    t.queues
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, last_seq BIGINT NOT NULL DEFAULT 0, vacuumed_seq BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (queue, partition_no)) ENGINE=InnoDB",
-                    t.partitions
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, payload LONGBLOB NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL, INDEX {p}incoming_partition (queue, partition_no, id)) ENGINE=InnoDB",
-                    t.incoming
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, payload LONGBLOB NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL, PRIMARY KEY (queue, partition_no, seq)) ENGINE=InnoDB",
-                    t.outgoing
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, handler VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, processed_seq BIGINT NOT NULL DEFAULT 0, attempts BIGINT NOT NULL DEFAULT 0, retry_at BIGINT NOT NULL DEFAULT 0, blocked BIGINT NOT NULL DEFAULT 0, last_error TEXT, lease_token VARCHAR(64), lease_owner VARCHAR(64), lease_expires_at BIGINT, updated_at BIGINT NOT NULL, PRIMARY KEY (queue, handler, partition_no)) ENGINE=InnoDB",
-                    t.cursors
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, handler VARCHAR(64) NOT NULL, payload LONGBLOB NOT NULL, last_error TEXT NOT NULL, attempts BIGINT NOT NULL, enqueued_at BIGINT NOT NULL, failed_at BIGINT NOT NULL, INDEX {p}dead_letters_queue (queue, handler, partition_no)) ENGINE=InnoDB",
-                    t.dead_letters
-                ),
-            ],
-            _ => vec![
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (version INTEGER NOT NULL)",
-                    t.schema_version
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (name TEXT NOT NULL PRIMARY KEY, partitions INTEGER NOT NULL, created_at INTEGER NOT NULL)",
-                    t.queues
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (queue TEXT NOT NULL, partition_no INTEGER NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, vacuumed_seq INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (queue, partition_no))",
-                    t.partitions
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, partition_no INTEGER NOT NULL, payload BLOB NOT NULL, target_handler TEXT, created_at INTEGER NOT NULL)",
-                    t.incoming
-                ),
-                format!(
-                    "CREATE INDEX IF NOT EXISTS {p}incoming_partition ON {} (queue, partition_no, id)",
-                    t.incoming
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (queue TEXT NOT NULL, partition_no INTEGER NOT NULL, seq INTEGER NOT NULL, payload BLOB NOT NULL, target_handler TEXT, created_at INTEGER NOT NULL, PRIMARY KEY (queue, partition_no, seq))",
-                    t.outgoing
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (queue TEXT NOT NULL, handler TEXT NOT NULL, partition_no INTEGER NOT NULL, processed_seq INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, retry_at INTEGER NOT NULL DEFAULT 0, blocked INTEGER NOT NULL DEFAULT 0, last_error TEXT, lease_token TEXT, lease_owner TEXT, lease_expires_at INTEGER, updated_at INTEGER NOT NULL, PRIMARY KEY (queue, handler, partition_no))",
-                    t.cursors
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {} (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, partition_no INTEGER NOT NULL, seq INTEGER NOT NULL, handler TEXT NOT NULL, payload BLOB NOT NULL, last_error TEXT NOT NULL, attempts INTEGER NOT NULL, enqueued_at INTEGER NOT NULL, failed_at INTEGER NOT NULL)",
-                    t.dead_letters
-                ),
-                format!(
-                    "CREATE INDEX IF NOT EXISTS {p}dead_letters_queue ON {} (queue, handler, partition_no)",
-                    t.dead_letters
-                ),
-            ],
-        }
+/// The statements that create every table and index of `t` on `backend`; each is idempotent.
+pub(crate) fn ddl(backend: DbBackend, t: &Tables) -> Vec<String> {
+    let p = &t.prefix;
+    match backend {
+        sea_orm::DbBackend::Postgres => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (version BIGINT NOT NULL)",
+                t.schema_version
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (name VARCHAR(64) PRIMARY KEY, partitions BIGINT NOT NULL, created_at BIGINT NOT NULL)",
+                t.queues
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, last_seq BIGINT NOT NULL DEFAULT 0, vacuumed_seq BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (queue, partition_no))",
+                t.partitions
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, payload BYTEA NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL)",
+                t.incoming
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {p}incoming_partition ON {} (queue, partition_no, id)",
+                t.incoming
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, payload BYTEA NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL, PRIMARY KEY (queue, partition_no, seq))",
+                t.outgoing
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, handler VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, processed_seq BIGINT NOT NULL DEFAULT 0, attempts BIGINT NOT NULL DEFAULT 0, retry_at BIGINT NOT NULL DEFAULT 0, blocked BIGINT NOT NULL DEFAULT 0, last_error TEXT, lease_token VARCHAR(64), lease_owner VARCHAR(64), lease_expires_at BIGINT, updated_at BIGINT NOT NULL, PRIMARY KEY (queue, handler, partition_no))",
+                t.cursors
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, handler VARCHAR(64) NOT NULL, payload BYTEA NOT NULL, last_error TEXT NOT NULL, attempts BIGINT NOT NULL, enqueued_at BIGINT NOT NULL, failed_at BIGINT NOT NULL)",
+                t.dead_letters
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {p}dead_letters_queue ON {} (queue, handler, partition_no)",
+                t.dead_letters
+            ),
+        ],
+        sea_orm::DbBackend::MySql => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (version BIGINT NOT NULL) ENGINE=InnoDB",
+                t.schema_version
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (name VARCHAR(64) NOT NULL PRIMARY KEY, partitions BIGINT NOT NULL, created_at BIGINT NOT NULL) ENGINE=InnoDB",
+                t.queues
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, last_seq BIGINT NOT NULL DEFAULT 0, vacuumed_seq BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (queue, partition_no)) ENGINE=InnoDB",
+                t.partitions
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, payload LONGBLOB NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL, INDEX {p}incoming_partition (queue, partition_no, id)) ENGINE=InnoDB",
+                t.incoming
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, payload LONGBLOB NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL, PRIMARY KEY (queue, partition_no, seq)) ENGINE=InnoDB",
+                t.outgoing
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, handler VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, processed_seq BIGINT NOT NULL DEFAULT 0, attempts BIGINT NOT NULL DEFAULT 0, retry_at BIGINT NOT NULL DEFAULT 0, blocked BIGINT NOT NULL DEFAULT 0, last_error TEXT, lease_token VARCHAR(64), lease_owner VARCHAR(64), lease_expires_at BIGINT, updated_at BIGINT NOT NULL, PRIMARY KEY (queue, handler, partition_no)) ENGINE=InnoDB",
+                t.cursors
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, handler VARCHAR(64) NOT NULL, payload LONGBLOB NOT NULL, last_error TEXT NOT NULL, attempts BIGINT NOT NULL, enqueued_at BIGINT NOT NULL, failed_at BIGINT NOT NULL, INDEX {p}dead_letters_queue (queue, handler, partition_no)) ENGINE=InnoDB",
+                t.dead_letters
+            ),
+        ],
+        _ => vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (version INTEGER NOT NULL)",
+                t.schema_version
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (name TEXT NOT NULL PRIMARY KEY, partitions INTEGER NOT NULL, created_at INTEGER NOT NULL)",
+                t.queues
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (queue TEXT NOT NULL, partition_no INTEGER NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, vacuumed_seq INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (queue, partition_no))",
+                t.partitions
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, partition_no INTEGER NOT NULL, payload BLOB NOT NULL, target_handler TEXT, created_at INTEGER NOT NULL)",
+                t.incoming
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {p}incoming_partition ON {} (queue, partition_no, id)",
+                t.incoming
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (queue TEXT NOT NULL, partition_no INTEGER NOT NULL, seq INTEGER NOT NULL, payload BLOB NOT NULL, target_handler TEXT, created_at INTEGER NOT NULL, PRIMARY KEY (queue, partition_no, seq))",
+                t.outgoing
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (queue TEXT NOT NULL, handler TEXT NOT NULL, partition_no INTEGER NOT NULL, processed_seq INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, retry_at INTEGER NOT NULL DEFAULT 0, blocked INTEGER NOT NULL DEFAULT 0, last_error TEXT, lease_token TEXT, lease_owner TEXT, lease_expires_at INTEGER, updated_at INTEGER NOT NULL, PRIMARY KEY (queue, handler, partition_no))",
+                t.cursors
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, partition_no INTEGER NOT NULL, seq INTEGER NOT NULL, handler TEXT NOT NULL, payload BLOB NOT NULL, last_error TEXT NOT NULL, attempts INTEGER NOT NULL, enqueued_at INTEGER NOT NULL, failed_at INTEGER NOT NULL)",
+                t.dead_letters
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {p}dead_letters_queue ON {} (queue, handler, partition_no)",
+                t.dead_letters
+            ),
+        ],
     }
+}
 
+impl Store {
     /// Creates the tables if they do not exist. Idempotent, and serialized between processes:
     /// an advisory lock on PostgreSQL, a named lock on MySQL/MariaDB, the write lock on SQLite.
     pub(crate) async fn migrate(&self) -> Result<(), DbErr> {
@@ -163,16 +163,7 @@ impl Store {
                 )));
             }
         }
-        let mut result = Ok(());
-        for sql in self.ddl() {
-            if let Err(e) = txn.execute_unprepared(&sql).await {
-                result = Err(e);
-                break;
-            }
-        }
-        if result.is_ok() {
-            result = self.record_version(&*txn).await;
-        }
+        let mut result = apply(&*txn, self.backend, &self.t).await;
         if self.is_mysql() {
             let release = txn
                 .execute_raw(self.stmt("SELECT RELEASE_LOCK(?)", vec![lock_name.into()]))
@@ -183,36 +174,6 @@ impl Store {
         }
         result?;
         txn.commit().await
-    }
-
-    async fn record_version<C: ConnectionTrait>(&self, c: &C) -> Result<(), DbErr> {
-        let row = c
-            .query_one_raw(self.stmt(
-                &format!("SELECT MAX(version) FROM {}", self.t.schema_version),
-                vec![],
-            ))
-            .await?;
-        let current: Option<i64> = match row {
-            Some(r) => col(&r, 0)?,
-            None => None,
-        };
-        match current {
-            None => {
-                exec(
-                    c,
-                    self.stmt(
-                        &format!("INSERT INTO {} (version) VALUES (?)", self.t.schema_version),
-                        vec![SCHEMA_VERSION.into()],
-                    ),
-                )
-                .await?;
-                Ok(())
-            }
-            Some(v) if v > SCHEMA_VERSION => Err(DbErr::Custom(format!(
-                "the outbox schema is at version {v}, newer than this build's {SCHEMA_VERSION}; upgrade outbox"
-            ))),
-            Some(_) => Ok(()),
-        }
     }
 
     /// `INSERT` that does nothing when the primary key exists.
@@ -339,4 +300,62 @@ impl Store {
             None => Ok(None),
         }
     }
+}
+
+/// Creates the tables of `t` through `c` and records the schema version. The caller provides
+/// the serialization between processes (see [`Store::migrate`]).
+pub(crate) async fn apply<C: ConnectionTrait>(
+    c: &C,
+    backend: DbBackend,
+    t: &Tables,
+) -> Result<(), DbErr> {
+    for sql in ddl(backend, t) {
+        c.execute_unprepared(&sql).await?;
+    }
+    let row = c
+        .query_one_raw(statement(
+            backend,
+            &format!("SELECT MAX(version) FROM {}", t.schema_version),
+            vec![],
+        ))
+        .await?;
+    let current: Option<i64> = match row {
+        Some(r) => col(&r, 0)?,
+        None => None,
+    };
+    match current {
+        None => {
+            exec(
+                c,
+                statement(
+                    backend,
+                    &format!("INSERT INTO {} (version) VALUES (?)", t.schema_version),
+                    vec![SCHEMA_VERSION.into()],
+                ),
+            )
+            .await?;
+            Ok(())
+        }
+        Some(v) if v > SCHEMA_VERSION => Err(DbErr::Custom(format!(
+            "the outbox schema is at version {v}, newer than this build's {SCHEMA_VERSION}; upgrade outbox"
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Drops every table of `t` (the down migration).
+pub(crate) async fn drop_all<C: ConnectionTrait>(c: &C, t: &Tables) -> Result<(), DbErr> {
+    for table in [
+        &t.dead_letters,
+        &t.cursors,
+        &t.outgoing,
+        &t.incoming,
+        &t.partitions,
+        &t.queues,
+        &t.schema_version,
+    ] {
+        c.execute_unprepared(&format!("DROP TABLE IF EXISTS {table}"))
+            .await?;
+    }
+    Ok(())
 }
