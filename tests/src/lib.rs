@@ -362,3 +362,126 @@ pub async fn effects(db: &DatabaseConnection) -> Vec<(String, u32, i64, String)>
         })
         .collect()
 }
+
+async fn rows_i64<C: ConnectionTrait>(c: &C, sql: &str) -> Vec<Vec<i64>> {
+    let rows = c
+        .query_all_raw(Statement::from_string(
+            c.get_database_backend(),
+            sql.to_owned(),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.iter()
+        .map(|r| {
+            let mut v = Vec::new();
+            let mut i = 0;
+            while let Ok(x) = r.try_get_by_index::<Option<i64>>(i) {
+                v.push(x.unwrap_or(-1));
+                i += 1;
+            }
+            v
+        })
+        .collect()
+}
+
+/// Global invariants of the stored state, checked at the end of property tests (after the
+/// runtimes stopped):
+/// - per partition, sequenced messages are dense: every seq above the lowest cursor up to
+///   `last_seq` is stored, and none at or below `vacuumed_seq` is;
+/// - every cursor is within `[0, last_seq]` and holds no lease;
+/// - each message is exactly one of pending (above the cursor), processed or dead (at or below
+///   it): a dead letter's seq is at or below its handler's cursor and appears once.
+pub async fn assert_invariants(db: &DatabaseConnection, prefix: &str) {
+    let parts = {
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                db.get_database_backend(),
+                format!(
+                    "SELECT queue, partition_no, last_seq, vacuumed_seq FROM {prefix}partitions"
+                ),
+            ))
+            .await
+            .expect("partitions");
+        rows.iter()
+            .map(|r| {
+                (
+                    r.try_get_by_index::<String>(0).expect("queue"),
+                    r.try_get_by_index::<i64>(1).expect("partition"),
+                    r.try_get_by_index::<i64>(2).expect("last_seq"),
+                    r.try_get_by_index::<i64>(3).expect("vacuumed_seq"),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    for (queue, p, last, vacuumed) in parts {
+        let cursors = rows_i64(
+            db,
+            &format!(
+                "SELECT processed_seq, lease_expires_at FROM {prefix}cursors WHERE queue = '{queue}' AND partition_no = {p}"
+            ),
+        )
+        .await;
+        for c in &cursors {
+            assert!(
+                (0..=last).contains(&c[0]),
+                "{queue}/{p}: cursor {} outside [0, {last}]",
+                c[0]
+            );
+            assert_eq!(
+                c[1], -1,
+                "{queue}/{p}: a lease is still held after shutdown"
+            );
+        }
+        let min_cursor = cursors.iter().map(|c| c[0]).min().unwrap_or(0);
+        let stored = rows_i64(
+            db,
+            &format!("SELECT seq FROM {prefix}outgoing WHERE queue = '{queue}' AND partition_no = {p} ORDER BY seq"),
+        )
+        .await;
+        let seqs: Vec<i64> = stored.iter().map(|r| r[0]).collect();
+        assert!(
+            seqs.iter().all(|&s| s > vacuumed && s <= last),
+            "{queue}/{p}: stored seqs {seqs:?} outside ({vacuumed}, {last}]"
+        );
+        if let Some(&first) = seqs.first() {
+            assert_eq!(
+                seqs,
+                (first..=last).collect::<Vec<_>>(),
+                "{queue}/{p}: a hole in the stored sequence"
+            );
+        }
+        let needed_from = min_cursor.max(vacuumed) + 1;
+        for s in needed_from..=last {
+            assert!(
+                seqs.binary_search(&s).is_ok(),
+                "{queue}/{p}: seq {s} is unprocessed but was deleted"
+            );
+        }
+        let dead = rows_i64(
+            db,
+            &format!(
+                "SELECT d.seq, c.processed_seq FROM {prefix}dead_letters d JOIN {prefix}cursors c \
+                 ON c.queue = d.queue AND c.handler = d.handler AND c.partition_no = d.partition_no \
+                 WHERE d.queue = '{queue}' AND d.partition_no = {p}"
+            ),
+        )
+        .await;
+        for d in &dead {
+            assert!(
+                d[0] <= d[1],
+                "{queue}/{p}: dead letter seq {} is also pending (cursor {})",
+                d[0],
+                d[1]
+            );
+        }
+    }
+    let dup = rows_i64(
+        db,
+        &format!(
+            "SELECT COUNT(*) FROM (SELECT queue, handler, partition_no, seq FROM {prefix}dead_letters \
+             GROUP BY queue, handler, partition_no, seq HAVING COUNT(*) > 1) x"
+        ),
+    )
+    .await;
+    assert_eq!(dup[0][0], 0, "a message was dead-lettered twice");
+}
