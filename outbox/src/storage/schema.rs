@@ -344,6 +344,7 @@ pub(crate) async fn apply<C: ConnectionTrait>(
 }
 
 /// Drops every table of `t` (the down migration).
+#[cfg(feature = "migration")]
 pub(crate) async fn drop_all<C: ConnectionTrait>(c: &C, t: &Tables) -> Result<(), DbErr> {
     for table in [
         &t.dead_letters,
