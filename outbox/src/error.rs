@@ -102,7 +102,9 @@ pub enum EnqueueError {
     },
     /// A typed enqueue found no outbox for this process: call `outbox::start` or
     /// `outbox::connect` first, or pass an [`Outbox`](crate::Outbox) explicitly.
-    #[error("no outbox is connected in this process; call `outbox::start` or `outbox::connect` first")]
+    #[error(
+        "no outbox is connected in this process; call `outbox::start` or `outbox::connect` first"
+    )]
     NotConnected,
     /// The database reported an error; the caller's transaction should be rolled back.
     #[error("database error")]
@@ -163,12 +165,22 @@ impl fmt::Display for RegistryProblem {
         match self {
             Self::DuplicateQueue(q) => write!(f, "queue `{q}` is declared more than once"),
             Self::DuplicateHandler { queue, handler } => {
-                write!(f, "handler `{handler}` of queue `{queue}` is declared more than once")
+                write!(
+                    f,
+                    "handler `{handler}` of queue `{queue}` is declared more than once"
+                )
             }
             Self::HandlerWithoutQueue { queue, handler } => {
-                write!(f, "handler `{handler}` consumes queue `{queue}`, which is not declared")
+                write!(
+                    f,
+                    "handler `{handler}` consumes queue `{queue}`, which is not declared"
+                )
             }
-            Self::PartitionMismatch { queue, declared, stored } => write!(
+            Self::PartitionMismatch {
+                queue,
+                declared,
+                stored,
+            } => write!(
                 f,
                 "queue `{queue}` is declared with {declared} partitions but the database has {stored}"
             ),
@@ -212,7 +224,11 @@ impl From<sea_orm::DbErr> for StartError {
 }
 
 fn join(problems: &[RegistryProblem]) -> String {
-    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What a handler returns when it did not succeed: retry later, or reject for good.

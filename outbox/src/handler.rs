@@ -63,9 +63,16 @@ impl HandlerSpec {
     /// A handler that runs inside the transaction that acks its messages: its writes through
     /// `txn` commit if and only if the cursor moves past the message (exactly-once effects in
     /// this database).
-    pub fn transactional<F>(queue: impl Into<Cow<'static, str>>, name: impl Into<Cow<'static, str>>, f: F) -> Self
+    pub fn transactional<F>(
+        queue: impl Into<Cow<'static, str>>,
+        name: impl Into<Cow<'static, str>>,
+        f: F,
+    ) -> Self
     where
-        F: for<'a> Fn(&'a Message, &'a DatabaseTransaction) -> HandlerFuture<'a> + Send + Sync + 'static,
+        F: for<'a> Fn(&'a Message, &'a DatabaseTransaction) -> HandlerFuture<'a>
+            + Send
+            + Sync
+            + 'static,
     {
         Self {
             queue: queue.into(),
@@ -77,7 +84,11 @@ impl HandlerSpec {
 
     /// A handler that runs outside any transaction under a time lease (at-least-once). It is
     /// cancelled at lease end minus headroom; an ack after the lease was lost is rejected.
-    pub fn leased<F>(queue: impl Into<Cow<'static, str>>, name: impl Into<Cow<'static, str>>, f: F) -> Self
+    pub fn leased<F>(
+        queue: impl Into<Cow<'static, str>>,
+        name: impl Into<Cow<'static, str>>,
+        f: F,
+    ) -> Self
     where
         F: for<'a> Fn(&'a Message, &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync + 'static,
     {
@@ -148,7 +159,10 @@ impl LeaseContext {
     /// A key that stays the same across redeliveries of this message to this handler:
     /// `queue/partition/seq/handler`. Use it to make external side effects idempotent.
     pub fn idempotency_key(&self) -> String {
-        format!("{}/{}/{}/{}", self.queue, self.partition, self.seq, self.handler)
+        format!(
+            "{}/{}/{}/{}",
+            self.queue, self.partition, self.seq, self.handler
+        )
     }
 
     /// Time left before the handler is cancelled (lease end minus headroom).

@@ -3,15 +3,24 @@
 
 mod error;
 mod handler;
+#[cfg(feature = "migration")]
+#[cfg_attr(docsrs, doc(cfg(feature = "migration")))]
+pub mod migration;
 mod profile;
 mod queue;
 mod runtime;
 pub(crate) mod storage;
 
-pub use error::{BoxDynError, EnqueueError, Error, HandlerError, InvalidName, RegistryProblem, Result, StartError};
+pub use error::{
+    BoxDynError, EnqueueError, Error, HandlerError, InvalidName, RegistryProblem, Result,
+    StartError,
+};
 pub use handler::{HandlerFuture, HandlerSpec, LeaseContext};
 pub use profile::{Overrides, Profile, RuntimeTuning, Tuning};
-pub use queue::{DEFAULT_MAX_PAYLOAD, MAX_PARTITIONS, Message, NewMessage, PoisonPolicy, QueueSpec, validate_name};
+pub use queue::{
+    DEFAULT_MAX_PAYLOAD, MAX_PARTITIONS, Message, NewMessage, PoisonPolicy, QueueSpec,
+    validate_name,
+};
 pub use runtime::{Builder, DEFAULT_TABLE_PREFIX, Outbox, Running};
 pub use storage::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
 

@@ -233,7 +233,10 @@ impl Tuning {
             (1..=256).contains(&self.concurrency),
             format!("concurrency {} must be 1 to 256", self.concurrency),
         );
-        bad(self.max_attempts >= 1, "max_attempts must be at least 1".into());
+        bad(
+            self.max_attempts >= 1,
+            "max_attempts must be at least 1".into(),
+        );
         bad(
             self.poll_interval >= ms(1),
             "poll_interval must be at least 1 ms".into(),
@@ -301,17 +304,18 @@ mod tests {
 
     #[test]
     fn backoff_grows_is_capped_and_jittered_within_bounds() {
-        let t = Profile::Default.tuning().with(
-            &Overrides::NONE
-                .backoff_base(ms(100))
-                .backoff_max(ms(1_000)),
-        );
+        let t = Profile::Default
+            .tuning()
+            .with(&Overrides::NONE.backoff_base(ms(100)).backoff_max(ms(1_000)));
         for attempts in 1..40u64 {
             let d = t.backoff(attempts);
             let raw = ms(100)
                 .saturating_mul(1 << (attempts - 1).min(31))
                 .min(ms(1_000));
-            assert!(d >= raw / 2 && d <= raw, "attempt {attempts}: {d:?} vs {raw:?}");
+            assert!(
+                d >= raw / 2 && d <= raw,
+                "attempt {attempts}: {d:?} vs {raw:?}"
+            );
         }
     }
 }

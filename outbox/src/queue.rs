@@ -128,7 +128,11 @@ pub struct NewMessage {
 
 impl NewMessage {
     /// A message for `partition` of `queue`.
-    pub fn new(queue: impl Into<Cow<'static, str>>, partition: u32, payload: impl Into<Vec<u8>>) -> Self {
+    pub fn new(
+        queue: impl Into<Cow<'static, str>>,
+        partition: u32,
+        payload: impl Into<Vec<u8>>,
+    ) -> Self {
         Self {
             queue: queue.into(),
             partition,
@@ -192,10 +196,25 @@ mod tests {
 
     #[test]
     fn names() {
-        for ok in ["a", "orders", "order_placed", "Orders.v2-eu", &"x".repeat(64)] {
+        for ok in [
+            "a",
+            "orders",
+            "order_placed",
+            "Orders.v2-eu",
+            &"x".repeat(64),
+        ] {
             assert!(validate_name("queue", ok).is_ok(), "{ok}");
         }
-        for bad in ["", "1abc", "_a", "a b", "a;drop", "é", &"x".repeat(65), "a'b"] {
+        for bad in [
+            "",
+            "1abc",
+            "_a",
+            "a b",
+            "a;drop",
+            "é",
+            &"x".repeat(65),
+            "a'b",
+        ] {
             assert!(validate_name("queue", bad).is_err(), "{bad}");
         }
         assert!(validate_prefix("outbox_").is_ok());

@@ -22,7 +22,9 @@ use tokio_util::task::TaskTracker;
 use crate::error::{EnqueueError, Error, RegistryProblem, StartError};
 use crate::handler::HandlerSpec;
 use crate::profile::{Profile, RuntimeTuning};
-use crate::queue::{DEFAULT_MAX_PAYLOAD, MAX_PARTITIONS, NewMessage, QueueSpec, validate_name, validate_prefix};
+use crate::queue::{
+    DEFAULT_MAX_PAYLOAD, MAX_PARTITIONS, NewMessage, QueueSpec, validate_name, validate_prefix,
+};
 use crate::storage::{DeadLetter, DeadLetterFilter, QueueDepth, Registered, Store};
 use wake::Wake;
 use worker::Pacing;
@@ -85,7 +87,13 @@ impl Outbox {
     }
 
     async fn partitions_of(&self, queue: &str) -> Result<u32, EnqueueError> {
-        if let Some(n) = self.shared.known.read().ok().and_then(|k| k.get(queue).copied()) {
+        if let Some(n) = self
+            .shared
+            .known
+            .read()
+            .ok()
+            .and_then(|k| k.get(queue).copied())
+        {
             return Ok(n);
         }
         let store = &self.shared.store;
@@ -122,13 +130,22 @@ impl Outbox {
 
     /// Enqueues one message through `conn`: a transaction (the message exists if and only if
     /// it commits) or a plain connection (durable when this returns).
-    pub async fn enqueue<C: ConnectionTrait>(&self, conn: &C, message: NewMessage) -> Result<(), EnqueueError> {
-        self.enqueue_batch(conn, std::slice::from_ref(&message)).await
+    pub async fn enqueue<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        message: NewMessage,
+    ) -> Result<(), EnqueueError> {
+        self.enqueue_batch(conn, std::slice::from_ref(&message))
+            .await
     }
 
     /// Enqueues several messages in call order through `conn`. Every message is validated
     /// first: if one is invalid nothing is written.
-    pub async fn enqueue_batch<C: ConnectionTrait>(&self, conn: &C, messages: &[NewMessage]) -> Result<(), EnqueueError> {
+    pub async fn enqueue_batch<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        messages: &[NewMessage],
+    ) -> Result<(), EnqueueError> {
         let store = &self.shared.store;
         let found = conn.get_database_backend();
         if found != store.backend {
@@ -154,8 +171,17 @@ impl Outbox {
 
     /// Dead letters matching `filter` with an id above `after_id`, oldest first, at most
     /// `limit` (page with the last id seen).
-    pub async fn dead_letters(&self, filter: &DeadLetterFilter, after_id: i64, limit: u32) -> Result<Vec<DeadLetter>, Error> {
-        Ok(self.shared.store.list_dead_letters(filter, after_id, limit).await?)
+    pub async fn dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, Error> {
+        Ok(self
+            .shared
+            .store
+            .list_dead_letters(filter, after_id, limit)
+            .await?)
     }
 
     /// One dead letter.
@@ -209,8 +235,17 @@ impl Outbox {
 
     /// Moves the head message of a partition (for one handler) to the dead letters and lets the
     /// partition continue. Returns false if there was no head or it is leased right now.
-    pub async fn skip_head(&self, queue: &str, partition: u32, handler: &str) -> Result<bool, Error> {
-        let ok = self.shared.store.skip_head(queue, handler, partition).await?;
+    pub async fn skip_head(
+        &self,
+        queue: &str,
+        partition: u32,
+        handler: &str,
+    ) -> Result<bool, Error> {
+        let ok = self
+            .shared
+            .store
+            .skip_head(queue, handler, partition)
+            .await?;
         self.shared.wake.sequenced(queue);
         Ok(ok)
     }
@@ -318,7 +353,12 @@ impl Builder {
             if !seen.insert(&*q.name) {
                 problems.push(RegistryProblem::DuplicateQueue(q.name.to_string()));
             }
-            problems.extend(self.profile.tuning().with(&q.overrides).problems(&format!("queue `{}`", q.name)));
+            problems.extend(
+                self.profile
+                    .tuning()
+                    .with(&q.overrides)
+                    .problems(&format!("queue `{}`", q.name)),
+            );
         }
         let mut seen_handlers = HashSet::new();
         for h in &self.handlers {
@@ -369,18 +409,22 @@ impl Builder {
                 Registered::Ok => {
                     known.insert(q.name.to_string(), q.partitions);
                 }
-                Registered::PartitionMismatch { stored } => problems.push(RegistryProblem::PartitionMismatch {
-                    queue: q.name.to_string(),
-                    declared: q.partitions,
-                    stored,
-                }),
+                Registered::PartitionMismatch { stored } => {
+                    problems.push(RegistryProblem::PartitionMismatch {
+                        queue: q.name.to_string(),
+                        declared: q.partitions,
+                        stored,
+                    })
+                }
             }
         }
         if !problems.is_empty() {
             return Err(StartError::Registry(problems));
         }
         for h in &self.handlers {
-            store.register_handler(&h.queue, &h.name, known[&*h.queue]).await?;
+            store
+                .register_handler(&h.queue, &h.name, known[&*h.queue])
+                .await?;
         }
         let shared = Arc::new(Shared {
             store,
@@ -418,9 +462,24 @@ impl Builder {
     fn pool_size(&self) -> Option<u32> {
         use sea_orm::DatabaseConnectionType as T;
         match &self.db.inner {
-            T::SqlxPostgresPoolConnection(_) => Some(self.db.get_postgres_connection_pool().options().get_max_connections()),
-            T::SqlxMySqlPoolConnection(_) => Some(self.db.get_mysql_connection_pool().options().get_max_connections()),
-            T::SqlxSqlitePoolConnection(_) => Some(self.db.get_sqlite_connection_pool().options().get_max_connections()),
+            T::SqlxPostgresPoolConnection(_) => Some(
+                self.db
+                    .get_postgres_connection_pool()
+                    .options()
+                    .get_max_connections(),
+            ),
+            T::SqlxMySqlPoolConnection(_) => Some(
+                self.db
+                    .get_mysql_connection_pool()
+                    .options()
+                    .get_max_connections(),
+            ),
+            T::SqlxSqlitePoolConnection(_) => Some(
+                self.db
+                    .get_sqlite_connection_pool()
+                    .options()
+                    .get_max_connections(),
+            ),
             _ => None,
         }
     }
@@ -437,11 +496,14 @@ impl Builder {
         let (outbox, builder) = self.prepare().await?;
         let shared = outbox.shared.clone();
         let rt = builder.runtime.unwrap_or_else(|| builder.profile.runtime());
-        shared.vacuum_after.store(rt.vacuum_after_acks, Ordering::Relaxed);
+        shared
+            .vacuum_after
+            .store(rt.vacuum_after_acks, Ordering::Relaxed);
         let cancel = CancellationToken::new();
         let hard = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let owner: Arc<str> = format!("{}-{:08x}", std::process::id(), rand::random::<u32>()).into();
+        let owner: Arc<str> =
+            format!("{}-{:08x}", std::process::id(), rand::random::<u32>()).into();
         let base = builder.profile.tuning();
         let pacing = move |poll| Pacing {
             poll,
@@ -450,7 +512,9 @@ impl Builder {
         };
 
         for h in &builder.handlers {
-            let Some(q) = builder.queues.iter().find(|q| q.name == h.queue) else { continue };
+            let Some(q) = builder.queues.iter().find(|q| q.name == h.queue) else {
+                continue;
+            };
             let tuning = base.with(&q.overrides).with(&h.overrides);
             let p = Arc::new(processor::Processor {
                 shared: shared.clone(),
@@ -471,7 +535,14 @@ impl Builder {
             let wake = p.wake.clone();
             let c = cancel.child_token();
             tracker.spawn(async move {
-                worker::run(&name, || p.dispatch(), wake, pacing(tuning.poll_interval), c).await;
+                worker::run(
+                    &name,
+                    || p.dispatch(),
+                    wake,
+                    pacing(tuning.poll_interval),
+                    c,
+                )
+                .await;
             });
         }
 
@@ -481,7 +552,14 @@ impl Builder {
             let wake = shared.wake.sequencer.clone();
             let c = cancel.child_token();
             tracker.spawn(async move {
-                worker::run("sequencer", || sequencer::step(&s, rt.sequencer_batch, poll), wake, pacing(poll), c).await;
+                worker::run(
+                    "sequencer",
+                    || sequencer::step(&s, rt.sequencer_batch, poll),
+                    wake,
+                    pacing(poll),
+                    c,
+                )
+                .await;
             });
         }
         {
@@ -489,10 +567,19 @@ impl Builder {
             let wake = shared.wake.vacuum.clone();
             let c = cancel.child_token();
             tracker.spawn(async move {
-                worker::run("vacuum", || vacuum::step(&s, rt.vacuum_chunk), wake, pacing(rt.vacuum_interval), c).await;
+                worker::run(
+                    "vacuum",
+                    || vacuum::step(&s, rt.vacuum_chunk),
+                    wake,
+                    pacing(rt.vacuum_interval),
+                    c,
+                )
+                .await;
             });
         }
-        if let sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) = &shared.store.db.inner {
+        if let sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) =
+            &shared.store.db.inner
+        {
             let pool = shared.store.db.get_postgres_connection_pool().clone();
             let channel = shared.store.t.channel.clone();
             let wake = shared.wake.clone();
@@ -549,7 +636,10 @@ impl Running {
     /// left (transactions roll back, leases are released) and returns. Idempotent.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), Error> {
         self.cancel.cancel();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_ok() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
         self.hard.cancel();

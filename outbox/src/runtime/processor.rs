@@ -19,7 +19,7 @@ use crate::error::{HandlerError, full_chain};
 use crate::handler::{HandlerFuture, LeaseContext, LeasedFn, Mode, TxFn};
 use crate::profile::Tuning;
 use crate::queue::PoisonPolicy;
-use crate::storage::{CursorRow, CursorUpdate, StoredMessage, now_ms};
+use crate::storage::{CursorRow, CursorUpdate, NewLease, StoredMessage, now_ms};
 
 /// One handler as the runtime runs it.
 pub(crate) struct Processor {
@@ -84,7 +84,9 @@ impl Processor {
                 break;
             };
             {
-                let Ok(mut set) = self.in_flight.lock() else { break };
+                let Ok(mut set) = self.in_flight.lock() else {
+                    break;
+                };
                 if !set.insert(rp.partition) {
                     continue;
                 }
@@ -111,7 +113,10 @@ impl Processor {
         let mut error_delay = Duration::from_millis(100);
         while !self.cancel.is_cancelled() {
             let res = match &self.mode {
-                Mode::Transactional(f) => self.transactional_batch(f, partition, &mut limit_once).await,
+                Mode::Transactional(f) => {
+                    self.transactional_batch(f, partition, &mut limit_once)
+                        .await
+                }
                 Mode::Leased(f) => self.leased_batch(f, partition).await,
             };
             match res {
@@ -151,12 +156,20 @@ impl Processor {
     }
 
     fn mine(&self, m: &StoredMessage) -> bool {
-        m.target_handler.as_deref().is_none_or(|t| t == &*self.handler)
+        m.target_handler
+            .as_deref()
+            .is_none_or(|t| t == &*self.handler)
     }
 
     /// The cursor state after a failed attempt of `head` (whose failed attempts now number
     /// `attempts`): retry later, dead-letter, or block.
-    fn after_failure(&self, before: i64, head: &StoredMessage, attempts: i64, err: &HandlerError) -> (CursorUpdate, bool) {
+    fn after_failure(
+        &self,
+        before: i64,
+        head: &StoredMessage,
+        attempts: i64,
+        err: &HandlerError,
+    ) -> (CursorUpdate, bool) {
         let reason = err_text(err);
         let poisoned = err.is_reject() || attempts >= i64::from(self.tuning.max_attempts);
         if !poisoned {
@@ -203,13 +216,23 @@ impl Processor {
     /// back and the next pass handles exactly the `k` messages that succeeded (their effects
     /// are redone, never kept from a failed batch); a failure of the head is recorded with its
     /// attempt count in a fresh transaction.
-    async fn transactional_batch(&self, f: &TxFn, partition: u32, limit_once: &mut Option<u32>) -> Result<Step, DbErr> {
+    async fn transactional_batch(
+        &self,
+        f: &TxFn,
+        partition: u32,
+        limit_once: &mut Option<u32>,
+    ) -> Result<Step, DbErr> {
         let store = &self.shared.store;
         let txn = store.begin_write().await?;
-        let Some(cur) = store.lock_cursor(&*txn, &self.queue, &self.handler, partition).await? else {
+        let Some(cur) = store
+            .lock_cursor(&*txn, &self.queue, &self.handler, partition)
+            .await?
+        else {
+            let _ = txn.rollback().await;
             return Ok(Step::Done);
         };
         if cur.blocked || cur.retry_at > now_ms() {
+            let _ = txn.rollback().await;
             return Ok(Step::Done);
         }
         let limit = limit_once.take().unwrap_or(self.tuning.batch_size);
@@ -217,6 +240,7 @@ impl Processor {
             .read_batch(&*txn, &self.queue, partition, cur.processed_seq, limit)
             .await?;
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            let _ = txn.rollback().await;
             return Ok(Step::Done);
         };
         let span = tracing::info_span!("outbox.batch", queue = %self.queue, handler = %self.handler,
@@ -242,12 +266,21 @@ impl Processor {
             }
             match failure {
                 None => {
-                    let u = CursorUpdate { processed_seq: processed, attempts: 0, retry_at: 0, blocked: false, last_error: None };
-                    store.update_cursor(&*txn, &self.queue, &self.handler, partition, &u, None).await?;
+                    let u = CursorUpdate {
+                        processed_seq: processed,
+                        attempts: 0,
+                        retry_at: 0,
+                        blocked: false,
+                        last_error: None,
+                    };
+                    store
+                        .update_cursor(&*txn, &self.queue, &self.handler, partition, &u, None)
+                        .await?;
                     if let Err(e) = txn.commit().await {
                         // The handlers' writes are rolled back with it; count the attempt on the head.
                         let err = HandlerError::retry(format!("commit failed: {e}"));
-                        self.record_head_failure(partition, &cur, first, &err).await?;
+                        self.record_head_failure(partition, &cur, first, &err)
+                            .await?;
                         return Ok(Step::More);
                     }
                     self.shared.acked(batch.len() as u64);
@@ -255,12 +288,14 @@ impl Processor {
                 }
                 Some((_, Failure::Interrupted)) => Ok(Step::Done),
                 Some((0, Failure::Handler(err))) => {
-                    drop(txn);
-                    self.record_head_failure(partition, &cur, first, &err).await?;
+                    // A failed rollback (lost connection) still releases the locks server-side.
+                    let _ = txn.rollback().await;
+                    self.record_head_failure(partition, &cur, first, &err)
+                        .await?;
                     Ok(Step::More)
                 }
                 Some((k, Failure::Handler(_))) => {
-                    drop(txn);
+                    let _ = txn.rollback().await;
                     *limit_once = Some(k as u32);
                     Ok(Step::More)
                 }
@@ -271,27 +306,54 @@ impl Processor {
     }
 
     /// Records a failed attempt of `head` if the cursor still points just before it.
-    async fn record_head_failure(&self, partition: u32, before: &CursorRow, head: &StoredMessage, err: &HandlerError) -> Result<(), DbErr> {
+    async fn record_head_failure(
+        &self,
+        partition: u32,
+        before: &CursorRow,
+        head: &StoredMessage,
+        err: &HandlerError,
+    ) -> Result<(), DbErr> {
         let store = &self.shared.store;
         let txn = store.begin_write().await?;
-        let Some(cur) = store.lock_cursor(&*txn, &self.queue, &self.handler, partition).await? else {
-            return Ok(());
+        let Some(cur) = store
+            .lock_cursor(&*txn, &self.queue, &self.handler, partition)
+            .await?
+        else {
+            return txn.rollback().await;
         };
         if cur.processed_seq != before.processed_seq || cur.attempts != before.attempts {
-            return Ok(()); // someone else moved it meanwhile
+            // Someone else moved the cursor meanwhile.
+            return txn.rollback().await;
         }
         let (u, dead) = self.after_failure(cur.processed_seq, head, cur.attempts + 1, err);
         self.log_failure(partition, head, &u, dead, err);
         if dead {
             store
-                .insert_dead_letter(&*txn, &self.queue, partition, &self.handler, head, &err_text(err), cur.attempts + 1)
+                .insert_dead_letter(
+                    &*txn,
+                    &self.queue,
+                    partition,
+                    &self.handler,
+                    head,
+                    &err_text(err),
+                    cur.attempts + 1,
+                )
                 .await?;
         }
-        store.update_cursor(&*txn, &self.queue, &self.handler, partition, &u, None).await?;
+        store
+            .update_cursor(&*txn, &self.queue, &self.handler, partition, &u, None)
+            .await?;
         txn.commit().await
     }
 
-    fn log_failure(&self, partition: u32, head: &StoredMessage, u: &CursorUpdate, dead: bool, err: &HandlerError) {
+    fn log_failure(
+        &self,
+        partition: u32,
+        head: &StoredMessage,
+        u: &CursorUpdate,
+        dead: bool,
+        err: &HandlerError,
+    ) {
         let error = err_text(err);
         if dead {
             tracing::warn!(queue = %self.queue, handler = %self.handler, partition, seq = head.seq, %error, "message dead-lettered");
@@ -310,17 +372,29 @@ impl Processor {
     async fn leased_batch(&self, f: &LeasedFn, partition: u32) -> Result<Step, DbErr> {
         let store = &self.shared.store;
         let claim_txn = store.begin_write().await?;
-        let Some(cur) = store.lock_cursor(&*claim_txn, &self.queue, &self.handler, partition).await? else {
+        let Some(cur) = store
+            .lock_cursor(&*claim_txn, &self.queue, &self.handler, partition)
+            .await?
+        else {
+            let _ = claim_txn.rollback().await;
             return Ok(Step::Done);
         };
         let now = now_ms();
         if cur.blocked || cur.retry_at > now || cur.lease_expires_at.is_some_and(|e| e > now) {
+            let _ = claim_txn.rollback().await;
             return Ok(Step::Done);
         }
         let batch = store
-            .read_batch(&*claim_txn, &self.queue, partition, cur.processed_seq, self.tuning.batch_size)
+            .read_batch(
+                &*claim_txn,
+                &self.queue,
+                partition,
+                cur.processed_seq,
+                self.tuning.batch_size,
+            )
             .await?;
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            let _ = claim_txn.rollback().await;
             return Ok(Step::Done);
         };
         let mut attempts = cur.attempts;
@@ -333,10 +407,20 @@ impl Processor {
                 self.log_failure(partition, first, &u, dead, &err);
                 if dead {
                     store
-                        .insert_dead_letter(&*claim_txn, &self.queue, partition, &self.handler, first, &err_text(&err), attempts)
+                        .insert_dead_letter(
+                            &*claim_txn,
+                            &self.queue,
+                            partition,
+                            &self.handler,
+                            first,
+                            &err_text(&err),
+                            attempts,
+                        )
                         .await?;
                 }
-                store.update_cursor(&*claim_txn, &self.queue, &self.handler, partition, &u, None).await?;
+                store
+                    .update_cursor(&*claim_txn, &self.queue, &self.handler, partition, &u, None)
+                    .await?;
                 claim_txn.commit().await?;
                 return Ok(Step::More);
             }
@@ -346,7 +430,18 @@ impl Processor {
         let started = tokio::time::Instant::now();
         let expires_at = now_ms() + lease_ms;
         store
-            .take_lease(&*claim_txn, &self.queue, &self.handler, partition, &token, &self.owner, expires_at, attempts)
+            .take_lease(
+                &*claim_txn,
+                &self.queue,
+                &self.handler,
+                partition,
+                &NewLease {
+                    token: &token,
+                    owner: &self.owner,
+                    expires_at,
+                    attempts,
+                },
+            )
             .await?;
         claim_txn.commit().await?;
 
@@ -380,7 +475,9 @@ impl Processor {
                 };
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let result = if left.is_zero() {
-                    Err(Failure::Handler(HandlerError::retry("lease deadline reached before the handler started")))
+                    Err(Failure::Handler(HandlerError::retry(
+                        "lease deadline reached before the handler started",
+                    )))
                 } else {
                     self.call(f(&msg, &ctx), left).await
                 };
@@ -396,7 +493,11 @@ impl Processor {
                     }
                 }
             }
-            let head_attempts = if processed == cur.processed_seq { attempts } else { 0 };
+            let head_attempts = if processed == cur.processed_seq {
+                attempts
+            } else {
+                0
+            };
             let had_failure = failure.is_some();
             let acked = match failure {
                 Some((i, err)) => {
@@ -404,10 +505,27 @@ impl Processor {
                     let (u, dead) = self.after_failure(processed, failed, head_attempts + 1, &err);
                     self.log_failure(partition, failed, &u, dead, &err);
                     let txn = store.begin_write().await?;
-                    let ok = store.update_cursor(&*txn, &self.queue, &self.handler, partition, &u, Some(&token)).await?;
+                    let ok = store
+                        .update_cursor(
+                            &*txn,
+                            &self.queue,
+                            &self.handler,
+                            partition,
+                            &u,
+                            Some(&token),
+                        )
+                        .await?;
                     if ok && dead {
                         store
-                            .insert_dead_letter(&*txn, &self.queue, partition, &self.handler, failed, &err_text(&err), head_attempts + 1)
+                            .insert_dead_letter(
+                                &*txn,
+                                &self.queue,
+                                partition,
+                                &self.handler,
+                                failed,
+                                &err_text(&err),
+                                head_attempts + 1,
+                            )
                             .await?;
                     }
                     txn.commit().await?;
@@ -422,7 +540,16 @@ impl Processor {
                         last_error: None,
                     };
                     let _gate = store.write_guard().await;
-                    store.update_cursor(&store.db, &self.queue, &self.handler, partition, &u, Some(&token)).await?
+                    store
+                        .update_cursor(
+                            &store.db,
+                            &self.queue,
+                            &self.handler,
+                            partition,
+                            &u,
+                            Some(&token),
+                        )
+                        .await?
                 }
             };
             if !acked {
@@ -430,7 +557,8 @@ impl Processor {
                     "lease lost before the ack; the batch will be redelivered");
                 return Ok(Step::Done);
             }
-            self.shared.acked((processed - cur.processed_seq).max(0) as u64);
+            self.shared
+                .acked((processed - cur.processed_seq).max(0) as u64);
             Ok(if interrupted {
                 Step::Done
             } else if full || had_failure {

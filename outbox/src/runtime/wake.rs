@@ -140,7 +140,9 @@ pub(crate) async fn listen_postgres(
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "could not listen for notifications"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "could not listen for notifications")
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -154,5 +156,31 @@ fn dispatch(wake: &Wake, payload: &str) {
     match payload.strip_prefix("s:") {
         Some(queue) => wake.sequenced(queue),
         None => wake.sequencer.notify_one(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_enqueue_opens_a_short_eager_window_with_a_ramp() {
+        let w = Wake::new();
+        let cap = Duration::from_millis(50);
+        assert_eq!(w.eager_delay(cap), None, "no enqueue, no eager re-check");
+        w.enqueued();
+        let ramp: Vec<_> = (0..8)
+            .filter_map(|_| w.eager_delay(cap))
+            .map(|d| d.as_millis())
+            .collect();
+        assert_eq!(ramp, [1, 2, 4, 8, 16, 32, 50, 50]);
+        w.found_work();
+        assert_eq!(w.eager_delay(cap), Some(Duration::from_millis(1)));
+        tokio::time::advance(EAGER_WINDOW).await;
+        assert_eq!(
+            w.eager_delay(cap),
+            None,
+            "the window closes; polling takes over"
+        );
     }
 }

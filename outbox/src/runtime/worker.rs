@@ -34,8 +34,13 @@ pub(crate) struct Pacing {
 }
 
 /// Runs `step` until `cancel` fires.
-pub(crate) async fn run<F, Fut>(name: &str, mut step: F, wake: Arc<Notify>, pacing: Pacing, cancel: CancellationToken)
-where
+pub(crate) async fn run<F, Fut>(
+    name: &str,
+    mut step: F,
+    wake: Arc<Notify>,
+    pacing: Pacing,
+    cancel: CancellationToken,
+) where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Next, sea_orm::DbErr>>,
 {
@@ -68,7 +73,9 @@ where
                     Ok(Err(e)) => {
                         tracing::warn!(worker = name, error = %e, retry_in = ?error_delay, "worker step failed")
                     }
-                    _ => tracing::error!(worker = name, retry_in = ?error_delay, "worker step panicked"),
+                    _ => {
+                        tracing::error!(worker = name, retry_in = ?error_delay, "worker step panicked")
+                    }
                 }
                 let delay = error_delay;
                 error_delay = (error_delay * 2).min(pacing.error_max);
@@ -84,5 +91,102 @@ where
             _ = wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    const PACING: Pacing = Pacing {
+        poll: Duration::from_secs(10),
+        error_min: Duration::from_millis(100),
+        error_max: Duration::from_millis(400),
+    };
+
+    /// Runs a scripted worker; returns the paused-clock offsets of its calls.
+    async fn script(
+        outcomes: Vec<Result<Next, &'static str>>,
+        wake: Arc<Notify>,
+        run_for: Duration,
+    ) -> Vec<Duration> {
+        let start = Instant::now();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let cancel = CancellationToken::new();
+        let (c, script) = (calls.clone(), Arc::new(Mutex::new(outcomes.into_iter())));
+        let task = tokio::spawn(run(
+            "test",
+            move || {
+                let (c, script) = (c.clone(), script.clone());
+                async move {
+                    c.lock().expect("test").push(start.elapsed());
+                    let next = script.lock().expect("test").next();
+                    match next {
+                        Some(Ok(n)) => Ok(n),
+                        Some(Err("panic")) => panic!("step panicked"),
+                        Some(Err(e)) => Err(sea_orm::DbErr::Custom(e.into())),
+                        None => Ok(Next::Idle),
+                    }
+                }
+            },
+            wake,
+            PACING,
+            cancel.clone(),
+        ));
+        tokio::time::sleep(run_for).await;
+        cancel.cancel();
+        task.await.expect("test");
+        calls.lock().expect("test").clone()
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_and_panics_retry_on_a_timer_with_backoff() {
+        let calls = script(
+            vec![
+                Err("db down"),
+                Err("panic"),
+                Err("db down"),
+                Err("db down"),
+                Ok(Next::Idle),
+            ],
+            Arc::new(Notify::new()),
+            ms(2_000),
+        )
+        .await;
+        // No wake-up is sent: each retry comes from the timer, doubling up to the cap.
+        assert_eq!(calls, [ms(0), ms(100), ms(300), ms(700), ms(1_100)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_waits_for_a_wake_up_or_the_poll_interval() {
+        let wake = Arc::new(Notify::new());
+        // A wake-up sent before the worker waits is kept (stored permit), not lost.
+        wake.notify_one();
+        let calls = script(vec![Ok(Next::Idle), Ok(Next::Idle)], wake, ms(25_000)).await;
+        assert_eq!(calls, [ms(0), ms(0), ms(10_000), ms(20_000)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn more_runs_at_once_and_after_waits_at_most_its_delay() {
+        let calls = script(
+            vec![
+                Ok(Next::More),
+                Ok(Next::After(ms(250))),
+                Ok(Next::After(ms(60_000))),
+            ],
+            Arc::new(Notify::new()),
+            ms(15_000),
+        )
+        .await;
+        // `After` is capped by the poll interval.
+        assert_eq!(calls, [ms(0), ms(0), ms(250), ms(10_250)]);
     }
 }

@@ -2,10 +2,10 @@
 //! pipeline step. Nothing outside this module writes SQL.
 
 mod ops;
-mod schema;
+pub(crate) mod schema;
 
+pub(crate) use ops::{CursorRow, CursorUpdate, NewLease, StoredMessage};
 pub use ops::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
-pub(crate) use ops::{CursorRow, CursorUpdate, StoredMessage};
 pub(crate) use schema::Registered;
 
 use std::sync::Arc;
@@ -27,6 +27,7 @@ pub(crate) fn now_ms() -> i64 {
 /// Table names, derived once from the validated prefix.
 #[derive(Debug)]
 pub(crate) struct Tables {
+    pub(crate) prefix: String,
     pub(crate) schema_version: String,
     pub(crate) queues: String,
     pub(crate) partitions: String,
@@ -39,9 +40,10 @@ pub(crate) struct Tables {
 }
 
 impl Tables {
-    fn new(prefix: &str) -> Self {
+    pub(crate) fn new(prefix: &str) -> Self {
         let t = |s: &str| format!("{prefix}{s}");
         Self {
+            prefix: prefix.to_owned(),
             schema_version: t("schema_version"),
             queues: t("queues"),
             partitions: t("partitions"),
@@ -77,6 +79,12 @@ pub(crate) struct WriteTxn {
 impl WriteTxn {
     pub(crate) async fn commit(self) -> Result<(), DbErr> {
         self.txn.commit().await
+    }
+
+    /// Rolls back now, so the row locks are gone before the caller's next transaction (a
+    /// dropped transaction rolls back only when its connection is next used).
+    pub(crate) async fn rollback(self) -> Result<(), DbErr> {
+        self.txn.rollback().await
     }
 }
 
@@ -133,25 +141,7 @@ impl Store {
     /// Builds a statement from SQL written with `?` placeholders (rewritten to `$n` on
     /// PostgreSQL). Every value is bound, never spliced.
     pub(crate) fn stmt(&self, sql: &str, values: Vec<Value>) -> Statement {
-        Statement::from_sql_and_values(self.backend, self.placeholders(sql), values)
-    }
-
-    fn placeholders(&self, sql: &str) -> String {
-        if !self.is_pg() {
-            return sql.to_owned();
-        }
-        let mut out = String::with_capacity(sql.len() + 16);
-        let mut n = 0;
-        for c in sql.chars() {
-            if c == '?' {
-                n += 1;
-                out.push('$');
-                out.push_str(&n.to_string());
-            } else {
-                out.push(c);
-            }
-        }
-        out
+        statement(self.backend, sql, values)
     }
 
     /// `(?, ?, ...)` with `n` placeholders.
@@ -209,11 +199,34 @@ pub(crate) async fn begin_on(
 }
 
 /// Reads column `i` of a row.
-pub(crate) fn col<T: sea_orm::TryGetable>(row: &sea_orm::QueryResult, i: usize) -> Result<T, DbErr> {
+pub(crate) fn col<T: sea_orm::TryGetable>(
+    row: &sea_orm::QueryResult,
+    i: usize,
+) -> Result<T, DbErr> {
     row.try_get_by_index::<T>(i)
 }
 
 /// Runs `f` on any connection: shorthand for executing one statement.
 pub(crate) async fn exec<C: ConnectionTrait>(c: &C, s: Statement) -> Result<u64, DbErr> {
     Ok(c.execute_raw(s).await?.rows_affected())
+}
+
+/// A statement from SQL written with `?` placeholders, rewritten to `$n` on PostgreSQL. Every
+/// value is bound, never spliced.
+pub(crate) fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
+    if backend != DbBackend::Postgres {
+        return Statement::from_sql_and_values(backend, sql, values);
+    }
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push('$');
+            out.push_str(&n.to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    Statement::from_sql_and_values(backend, out, values)
 }

@@ -50,6 +50,15 @@ pub(crate) struct CursorUpdate {
     pub(crate) last_error: Option<String>,
 }
 
+/// A lease being taken: random token, owning runtime, expiry and the head's failed attempts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewLease<'a> {
+    pub(crate) token: &'a str,
+    pub(crate) owner: &'a str,
+    pub(crate) expires_at: i64,
+    pub(crate) attempts: i64,
+}
+
 /// A partition that has messages a handler has not processed.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReadyPartition {
@@ -216,7 +225,9 @@ impl Store {
             );
             let sql = if self.is_pg() {
                 values.push(self.t.channel.clone().into());
-                format!("WITH ins AS ({insert} RETURNING 1) SELECT pg_notify(?, 'i') FROM ins LIMIT 1")
+                format!(
+                    "WITH ins AS ({insert} RETURNING 1) SELECT pg_notify(?, 'i') FROM ins LIMIT 1"
+                )
             } else {
                 insert
             };
@@ -228,17 +239,26 @@ impl Store {
     // ---------------------------------------------------------------- sequencer
 
     /// Partitions with committed, unsequenced messages, oldest first.
-    pub(crate) async fn unsequenced_partitions(&self, limit: u32) -> Result<Vec<(String, u32)>, DbErr> {
+    pub(crate) async fn unsequenced_partitions(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<(String, u32)>, DbErr> {
         let rows = self
             .db
             .query_all_raw(self.stmt(
-                &format!("SELECT queue, partition_no FROM {} ORDER BY id LIMIT ?", self.t.incoming),
+                &format!(
+                    "SELECT queue, partition_no FROM {} ORDER BY id LIMIT ?",
+                    self.t.incoming
+                ),
                 vec![i64::from(limit).into()],
             ))
             .await?;
         let mut out: Vec<(String, u32)> = Vec::new();
         for r in rows {
-            let key = (col::<String>(&r, 0)?, u32::try_from(col::<i64>(&r, 1)?).unwrap_or(0));
+            let key = (
+                col::<String>(&r, 0)?,
+                u32::try_from(col::<i64>(&r, 1)?).unwrap_or(0),
+            );
             if !out.contains(&key) {
                 out.push(key);
             }
@@ -252,7 +272,12 @@ impl Store {
     ///
     /// Rows are deleted as they move, so a message whose transaction commits after one with a
     /// higher id is found by the next pass and sequenced after it (commit order), never skipped.
-    pub(crate) async fn sequence_partition(&self, queue: &str, partition: u32, limit: u32) -> Result<Option<u64>, DbErr> {
+    pub(crate) async fn sequence_partition(
+        &self,
+        queue: &str,
+        partition: u32,
+        limit: u32,
+    ) -> Result<Option<u64>, DbErr> {
         let txn = self.begin_write().await?;
         let key = || -> Vec<Value> { vec![queue.into(), i64::from(partition).into()] };
         let row = txn
@@ -286,32 +311,83 @@ impl Store {
             return Ok(Some(0));
         }
         let n = ids.len() as i64;
-        let id_values = || ids.iter().map(|&i| Value::from(i)).collect::<Vec<_>>();
+        tracing::trace!(
+            queue,
+            partition,
+            count = ids.len(),
+            first_seq = last_seq + 1,
+            "sequencing"
+        );
+        // The moved rows are named by primary key. On MySQL/MariaDB an `IN` list may be planned
+        // as a full scan on a small table, and a scanning DELETE waits on the row lock of every
+        // uncommitted producer insert it passes: an open producer transaction would stall the
+        // partition (seen on MariaDB 10.11, also with a JSON_TABLE join). The copy reads a
+        // JSON_TABLE of ids joined by primary key (a consistent read, no locks); the delete goes
+        // row by row by primary key, which can only ever lock the rows moved.
+        let (source, id_values): (String, Vec<Value>) = if self.is_mysql() {
+            let json = format!(
+                "[{}]",
+                ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+            );
+            (
+                format!(
+                    "JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$')) AS x STRAIGHT_JOIN {} AS i ON i.id = x.id",
+                    self.t.incoming
+                ),
+                vec![json.into()],
+            )
+        } else {
+            (
+                format!(
+                    "{} AS i WHERE i.id IN {}",
+                    self.t.incoming,
+                    Store::list(ids.len())
+                ),
+                ids.iter().map(|&i| Value::from(i)).collect(),
+            )
+        };
         let mut values = vec![last_seq.into()];
-        values.extend(id_values());
+        values.extend(id_values.clone());
         let moved = exec(
             &*txn,
             self.stmt(
                 &format!(
                     "INSERT INTO {} (queue, partition_no, seq, payload, target_handler, created_at) \
-                     SELECT queue, partition_no, ? + ROW_NUMBER() OVER (ORDER BY id), payload, target_handler, created_at \
-                     FROM {} WHERE id IN {}",
+                     SELECT i.queue, i.partition_no, ? + ROW_NUMBER() OVER (ORDER BY i.id), i.payload, i.target_handler, i.created_at \
+                     FROM {source}",
                     self.t.outgoing,
-                    self.t.incoming,
-                    Store::list(ids.len())
                 ),
                 values,
             ),
         )
         .await?;
-        let deleted = exec(
-            &*txn,
-            self.stmt(
-                &format!("DELETE FROM {} WHERE id IN {}", self.t.incoming, Store::list(ids.len())),
-                id_values(),
-            ),
-        )
-        .await?;
+        let deleted = if self.is_mysql() {
+            let mut deleted = 0;
+            for id in &ids {
+                deleted += exec(
+                    &*txn,
+                    self.stmt(
+                        &format!("DELETE FROM {} WHERE id = ?", self.t.incoming),
+                        vec![(*id).into()],
+                    ),
+                )
+                .await?;
+            }
+            deleted
+        } else {
+            exec(
+                &*txn,
+                self.stmt(
+                    &format!(
+                        "DELETE FROM {} WHERE id IN {}",
+                        self.t.incoming,
+                        Store::list(ids.len())
+                    ),
+                    id_values,
+                ),
+            )
+            .await?
+        };
         if moved != n as u64 || deleted != n as u64 {
             return Err(DbErr::Custom(format!(
                 "sequencer moved {moved} and deleted {deleted} rows for {n} ids; rolled back"
@@ -322,7 +398,10 @@ impl Store {
         exec(
             &*txn,
             self.stmt(
-                &format!("UPDATE {} SET last_seq = ? WHERE queue = ? AND partition_no = ?", self.t.partitions),
+                &format!(
+                    "UPDATE {} SET last_seq = ? WHERE queue = ? AND partition_no = ?",
+                    self.t.partitions
+                ),
                 values,
             ),
         )
@@ -330,7 +409,10 @@ impl Store {
         if self.is_pg() {
             exec(
                 &*txn,
-                self.stmt("SELECT pg_notify(?, ?)", vec![self.t.channel.clone().into(), format!("s:{queue}").into()]),
+                self.stmt(
+                    "SELECT pg_notify(?, ?)",
+                    vec![self.t.channel.clone().into(), format!("s:{queue}").into()],
+                ),
             )
             .await?;
         }
@@ -341,7 +423,11 @@ impl Store {
     // ---------------------------------------------------------------- processors
 
     /// Partitions of `queue` where `handler` has unprocessed messages and is not blocked.
-    pub(crate) async fn ready_partitions(&self, queue: &str, handler: &str) -> Result<Vec<ReadyPartition>, DbErr> {
+    pub(crate) async fn ready_partitions(
+        &self,
+        queue: &str,
+        handler: &str,
+    ) -> Result<Vec<ReadyPartition>, DbErr> {
         let rows = self
             .db
             .query_all_raw(self.stmt(
@@ -417,7 +503,12 @@ impl Store {
                      WHERE queue = ? AND partition_no = ? AND seq > ? ORDER BY seq LIMIT ?",
                     self.t.outgoing
                 ),
-                vec![queue.into(), i64::from(partition).into(), after_seq.into(), i64::from(limit).into()],
+                vec![
+                    queue.into(),
+                    i64::from(partition).into(),
+                    after_seq.into(),
+                    i64::from(limit).into(),
+                ],
             ))
             .await?;
         rows.iter()
@@ -474,16 +565,13 @@ impl Store {
         queue: &str,
         handler: &str,
         partition: u32,
-        token: &str,
-        owner: &str,
-        expires_at: i64,
-        attempts: i64,
+        lease: &NewLease<'_>,
     ) -> Result<(), DbErr> {
         let mut values: Vec<Value> = vec![
-            token.into(),
-            owner.into(),
-            expires_at.into(),
-            attempts.into(),
+            lease.token.into(),
+            lease.owner.into(),
+            lease.expires_at.into(),
+            lease.attempts.into(),
             now_ms().into(),
         ];
         values.extend(Self::cursor_key(queue, handler, partition));
@@ -541,14 +629,25 @@ impl Store {
 
     // ---------------------------------------------------------------- dead letters
 
-    pub(crate) async fn list_dead_letters(&self, f: &DeadLetterFilter, after_id: i64, limit: u32) -> Result<Vec<DeadLetter>, DbErr> {
+    pub(crate) async fn list_dead_letters(
+        &self,
+        f: &DeadLetterFilter,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, DbErr> {
         let (mut sql, mut values) = f.where_clause();
         sql.push_str(" AND id > ? ORDER BY id LIMIT ?");
         values.push(after_id.into());
         values.push(i64::from(limit).into());
         let rows = self
             .db
-            .query_all_raw(self.stmt(&format!("SELECT {DEAD_LETTER_COLS} FROM {}{sql}", self.t.dead_letters), values))
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT {DEAD_LETTER_COLS} FROM {}{sql}",
+                    self.t.dead_letters
+                ),
+                values,
+            ))
             .await?;
         rows.iter().map(dead_letter_from_row).collect()
     }
@@ -557,7 +656,10 @@ impl Store {
         let row = self
             .db
             .query_one_raw(self.stmt(
-                &format!("SELECT {DEAD_LETTER_COLS} FROM {} WHERE id = ?", self.t.dead_letters),
+                &format!(
+                    "SELECT {DEAD_LETTER_COLS} FROM {} WHERE id = ?",
+                    self.t.dead_letters
+                ),
                 vec![id.into()],
             ))
             .await?;
@@ -568,9 +670,14 @@ impl Store {
         let (sql, values) = f.where_clause();
         let row = self
             .db
-            .query_one_raw(self.stmt(&format!("SELECT COUNT(*) FROM {}{sql}", self.t.dead_letters), values))
+            .query_one_raw(self.stmt(
+                &format!("SELECT COUNT(*) FROM {}{sql}", self.t.dead_letters),
+                values,
+            ))
             .await?;
-        row.map(|r| col::<i64>(&r, 0)).transpose().map(|n| n.unwrap_or(0))
+        row.map(|r| col::<i64>(&r, 0))
+            .transpose()
+            .map(|n| n.unwrap_or(0))
     }
 
     /// Puts a dead letter back at the tail of its partition, for its handler only, and deletes
@@ -580,7 +687,11 @@ impl Store {
         let txn = self.begin_write().await?;
         let row = txn
             .query_one_raw(self.stmt(
-                &format!("SELECT {DEAD_LETTER_COLS} FROM {} WHERE id = ?{}", self.t.dead_letters, self.for_update()),
+                &format!(
+                    "SELECT {DEAD_LETTER_COLS} FROM {} WHERE id = ?{}",
+                    self.t.dead_letters,
+                    self.for_update()
+                ),
                 vec![id.into()],
             ))
             .await?;
@@ -589,14 +700,20 @@ impl Store {
         };
         let deleted = exec(
             &*txn,
-            self.stmt(&format!("DELETE FROM {} WHERE id = ?", self.t.dead_letters), vec![id.into()]),
+            self.stmt(
+                &format!("DELETE FROM {} WHERE id = ?", self.t.dead_letters),
+                vec![id.into()],
+            ),
         )
         .await?;
         if deleted != 1 {
             return Ok(false);
         }
-        self.insert_incoming(&*txn, &[(&dl.queue, dl.partition, &dl.payload, Some(&dl.handler))])
-            .await?;
+        self.insert_incoming(
+            &*txn,
+            &[(&dl.queue, dl.partition, &dl.payload, Some(&dl.handler))],
+        )
+        .await?;
         txn.commit().await?;
         Ok(true)
     }
@@ -605,7 +722,10 @@ impl Store {
         let _gate = self.write_guard().await;
         Ok(exec(
             &self.db,
-            self.stmt(&format!("DELETE FROM {} WHERE id = ?", self.t.dead_letters), vec![id.into()]),
+            self.stmt(
+                &format!("DELETE FROM {} WHERE id = ?", self.t.dead_letters),
+                vec![id.into()],
+            ),
         )
         .await?
             == 1)
@@ -614,13 +734,22 @@ impl Store {
     pub(crate) async fn purge_dead_letters(&self, f: &DeadLetterFilter) -> Result<u64, DbErr> {
         let _gate = self.write_guard().await;
         let (sql, values) = f.where_clause();
-        exec(&self.db, self.stmt(&format!("DELETE FROM {}{sql}", self.t.dead_letters), values)).await
+        exec(
+            &self.db,
+            self.stmt(&format!("DELETE FROM {}{sql}", self.t.dead_letters), values),
+        )
+        .await
     }
 
     // ---------------------------------------------------------------- operator actions
 
     /// Clears the blocked flag and attempt count of a cursor so its head is tried again now.
-    pub(crate) async fn unblock(&self, queue: &str, handler: &str, partition: u32) -> Result<bool, DbErr> {
+    pub(crate) async fn unblock(
+        &self,
+        queue: &str,
+        handler: &str,
+        partition: u32,
+    ) -> Result<bool, DbErr> {
         let _gate = self.write_guard().await;
         let mut values: Vec<Value> = vec![now_ms().into()];
         values.extend(Self::cursor_key(queue, handler, partition));
@@ -640,7 +769,12 @@ impl Store {
     }
 
     /// Moves the head message of a cursor to the dead letters and advances past it.
-    pub(crate) async fn skip_head(&self, queue: &str, handler: &str, partition: u32) -> Result<bool, DbErr> {
+    pub(crate) async fn skip_head(
+        &self,
+        queue: &str,
+        handler: &str,
+        partition: u32,
+    ) -> Result<bool, DbErr> {
         let txn = self.begin_write().await?;
         let Some(cur) = self.lock_cursor(&*txn, queue, handler, partition).await? else {
             return Ok(false);
@@ -648,11 +782,23 @@ impl Store {
         if cur.lease_token.is_some() && cur.lease_expires_at.unwrap_or(0) > now_ms() {
             return Ok(false);
         }
-        let batch = self.read_batch(&*txn, queue, partition, cur.processed_seq, 1).await?;
-        let Some(head) = batch.into_iter().next() else { return Ok(false) };
-        let reason = cur_error(&*txn, self, queue, handler, partition).await?;
-        self.insert_dead_letter(&*txn, queue, partition, handler, &head, &reason, cur.attempts)
+        let batch = self
+            .read_batch(&*txn, queue, partition, cur.processed_seq, 1)
             .await?;
+        let Some(head) = batch.into_iter().next() else {
+            return Ok(false);
+        };
+        let reason = cur_error(&*txn, self, queue, handler, partition).await?;
+        self.insert_dead_letter(
+            &*txn,
+            queue,
+            partition,
+            handler,
+            &head,
+            &reason,
+            cur.attempts,
+        )
+        .await?;
         let u = CursorUpdate {
             processed_seq: head.seq,
             attempts: 0,
@@ -660,7 +806,8 @@ impl Store {
             blocked: false,
             last_error: None,
         };
-        self.update_cursor(&*txn, queue, handler, partition, &u, None).await?;
+        self.update_cursor(&*txn, queue, handler, partition, &u, None)
+            .await?;
         txn.commit().await?;
         Ok(true)
     }
@@ -693,9 +840,9 @@ impl Store {
             }
             let upto = min_processed.min(vacuumed + i64::from(chunk));
             more |= upto < min_processed;
-            let _gate = self.write_guard().await;
+            let txn = self.begin_write().await?;
             deleted += exec(
-                &self.db,
+                &*txn,
                 self.stmt(
                     &format!(
                         "DELETE FROM {} WHERE queue = ? AND partition_no = ? AND seq > ? AND seq <= ?",
@@ -706,7 +853,7 @@ impl Store {
             )
             .await?;
             exec(
-                &self.db,
+                &*txn,
                 self.stmt(
                     &format!(
                         "UPDATE {} SET vacuumed_seq = ? WHERE queue = ? AND partition_no = ? AND vacuumed_seq < ?",
@@ -716,6 +863,7 @@ impl Store {
                 ),
             )
             .await?;
+            txn.commit().await?;
         }
         Ok((deleted, more))
     }
@@ -725,7 +873,9 @@ impl Store {
     pub(crate) async fn depth(&self, queue: &str) -> Result<QueueDepth, DbErr> {
         let one = |sql: String, values: Vec<Value>| async move {
             let row = self.db.query_one_raw(self.stmt(&sql, values)).await?;
-            row.map(|r| col::<Option<i64>>(&r, 0)).transpose().map(|n| n.flatten().unwrap_or(0))
+            row.map(|r| col::<Option<i64>>(&r, 0))
+                .transpose()
+                .map(|n| n.flatten().unwrap_or(0))
         };
         let unsequenced = one(
             format!("SELECT COUNT(*) FROM {} WHERE queue = ?", self.t.incoming),
@@ -758,7 +908,9 @@ impl Store {
                     ..Default::default()
                 });
             }
-            let Some(h) = handlers.last_mut() else { continue };
+            let Some(h) = handlers.last_mut() else {
+                continue;
+            };
             let pending: i64 = col(&r, 1)?;
             h.pending += pending;
             if pending > 0 && col::<i64>(&r, 2)? > now {
@@ -773,7 +925,11 @@ impl Store {
         }
         for h in &mut handlers {
             h.dead = self
-                .count_dead_letters(&DeadLetterFilter::all().queue(queue).handler(h.handler.clone()))
+                .count_dead_letters(
+                    &DeadLetterFilter::all()
+                        .queue(queue)
+                        .handler(h.handler.clone()),
+                )
                 .await?;
         }
         Ok(QueueDepth {
@@ -785,10 +941,19 @@ impl Store {
     }
 }
 
-async fn cur_error<C: ConnectionTrait>(c: &C, s: &Store, queue: &str, handler: &str, partition: u32) -> Result<String, DbErr> {
+async fn cur_error<C: ConnectionTrait>(
+    c: &C,
+    s: &Store,
+    queue: &str,
+    handler: &str,
+    partition: u32,
+) -> Result<String, DbErr> {
     let row = c
         .query_one_raw(s.stmt(
-            &format!("SELECT last_error FROM {} WHERE queue = ? AND handler = ? AND partition_no = ?", s.t.cursors),
+            &format!(
+                "SELECT last_error FROM {} WHERE queue = ? AND handler = ? AND partition_no = ?",
+                s.t.cursors
+            ),
             Store::cursor_key(queue, handler, partition),
         ))
         .await?;

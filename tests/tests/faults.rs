@@ -1,0 +1,228 @@
+//! Database faults and awkward producers: connections killed from the server side mid-drain,
+//! a pool too small for the profile, a producer transaction held open for seconds, a queue
+//! nobody handles.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox::sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait,
+};
+use outbox::{HandlerSpec, NewMessage, Outbox, Profile, QueueSpec, StartError};
+use outbox_tests::{
+    Kind, Seen, TestDb, assert_invariants, create_effects_table, effects, eventually,
+    on_every_backend, write_effect,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn writer() -> HandlerSpec {
+    HandlerSpec::transactional("faults", "writer", |m, txn| {
+        Box::pin(async move { Ok(write_effect(txn, "writer", m).await?) })
+    })
+}
+
+/// Kills every other connection to the test database from the server side; returns how many.
+async fn kill_connections(admin: &DatabaseConnection) -> usize {
+    let backend = admin.get_database_backend();
+    if backend == DbBackend::Postgres {
+        let rows = admin
+            .query_all_raw(Statement::from_string(
+                backend,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            ))
+            .await
+            .expect("terminate");
+        rows.len()
+    } else {
+        let rows = admin
+            .query_all_raw(Statement::from_string(
+                backend,
+                "SELECT id FROM information_schema.processlist WHERE db = DATABASE() AND id <> CONNECTION_ID()",
+            ))
+            .await
+            .expect("processlist");
+        let mut n = 0;
+        for r in rows {
+            let id: i64 = r.try_get_by_index(0).expect("id");
+            if admin
+                .execute_unprepared(&format!("KILL {id}"))
+                .await
+                .is_ok()
+            {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// Connections killed server-side while the runtime drains: it reconnects by itself and
+/// drains with no loss and no duplicate effect.
+async fn connections_killed_mid_drain_lose_nothing(t: Arc<TestDb>) {
+    if t.kind == Kind::Sqlite {
+        return; // an embedded database has no server-side connections to kill
+    }
+    let db = t.pool(8).await;
+    create_effects_table(&db).await;
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("faults", 4))
+        .handler(writer())
+        .start()
+        .await
+        .expect("start");
+    let n = 600u32;
+    let txn = db.begin().await.expect("begin");
+    let batch: Vec<_> = (0..n)
+        .map(|i| NewMessage::new("faults", i % 4, format!("{i:05}")))
+        .collect();
+    rt.enqueue_batch(&txn, &batch).await.expect("enqueue");
+    txn.commit().await.expect("commit");
+    let admin = t.pool(1).await;
+    let mut killed = 0;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        killed += kill_connections(&admin).await;
+    }
+    assert!(killed > 0, "no connection was killed");
+    let o = rt.outbox().clone();
+    eventually(WAIT, "drained after the kills", || {
+        let o = o.clone();
+        async move {
+            o.depth("faults")
+                .await
+                .map(|d| d.unsequenced == 0 && d.handlers[0].pending == 0)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let rows = effects(&admin).await;
+    assert_eq!(
+        rows.len(),
+        n as usize,
+        "lost or duplicated effects after {killed} killed connections"
+    );
+    for p in 0..4 {
+        let seqs: Vec<i64> = rows.iter().filter(|r| r.1 == p).map(|r| r.2).collect();
+        assert_eq!(
+            seqs,
+            (1..=n as i64 / 4).collect::<Vec<_>>(),
+            "partition {p}"
+        );
+    }
+    rt.shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    assert_invariants(&admin, "outbox_").await;
+}
+
+/// A pool smaller than the profile needs fails at start with a clear, typed error.
+async fn pool_too_small_fails_fast(t: Arc<TestDb>) {
+    let db = t.pool(1).await;
+    let err = Outbox::builder(db.clone())
+        .queue(QueueSpec::new("faults", 4))
+        .handler(writer())
+        .handler(HandlerSpec::leased("faults", "mailer", |_, _| {
+            Box::pin(async { Ok(()) })
+        }))
+        .start()
+        .await
+        .expect_err("pool of one connection");
+    let expected_needed = if t.kind == Kind::Sqlite { 2 } else { 6 };
+    assert!(
+        matches!(err, StartError::PoolTooSmall { needed, available: 1 } if needed == expected_needed),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("max_connections"), "{err}");
+}
+
+/// A producer that keeps its transaction open for seconds stalls neither other producers
+/// nor other partitions, and its message is delivered once it commits.
+async fn long_producer_transaction_stalls_nothing(t: Arc<TestDb>) {
+    if !t.concurrent_writers() {
+        return; // SQLite has one writer: an open write transaction holds every producer by design
+    }
+    let db = t.pool(10).await;
+    let seen = Seen::default();
+    let s = seen.clone();
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("faults", 2))
+        .handler(HandlerSpec::transactional("faults", "h", move |m, _| {
+            s.push("h", m);
+            Box::pin(async { Ok(()) })
+        }))
+        .start()
+        .await
+        .expect("start");
+    let long = db.begin().await.expect("begin");
+    rt.enqueue(&long, NewMessage::new("faults", 0, "long"))
+        .await
+        .expect("enqueue");
+    for i in 0..20 {
+        rt.enqueue(&db, NewMessage::new("faults", i % 2, format!("short-{i}")))
+            .await
+            .expect("enqueue");
+    }
+    seen.wait_until(
+        Duration::from_secs(8),
+        "others while the long transaction is open",
+        |d| d.len() == 20,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    long.commit().await.expect("commit");
+    seen.wait_until(WAIT, "the long transaction's message", |d| d.len() == 21)
+        .await;
+    assert_eq!(seen.all()[20].body, "long");
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+}
+
+/// Messages of a queue nobody handles stay pending, are never dead-lettered, and show in the
+/// depth counts.
+async fn queue_nobody_handles_keeps_its_messages(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("faults", 2))
+        .queue(QueueSpec::new("orphan", 2))
+        .handler(writer())
+        .start()
+        .await
+        .expect("start");
+    create_effects_table(&db).await;
+    for i in 0..5 {
+        rt.enqueue(&db, NewMessage::new("orphan", i % 2, "x"))
+            .await
+            .expect("enqueue");
+    }
+    let o = rt.outbox().clone();
+    eventually(WAIT, "sequenced", || {
+        let o = o.clone();
+        async move {
+            o.depth("orphan")
+                .await
+                .map(|d| d.unsequenced == 0 && d.stored == 5)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let d = rt.depth("orphan").await.expect("depth");
+    assert_eq!((d.stored, d.handlers.len()), (5, 0), "{d:?}");
+    assert_eq!(
+        rt.count_dead_letters(&outbox::DeadLetterFilter::all().queue("orphan"))
+            .await
+            .expect("count"),
+        0
+    );
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+}
+
+on_every_backend!(
+    connections_killed_mid_drain_lose_nothing,
+    pool_too_small_fails_fast,
+    long_producer_transaction_stalls_nothing,
+    queue_nobody_handles_keeps_its_messages,
+);
