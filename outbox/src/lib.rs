@@ -51,9 +51,12 @@ pub mod __private {
     pub use ::sea_orm::DatabaseTransaction;
     pub use ::std::boxed::Box;
 
+    pub use crate::error::HandlerError;
     pub use crate::handler::{HandlerFuture, HandlerSpec, LeaseContext};
     pub use crate::profile::Overrides;
     pub use crate::queue::PoisonPolicy;
-    pub use crate::typed::{HandlerDecl, HandlerMode, Queue, QueueDecl, leased, partition_for_key, spread, transactional};
-    pub use crate::error::HandlerError;
+    pub use crate::typed::{
+        HandlerDecl, HandlerMode, Queue, QueueDecl, leased, partition_for_key, spread,
+        transactional,
+    };
 }

@@ -438,11 +438,12 @@ impl Builder {
     }
 
     /// Connections the workers need at most at once: one per partition in flight per handler,
-    /// one for the sequencer and one for vacuum and dispatch scans (SQLite serializes writers,
-    /// so two suffice there).
+    /// one for the sequencer and one for vacuum and dispatch scans. SQLite has one writer, so
+    /// the runtime works on any pool there, including sea-orm's default single connection
+    /// (its workers then take turns).
     fn connections_needed(&self) -> u32 {
         if self.db.get_database_backend() == DbBackend::Sqlite {
-            return 2;
+            return 1;
         }
         let per_handler: u32 = self
             .handlers
