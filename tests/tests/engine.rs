@@ -92,6 +92,7 @@ async fn enqueue_commits_and_rolls_back_with_the_caller(t: Arc<TestDb>) {
     assert_eq!(depth.unsequenced, 0);
     assert_eq!(depth.handlers[0].pending, 0);
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantee 2: a message whose transaction commits after one holding a higher id is not
@@ -138,6 +139,7 @@ async fn late_commit_of_a_lower_id_is_delivered_in_commit_order(t: Arc<TestDb>) 
     assert_eq!(bodies(&all), ["B-higher-id", "A-lower-id"]);
     assert_eq!(all.iter().map(|d| d.seq).collect::<Vec<_>>(), [1, 2]);
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantee 2: with concurrent producers each partition is delivered densely in sequence
@@ -202,6 +204,7 @@ async fn concurrent_producers_keep_order_per_partition(t: Arc<TestDb>) {
         }
     }
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantee 3: a transactional handler's writes commit iff the cursor advances; errors and
@@ -281,6 +284,7 @@ async fn transactional_effects_happen_exactly_once(t: Arc<TestDb>) {
         0
     );
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantee 4: a lease that expired without an ack (crashed holder) is taken over after its
@@ -319,6 +323,7 @@ async fn expired_lease_is_redelivered_with_attempt_raised(t: Arc<TestDb>) {
         "attempt raised by the expired lease"
     );
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantee 4: an ack after the lease was taken over is rejected; only the new holder's ack
@@ -373,6 +378,55 @@ async fn ack_of_a_lost_lease_is_rejected(t: Arc<TestDb>) {
         "delivered again after a successful ack"
     );
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
+}
+
+/// Guarantee 4: an ack after the lease expired is rejected even if nobody took the lease
+/// over; the message stays pending and is delivered again with the attempt raised.
+async fn ack_after_lease_expiry_is_rejected(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let seen = Seen::default();
+    let (s, db2) = (seen.clone(), db.clone());
+    let handler = HandlerSpec::leased("expiry", "h", move |m, _ctx| {
+        s.push("h", m);
+        let db = db2.clone();
+        let first = m.attempt() == 1;
+        Box::pin(async move {
+            if first {
+                // The lease runs out while the handler works (a stalled process, a clock jump).
+                let past = now_ms() - 1;
+                raw(
+                    &db,
+                    &format!(
+                        "UPDATE outbox_cursors SET lease_expires_at = {past} WHERE queue = 'expiry'"
+                    ),
+                )
+                .await;
+            }
+            Ok(())
+        })
+    });
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("expiry", 1))
+        .handler(handler)
+        .start()
+        .await
+        .expect("start");
+    rt.enqueue(&db, NewMessage::new("expiry", 0, "m"))
+        .await
+        .expect("enqueue");
+    seen.wait_until(WAIT, "redelivery after the late ack", |d| d.len() >= 2)
+        .await;
+    let all = seen.all();
+    assert_eq!((all[0].seq, all[1].seq, all[1].attempt), (1, 1, 2));
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    assert_eq!(
+        seen.all().len(),
+        2,
+        "delivered again after a successful ack"
+    );
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantee 5: backoff that new traffic does not cut short, max attempts, dead letter with
@@ -539,6 +593,7 @@ async fn retries_dead_letters_and_replay(t: Arc<TestDb>) {
         0
     );
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantee 5 (block policy): an exhausted head blocks its partition until an operator acts;
@@ -633,6 +688,7 @@ async fn block_policy_holds_the_head_until_an_operator_acts(t: Arc<TestDb>) {
         1
     );
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantee 6: several handlers of one queue each see every message, in order.
@@ -668,6 +724,7 @@ async fn every_handler_sees_every_message(t: Arc<TestDb>) {
         }
     }
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantee 7: vacuum deletes only what every handler of the queue has processed.
@@ -734,6 +791,7 @@ async fn vacuum_keeps_what_any_handler_still_needs(t: Arc<TestDb>) {
         "slow handler saw every message before vacuum"
     );
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantees 2 and 3 across runtimes: two runtimes with their own pools on one database share
@@ -863,6 +921,7 @@ async fn graceful_shutdown_finishes_or_releases_work(t: Arc<TestDb>) {
         .await;
     assert_eq!(seen.all()[2].body, "cancelled");
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantee 8: bad input gets a typed error and writes nothing.
@@ -1023,6 +1082,7 @@ async fn producer_only_then_start_delivers_the_backlog(t: Arc<TestDb>) {
         .expect("start");
     seen.wait_until(WAIT, "backlog", |d| d.len() == 10).await;
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 fn now_ms() -> i64 {
@@ -1039,6 +1099,7 @@ on_every_backend!(
     transactional_effects_happen_exactly_once,
     expired_lease_is_redelivered_with_attempt_raised,
     ack_of_a_lost_lease_is_rejected,
+    ack_after_lease_expiry_is_rejected,
     retries_dead_letters_and_replay,
     block_policy_holds_the_head_until_an_operator_acts,
     every_handler_sees_every_message,
