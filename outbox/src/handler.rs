@@ -21,17 +21,31 @@ pub(crate) type TxFn =
 pub(crate) type LeasedFn =
     Arc<dyn for<'a> Fn(&'a Message, &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync>;
 
+pub(crate) type TxBatchFn =
+    Arc<dyn for<'a> Fn(&'a [Message], &'a DatabaseTransaction) -> HandlerFuture<'a> + Send + Sync>;
+pub(crate) type LeasedBatchFn =
+    Arc<dyn for<'a> Fn(&'a [Message], &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync>;
+
+/// How a handler is called: one message per call, or a whole batch per call.
+#[derive(Clone)]
+pub(crate) enum Call<One, Many> {
+    One(One),
+    Many(Many),
+}
+
 #[derive(Clone)]
 pub(crate) enum Mode {
-    Transactional(TxFn),
-    Leased(LeasedFn),
+    Transactional(Call<TxFn, TxBatchFn>),
+    Leased(Call<LeasedFn, LeasedBatchFn>),
 }
 
 impl Mode {
     pub(crate) fn name(&self) -> &'static str {
         match self {
-            Mode::Transactional(_) => "transactional",
-            Mode::Leased(_) => "leased",
+            Mode::Transactional(Call::One(_)) => "transactional",
+            Mode::Transactional(Call::Many(_)) => "transactional batch",
+            Mode::Leased(Call::One(_)) => "leased",
+            Mode::Leased(Call::Many(_)) => "leased batch",
         }
     }
 }
@@ -77,7 +91,7 @@ impl HandlerSpec {
         Self {
             queue: queue.into(),
             name: name.into(),
-            mode: Mode::Transactional(Arc::new(f)),
+            mode: Mode::Transactional(Call::One(Arc::new(f))),
             overrides: Overrides::NONE,
         }
     }
@@ -95,7 +109,50 @@ impl HandlerSpec {
         Self {
             queue: queue.into(),
             name: name.into(),
-            mode: Mode::Leased(Arc::new(f)),
+            mode: Mode::Leased(Call::One(Arc::new(f))),
+            overrides: Overrides::NONE,
+        }
+    }
+
+    /// A transactional handler called with a whole batch (up to `batch_size` messages of one
+    /// partition, in order) inside the transaction that acks them all. If it fails, the batch is
+    /// split in halves and retried until the failing message is alone; from there the usual
+    /// retry, backoff and dead-letter rules apply to that message. Effects of a failed call are
+    /// always rolled back.
+    pub fn transactional_batch<F>(
+        queue: impl Into<Cow<'static, str>>,
+        name: impl Into<Cow<'static, str>>,
+        f: F,
+    ) -> Self
+    where
+        F: for<'a> Fn(&'a [Message], &'a DatabaseTransaction) -> HandlerFuture<'a>
+            + Send
+            + Sync
+            + 'static,
+    {
+        Self {
+            queue: queue.into(),
+            name: name.into(),
+            mode: Mode::Transactional(Call::Many(Arc::new(f))),
+            overrides: Overrides::NONE,
+        }
+    }
+
+    /// A leased handler called with a whole batch under one lease (at-least-once). A failure
+    /// splits the batch as for [`transactional_batch`](HandlerSpec::transactional_batch); the
+    /// context's `seq` and `attempt` are those of the first message.
+    pub fn leased_batch<F>(
+        queue: impl Into<Cow<'static, str>>,
+        name: impl Into<Cow<'static, str>>,
+        f: F,
+    ) -> Self
+    where
+        F: for<'a> Fn(&'a [Message], &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync + 'static,
+    {
+        Self {
+            queue: queue.into(),
+            name: name.into(),
+            mode: Mode::Leased(Call::Many(Arc::new(f))),
             overrides: Overrides::NONE,
         }
     }

@@ -425,6 +425,42 @@ pub fn leased<T: Queue>(
 
 // ---- discovery and one-call start --------------------------------------------------------
 
+fn decode_all<T: Queue>(messages: &[Message]) -> Result<Vec<T>, DecodeError> {
+    messages.iter().map(decode::<T>).collect()
+}
+
+/// A typed transactional batch handler `call` of queue `T`, named `name`: it receives up to
+/// `batch_size` messages of one partition, in order, and its writes commit with their ack. A
+/// failure splits the batch until the failing message is alone (see
+/// [`HandlerSpec::transactional_batch`]); a payload that does not decode is rejected that way.
+pub fn transactional_batch<T: Queue>(
+    name: &'static str,
+    call: for<'a> fn(Vec<T>, &'a DatabaseTransaction) -> HandlerFuture<'a>,
+) -> HandlerSpec {
+    HandlerSpec::transactional_batch(
+        T::NAME,
+        name,
+        move |m: &[Message], txn: &DatabaseTransaction| match decode_all::<T>(m) {
+            Ok(v) => call(v, txn),
+            Err(e) => rejected(e),
+        },
+    )
+}
+
+/// A typed leased batch handler `call` of queue `T`, named `name` (see
+/// [`HandlerSpec::leased_batch`]).
+pub fn leased_batch<T: Queue>(
+    name: &'static str,
+    call: for<'a> fn(Vec<T>, &'a LeaseContext) -> HandlerFuture<'a>,
+) -> HandlerSpec {
+    HandlerSpec::leased_batch(T::NAME, name, move |m: &[Message], ctx: &LeaseContext| {
+        match decode_all::<T>(m) {
+            Ok(v) => call(v, ctx),
+            Err(e) => rejected(e),
+        }
+    })
+}
+
 /// Starts the workers of every queue and handler declared in this binary with `profile`, and
 /// makes the outbox the process-wide one for typed enqueue.
 ///

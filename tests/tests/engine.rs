@@ -429,6 +429,111 @@ async fn ack_after_lease_expiry_is_rejected(t: Arc<TestDb>) {
     outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
+/// Batch handlers: one call per batch, effects and ack in one commit; a failing batch is
+/// split until the poisoned message is alone, which alone is dead-lettered; everything else is
+/// handled exactly once and in order.
+async fn batch_handlers_isolate_a_poisoned_message(t: Arc<TestDb>) {
+    let db = t.pool(10).await;
+    create_effects_table(&db).await;
+    let seen = Seen::default();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let tx = HandlerSpec::transactional_batch("batchy", "writer", move |msgs, txn| {
+        c.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async move {
+            for m in msgs {
+                write_effect(txn, "writer", m).await?;
+            }
+            if msgs.iter().any(|m| m.payload() == b"poison") {
+                return Err(HandlerError::reject("poison in the batch"));
+            }
+            Ok(())
+        })
+    })
+    .overrides(Overrides::NONE.batch_size(16));
+    let s = seen.clone();
+    let leased = HandlerSpec::leased_batch("batchy", "mailer", move |msgs, ctx| {
+        assert_eq!(ctx.seq(), msgs[0].seq());
+        let poisoned = msgs.iter().any(|m| m.payload() == b"poison");
+        if !poisoned {
+            for m in msgs {
+                s.push("mailer", m);
+            }
+        }
+        Box::pin(async move {
+            if poisoned {
+                Err(HandlerError::reject("poison"))
+            } else {
+                Ok(())
+            }
+        })
+    })
+    .overrides(Overrides::NONE.batch_size(16));
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("batchy", 2))
+        .handler(tx)
+        .handler(leased)
+        .start()
+        .await
+        .expect("start");
+    let msgs: Vec<NewMessage> = (0..40)
+        .map(|i| {
+            NewMessage::new(
+                "batchy",
+                i % 2,
+                if i == 17 {
+                    "poison".to_owned()
+                } else {
+                    format!("{i:03}")
+                },
+            )
+        })
+        .collect();
+    rt.enqueue_batch(&db, &msgs).await.expect("enqueue");
+    let o = rt.outbox().clone();
+    eventually(WAIT, "drained", || {
+        let o = o.clone();
+        async move {
+            o.depth("batchy")
+                .await
+                .map(|d| d.handlers.iter().all(|h| h.pending == 0) && d.unsequenced == 0)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let rows = effects(&db).await;
+    let mut bodies: Vec<String> = rows.iter().map(|r| r.3.clone()).collect();
+    assert_eq!(
+        bodies.len(),
+        39,
+        "the poisoned message's effect must be rolled back, the rest kept once"
+    );
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies.len(), 39, "duplicate effects");
+    for p in 0..2 {
+        let seqs: Vec<i64> = rows.iter().filter(|r| r.1 == p).map(|r| r.2).collect();
+        let mut sorted = seqs.clone();
+        sorted.sort();
+        assert_eq!(seqs, sorted, "partition {p} out of order");
+    }
+    let dead = rt
+        .dead_letters(&DeadLetterFilter::all(), 0, 10)
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.len(), 2, "one per handler: {dead:?}");
+    assert!(dead.iter().all(|d| d.payload == b"poison"));
+    assert_eq!(seen.of("mailer").len(), 39);
+    assert!(
+        calls.load(Ordering::Relaxed) < 40,
+        "batches were used: {} calls",
+        calls.load(Ordering::Relaxed)
+    );
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
+}
+
 /// Guarantee 5: backoff that new traffic does not cut short, max attempts, dead letter with
 /// the last error, the partition moves on; replay delivers once even when replays race;
 /// discard and purge.
@@ -1100,6 +1205,7 @@ on_every_backend!(
     expired_lease_is_redelivered_with_attempt_raised,
     ack_of_a_lost_lease_is_rejected,
     ack_after_lease_expiry_is_rejected,
+    batch_handlers_isolate_a_poisoned_message,
     retries_dead_letters_and_replay,
     block_policy_holds_the_head_until_an_operator_acts,
     every_handler_sees_every_message,

@@ -16,8 +16,11 @@ use tracing::Instrument;
 use super::Shared;
 use super::worker::Next;
 use crate::error::{HandlerError, full_chain};
-use crate::handler::{HandlerFuture, LeaseContext, LeasedFn, Mode, TxFn};
+use crate::handler::{
+    Call, HandlerFuture, LeaseContext, LeasedBatchFn, LeasedFn, Mode, TxBatchFn, TxFn,
+};
 use crate::profile::Tuning;
+use crate::queue::Message;
 use crate::queue::PoisonPolicy;
 use crate::storage::{CursorRow, CursorUpdate, NewLease, StoredMessage, now_ms};
 
@@ -117,7 +120,7 @@ impl Processor {
                     self.transactional_batch(f, partition, &mut limit_once)
                         .await
                 }
-                Mode::Leased(f) => self.leased_batch(f, partition).await,
+                Mode::Leased(f) => self.leased_batch(f, partition, &mut limit_once).await,
             };
             match res {
                 Ok(Step::More) => continue,
@@ -218,7 +221,7 @@ impl Processor {
     /// attempt count in a fresh transaction.
     async fn transactional_batch(
         &self,
-        f: &TxFn,
+        f: &Call<TxFn, TxBatchFn>,
         partition: u32,
         limit_once: &mut Option<u32>,
     ) -> Result<Step, DbErr> {
@@ -249,18 +252,37 @@ impl Processor {
             let full = batch.len() == limit as usize;
             let mut processed = cur.processed_seq;
             let mut failure = None;
-            for (i, m) in batch.iter().enumerate() {
-                if !self.mine(m) {
-                    processed = m.seq;
-                    continue;
+            match f {
+                Call::One(f) => {
+                    for (i, m) in batch.iter().enumerate() {
+                        if !self.mine(m) {
+                            processed = m.seq;
+                            continue;
+                        }
+                        let attempt = if i == 0 { cur.attempts as u64 + 1 } else { 1 };
+                        let msg = m.clone().into_message(&self.queue, partition, attempt);
+                        match self.call(f(&msg, &txn), self.tuning.handler_timeout).await {
+                            Ok(()) => processed = m.seq,
+                            Err(e) => {
+                                failure = Some((i, e));
+                                break;
+                            }
+                        }
+                    }
                 }
-                let attempt = if i == 0 { cur.attempts as u64 + 1 } else { 1 };
-                let msg = m.clone().into_message(&self.queue, partition, attempt);
-                match self.call(f(&msg, &txn), self.tuning.handler_timeout).await {
-                    Ok(()) => processed = m.seq,
-                    Err(e) => {
-                        failure = Some((i, e));
-                        break;
+                Call::Many(f) => {
+                    let msgs = self.messages(&batch, partition, cur.attempts);
+                    let res = if msgs.is_empty() {
+                        Ok(())
+                    } else {
+                        self.call(f(&msgs, &txn), self.tuning.handler_timeout).await
+                    };
+                    match res {
+                        Ok(()) => processed = last.seq,
+                        // Alone: the head's failure. Several: split the batch to find it.
+                        Err(e) => {
+                            failure = Some((if batch.len() == 1 { 0 } else { batch.len() / 2 }, e))
+                        }
                     }
                 }
             }
@@ -369,7 +391,12 @@ impl Processor {
     /// One leased batch: claim a lease in a short transaction, run the handler outside any
     /// transaction until the lease end minus headroom, then ack what succeeded with a write
     /// fenced by the lease token.
-    async fn leased_batch(&self, f: &LeasedFn, partition: u32) -> Result<Step, DbErr> {
+    async fn leased_batch(
+        &self,
+        f: &Call<LeasedFn, LeasedBatchFn>,
+        partition: u32,
+        limit_once: &mut Option<u32>,
+    ) -> Result<Step, DbErr> {
         let store = &self.shared.store;
         let claim_txn = store.begin_write().await?;
         let Some(cur) = store
@@ -384,13 +411,14 @@ impl Processor {
             let _ = claim_txn.rollback().await;
             return Ok(Step::Done);
         }
+        let limit = limit_once.take().unwrap_or(self.tuning.batch_size);
         let batch = store
             .read_batch(
                 &*claim_txn,
                 &self.queue,
                 partition,
                 cur.processed_seq,
-                self.tuning.batch_size,
+                limit,
             )
             .await?;
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
@@ -449,11 +477,65 @@ impl Processor {
         let span = tracing::info_span!("outbox.batch", queue = %self.queue, handler = %self.handler,
             partition, first_seq = first.seq, last_seq = last.seq, attempt = attempts + 1, mode = "leased");
         async {
-            let full = batch.len() == self.tuning.batch_size as usize;
+            let full = batch.len() == limit as usize;
             let mut processed = cur.processed_seq;
             let mut failure: Option<(usize, HandlerError)> = None;
             let mut interrupted = false;
+            let ctx_for = |seq: i64, attempt: u64| LeaseContext {
+                queue: self.queue.clone(),
+                handler: self.handler.clone(),
+                partition,
+                seq,
+                attempt,
+                deadline,
+                lease_expires_at_ms: expires_at,
+            };
+            let one = match f {
+                Call::One(one) => Some(one),
+                Call::Many(many) => {
+                    let msgs = self.messages(&batch, partition, attempts);
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let result = match msgs.first() {
+                        None => Ok(()),
+                        Some(m) => {
+                            self.call(many(&msgs, &ctx_for(m.seq, m.attempt)), left)
+                                .await
+                        }
+                    };
+                    match result {
+                        Ok(()) => processed = last.seq,
+                        Err(Failure::Interrupted) => interrupted = true,
+                        Err(Failure::Handler(e)) if batch.len() == 1 => failure = Some((0, e)),
+                        Err(Failure::Handler(_)) => {
+                            // Split the batch to find the failing message: give the lease
+                            // back without progress and claim the first half next.
+                            let u = CursorUpdate {
+                                processed_seq: cur.processed_seq,
+                                attempts,
+                                retry_at: 0,
+                                blocked: false,
+                                last_error: None,
+                            };
+                            let _gate = store.write_guard().await;
+                            store
+                                .update_cursor(
+                                    &store.db,
+                                    &self.queue,
+                                    &self.handler,
+                                    partition,
+                                    &u,
+                                    Some(&token),
+                                )
+                                .await?;
+                            *limit_once = Some((batch.len() / 2) as u32);
+                            return Ok(Step::More);
+                        }
+                    }
+                    None
+                }
+            };
             for (i, m) in batch.iter().enumerate() {
+                let Some(f) = one else { break };
                 if !self.mine(m) {
                     processed = m.seq;
                     continue;
@@ -464,15 +546,7 @@ impl Processor {
                 }
                 let attempt = if i == 0 { attempts as u64 + 1 } else { 1 };
                 let msg = m.clone().into_message(&self.queue, partition, attempt);
-                let ctx = LeaseContext {
-                    queue: self.queue.clone(),
-                    handler: self.handler.clone(),
-                    partition,
-                    seq: m.seq,
-                    attempt,
-                    deadline,
-                    lease_expires_at_ms: expires_at,
-                };
+                let ctx = ctx_for(m.seq, attempt);
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let result = if left.is_zero() {
                     Err(Failure::Handler(HandlerError::retry(
@@ -569,6 +643,27 @@ impl Processor {
         }
         .instrument(span)
         .await
+    }
+}
+
+impl Processor {
+    /// The messages of `batch` this handler should see, with their attempt numbers (the head
+    /// carries the cursor's failed attempts).
+    fn messages(
+        &self,
+        batch: &[StoredMessage],
+        partition: u32,
+        head_attempts: i64,
+    ) -> Vec<Message> {
+        batch
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| self.mine(m))
+            .map(|(i, m)| {
+                let attempt = if i == 0 { head_attempts as u64 + 1 } else { 1 };
+                m.clone().into_message(&self.queue, partition, attempt)
+            })
+            .collect()
     }
 }
 
