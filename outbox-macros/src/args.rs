@@ -21,6 +21,7 @@ pub(crate) mod sym {
     pub(crate) const CRATE: &str = "crate";
     pub(crate) const TRANSACTIONAL: &str = "transactional";
     pub(crate) const LEASED: &str = "leased";
+    pub(crate) const BATCH: &str = "batch";
     pub(crate) const KEY: &str = "key";
 }
 
@@ -68,6 +69,8 @@ pub(crate) enum Mode {
 #[derive(Default)]
 pub(crate) struct HandlerArgs {
     pub(crate) mode: Option<Arg<Mode>>,
+    /// `batch`: the handler takes `Vec<Payload>` and is called once per batch.
+    pub(crate) batch: Option<Span>,
     pub(crate) name: Option<Arg<String>>,
     pub(crate) knobs: Knobs,
     pub(crate) krate: Option<syn::Path>,
@@ -75,7 +78,7 @@ pub(crate) struct HandlerArgs {
 
 const QUEUE_KEYS: &str =
     "`partitions`, `name`, `max_attempts`, `poison`, `batch_size`, `concurrency`, `crate`";
-const HANDLER_KEYS: &str = "`transactional`, `leased`, `name`, `max_attempts`, `batch_size`, `concurrency`, `lease_ms`, `crate`";
+const HANDLER_KEYS: &str = "`transactional`, `leased`, `batch`, `name`, `max_attempts`, `batch_size`, `concurrency`, `lease_ms`, `crate`";
 
 /// Parses `args` with `each` called per argument; a syntax error that stops the parser is
 /// recorded too.
@@ -362,6 +365,16 @@ impl HandlerArgs {
                 return Ok(());
             }
             match key.as_str() {
+                sym::BATCH => {
+                    if !meta.input.is_empty() && !meta.input.peek(syn::Token![,]) {
+                        skip(meta)?;
+                        errors.at(
+                            span,
+                            "`batch` takes no value; write `#[outbox::handler(transactional, batch)]`",
+                        );
+                    }
+                    out.batch = Some(span);
+                }
                 sym::NAME => {
                     let v = name(meta, "handler", errors)?;
                     set(&mut out.name, v, &key, span, errors);

@@ -44,7 +44,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         errors.at(lease.span, "`lease_ms` applies to `leased` handlers only");
     }
     let before = errors.count();
-    let sig = check_sig(&func.sig, mode, &mut errors);
+    let sig = check_sig(&func.sig, mode, args.batch.is_some(), &mut errors);
     // A signature the wrapper cannot call would only add secondary errors: register nothing.
     let callable = errors.count() == before;
     let mut out = TokenStream::new();
@@ -59,7 +59,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     out
 }
 
-fn check_sig(sig: &syn::Signature, mode: Option<Mode>, errors: &mut Errors) -> Sig {
+fn check_sig(sig: &syn::Signature, mode: Option<Mode>, batch: bool, errors: &mut Errors) -> Sig {
     if sig.asyncness.is_none() {
         errors.at(
             sig.fn_token.span,
@@ -99,13 +99,21 @@ fn check_sig(sig: &syn::Signature, mode: Option<Mode>, errors: &mut Errors) -> S
             syn::FnArg::Typed(t) => typed.push(&*t.ty),
         }
     }
-    let expected = match mode {
-        Some(Mode::Transactional) => "`async fn name(msg: Payload, txn: &DatabaseTransaction)`",
-        Some(Mode::Leased) | None => {
+    let expected = match (mode, batch) {
+        (Some(Mode::Transactional), false) => {
+            "`async fn name(msg: Payload, txn: &DatabaseTransaction)`"
+        }
+        (Some(Mode::Transactional), true) => {
+            "`async fn name(msgs: Vec<Payload>, txn: &DatabaseTransaction)`"
+        }
+        (Some(Mode::Leased) | None, false) => {
             "`async fn name(msg: Payload, ctx: &LeaseContext)` (the context is optional)"
         }
+        (Some(Mode::Leased) | None, true) => {
+            "`async fn name(msgs: Vec<Payload>, ctx: &LeaseContext)` (the context is optional)"
+        }
     };
-    let payload = typed.first().map(|ty| (*ty).clone());
+    let mut payload = typed.first().map(|ty| (*ty).clone());
     if payload.is_none() {
         errors.at(
             sig.paren_token.span.join(),
@@ -119,6 +127,21 @@ fn check_sig(sig: &syn::Signature, mode: Option<Mode>, errors: &mut Errors) -> S
             r,
             "the first parameter of a handler takes the message by value (it is decoded for each delivery); remove the `&`",
         );
+    }
+    if batch {
+        payload = match payload.as_ref().map(vec_item) {
+            Some(Some(item)) => Some(item),
+            Some(None) => {
+                errors.spanned(
+                    typed[0],
+                    format_args!(
+                        "a `batch` handler takes the messages as `Vec<Payload>`: {expected}"
+                    ),
+                );
+                None
+            }
+            None => None,
+        };
     }
     let context = typed.get(1).copied();
     match (mode, context) {
@@ -148,6 +171,22 @@ fn check_sig(sig: &syn::Signature, mode: Option<Mode>, errors: &mut Errors) -> S
     }
 }
 
+/// `T` of a `Vec<T>` type written as a path ending in `Vec`.
+fn vec_item(ty: &syn::Type) -> Option<syn::Type> {
+    let syn::Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last()?;
+    if last.ident != "Vec" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    match args.args.first() {
+        Some(syn::GenericArgument::Type(t)) if args.args.len() == 1 => Some(t.clone()),
+        _ => None,
+    }
+}
+
 /// Whether `ty` is a reference to a path ending in `last`.
 fn names(ty: &syn::Type, last: &str) -> bool {
     let ty = match ty {
@@ -171,17 +210,33 @@ fn register(
     let name = args.name.as_ref().map_or(fn_name, |n| n.value.clone());
     debug_assert!(check::name_problem(&name).is_none() || args.name.is_none());
     let lt = syn::Lifetime::new("'__outbox_a", Span::call_site());
-    let (cx_ty, wrap, mode_tokens) = match mode {
-        Mode::Transactional => (
+    let batch = args.batch.is_some();
+    let (cx_ty, wrap, mode_tokens) = match (mode, batch) {
+        (Mode::Transactional, false) => (
             quote!(#private::DatabaseTransaction),
             quote!(#private::transactional),
             quote!(#private::HandlerMode::Transactional),
         ),
-        Mode::Leased => (
+        (Mode::Transactional, true) => (
+            quote!(#private::DatabaseTransaction),
+            quote!(#private::transactional_batch),
+            quote!(#private::HandlerMode::Transactional),
+        ),
+        (Mode::Leased, false) => (
             quote!(#private::LeaseContext),
             quote!(#private::leased),
             quote!(#private::HandlerMode::Leased),
         ),
+        (Mode::Leased, true) => (
+            quote!(#private::LeaseContext),
+            quote!(#private::leased_batch),
+            quote!(#private::HandlerMode::Leased),
+        ),
+    };
+    let msg_ty = if batch {
+        quote!(#private::Vec<#payload>)
+    } else {
+        quote!(#payload)
     };
     // The context argument is spanned at the user's parameter type, so a mismatch lands there.
     let cx = match context {
@@ -201,7 +256,7 @@ fn register(
             #[doc(hidden)]
             #[allow(clippy::needless_lifetimes)]
             fn __outbox_call<#lt>(
-                __outbox_msg: #payload,
+                __outbox_msg: #msg_ty,
                 __outbox_cx: &#lt #cx_ty,
             ) -> #private::HandlerFuture<#lt> {
                 let _ = &__outbox_cx;

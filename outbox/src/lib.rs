@@ -50,13 +50,14 @@ pub mod __private {
     pub use ::inventory;
     pub use ::sea_orm::DatabaseTransaction;
     pub use ::std::boxed::Box;
+    pub use ::std::vec::Vec;
 
     pub use crate::error::HandlerError;
     pub use crate::handler::{HandlerFuture, HandlerSpec, LeaseContext};
     pub use crate::profile::Overrides;
     pub use crate::queue::PoisonPolicy;
     pub use crate::typed::{
-        HandlerDecl, HandlerMode, Queue, QueueDecl, leased, partition_for_key, spread,
-        transactional,
+        HandlerDecl, HandlerMode, Queue, QueueDecl, leased, leased_batch, partition_for_key,
+        spread, transactional, transactional_batch,
     };
 }

@@ -205,7 +205,54 @@ async fn concurrent_bootstrap_creates_the_schema_once(t: Arc<TestDb>) {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[outbox::queue(partitions = 2, name = "typed_bulk")]
+struct Bulk {
+    #[outbox(key)]
+    k: u32,
+    n: u32,
+}
+
+/// A batch handler written with the attribute: one call, one transaction per batch.
+#[outbox::handler(transactional, batch, batch_size = 50)]
+async fn bulk_store(items: Vec<Bulk>, txn: &DatabaseTransaction) -> Result<(), HandlerError> {
+    for item in items {
+        let sql = format!("INSERT INTO bulk (k, n) VALUES ({}, {})", item.k, item.n);
+        txn.execute_unprepared(&sql).await?;
+    }
+    Ok(())
+}
+
+/// `#[outbox::handler(transactional, batch)]` discovered and started with `outbox::discover`:
+/// every message lands once, through few calls.
+async fn attribute_batch_handler_drains_in_batches(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    db.execute_unprepared("CREATE TABLE bulk (k BIGINT NOT NULL, n BIGINT NOT NULL)")
+        .await
+        .expect("create table");
+    let rt = outbox::discover(db.clone())
+        .profile(Profile::LowLatency)
+        .only_handlers(["bulk_store"])
+        .install_global(false)
+        .start()
+        .await
+        .expect("start");
+    let items: Vec<Bulk> = (0..200).map(|n| Bulk { k: n % 7, n }).collect();
+    let txn = db.begin().await.expect("begin");
+    for item in &items {
+        item.enqueue_with(&rt, &txn).await.expect("enqueue");
+    }
+    txn.commit().await.expect("commit");
+    eventually(Duration::from_secs(30), "bulk rows", || async {
+        scalar(&db, "SELECT COUNT(*) FROM bulk").await == 200
+    })
+    .await;
+    assert_eq!(scalar(&db, "SELECT COUNT(DISTINCT n) FROM bulk").await, 200);
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+}
+
 on_every_backend!(
+    attribute_batch_handler_drains_in_batches,
     typed_messages_route_by_key_and_bad_bytes_are_dead_lettered,
     concurrent_bootstrap_creates_the_schema_once,
 );
