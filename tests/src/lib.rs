@@ -485,3 +485,15 @@ pub async fn assert_invariants(db: &DatabaseConnection, prefix: &str) {
     .await;
     assert_eq!(dup[0][0], 0, "a message was dead-lettered twice");
 }
+
+/// Waits until `queue` has nothing unsequenced and no handler has anything pending.
+pub async fn wait_drained(outbox: &outbox::Outbox, queue: &str, timeout: Duration) {
+    eventually(timeout, &format!("queue `{queue}` drained"), || async {
+        outbox
+            .depth(queue)
+            .await
+            .map(|d| d.unsequenced == 0 && d.handlers.iter().all(|h| h.pending == 0))
+            .unwrap_or(false)
+    })
+    .await;
+}

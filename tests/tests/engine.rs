@@ -248,17 +248,7 @@ async fn transactional_effects_happen_exactly_once(t: Arc<TestDb>) {
     let txn = db.begin().await.expect("begin");
     rt.enqueue_batch(&txn, &batch).await.expect("enqueue");
     txn.commit().await.expect("commit");
-    let o = rt.outbox().clone();
-    eventually(WAIT, "drained", || {
-        let o = o.clone();
-        async move {
-            o.depth("effects")
-                .await
-                .map(|d| d.unsequenced == 0 && d.handlers[0].pending == 0)
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    outbox_tests::wait_drained(&rt, "effects", WAIT).await;
     let rows = effects(&db).await;
     assert_eq!(
         rows.len(),
@@ -491,17 +481,7 @@ async fn batch_handlers_isolate_a_poisoned_message(t: Arc<TestDb>) {
         })
         .collect();
     rt.enqueue_batch(&db, &msgs).await.expect("enqueue");
-    let o = rt.outbox().clone();
-    eventually(WAIT, "drained", || {
-        let o = o.clone();
-        async move {
-            o.depth("batchy")
-                .await
-                .map(|d| d.handlers.iter().all(|h| h.pending == 0) && d.unsequenced == 0)
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    outbox_tests::wait_drained(&rt, "batchy", WAIT).await;
     let rows = effects(&db).await;
     let mut bodies: Vec<String> = rows.iter().map(|r| r.3.clone()).collect();
     assert_eq!(

@@ -86,17 +86,7 @@ async fn connections_killed_mid_drain_lose_nothing(t: Arc<TestDb>) {
         killed += kill_connections(&admin).await;
     }
     assert!(killed > 0, "no connection was killed");
-    let o = rt.outbox().clone();
-    eventually(WAIT, "drained after the kills", || {
-        let o = o.clone();
-        async move {
-            o.depth("faults")
-                .await
-                .map(|d| d.unsequenced == 0 && d.handlers[0].pending == 0)
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    outbox_tests::wait_drained(&rt, "faults", WAIT).await;
     let rows = effects(&admin).await;
     assert_eq!(
         rows.len(),
@@ -252,17 +242,7 @@ async fn sqlite_runs_on_a_single_connection() {
             .expect("enqueue");
         txn.commit().await.expect("commit");
     }
-    let o = rt.outbox().clone();
-    eventually(WAIT, "drained on one connection", || {
-        let o = o.clone();
-        async move {
-            o.depth("faults")
-                .await
-                .map(|d| d.handlers[0].pending == 0 && d.unsequenced == 0)
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    outbox_tests::wait_drained(&rt, "faults", WAIT).await;
     assert_eq!(effects(&db).await.len(), 20);
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
 }

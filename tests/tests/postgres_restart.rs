@@ -56,17 +56,7 @@ async fn server_restart_mid_drain_loses_nothing(t: Arc<TestDb>) {
         async move { rt.enqueue_batch(&db, &late).await.is_ok() }
     })
     .await;
-    let o = rt.outbox().clone();
-    eventually(Duration::from_secs(90), "drained after the restart", || {
-        let o = o.clone();
-        async move {
-            o.depth("restart")
-                .await
-                .map(|d| d.unsequenced == 0 && d.handlers[0].pending == 0)
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    outbox_tests::wait_drained(&rt, "restart", Duration::from_secs(90)).await;
     let rows = effects(&db).await;
     assert_eq!(
         rows.len(),

@@ -22,7 +22,7 @@ use crate::handler::{
 use crate::profile::Tuning;
 use crate::queue::Message;
 use crate::queue::PoisonPolicy;
-use crate::storage::{CursorRow, CursorUpdate, NewLease, StoredMessage, now_ms};
+use crate::storage::{CursorRow, CursorUpdate, NewLease, StoredMessage, WriteTxn, now_ms};
 
 /// One handler as the runtime runs it.
 pub(crate) struct Processor {
@@ -39,6 +39,14 @@ pub(crate) struct Processor {
     pub(crate) tracker: TaskTracker,
     pub(crate) cancel: CancellationToken,
     pub(crate) hard: CancellationToken,
+}
+
+/// A locked cursor and the batch read under its lock.
+struct Claim {
+    txn: WriteTxn,
+    cur: CursorRow,
+    batch: Vec<StoredMessage>,
+    limit: u32,
 }
 
 /// How one batch ended.
@@ -212,6 +220,44 @@ impl Processor {
         }
     }
 
+    /// Locks the cursor of `partition` (skipping it if another worker holds it) and reads the
+    /// next batch; `None`, with the transaction rolled back, when the partition is blocked,
+    /// waiting for a retry, leased by someone else, or has nothing to read.
+    async fn claim(
+        &self,
+        partition: u32,
+        limit_once: &mut Option<u32>,
+    ) -> Result<Option<Claim>, DbErr> {
+        let store = &self.shared.store;
+        let txn = store.begin_write().await?;
+        let Some(cur) = store
+            .lock_cursor(&*txn, &self.queue, &self.handler, partition)
+            .await?
+        else {
+            let _ = txn.rollback().await;
+            return Ok(None);
+        };
+        let now = now_ms();
+        if cur.blocked || cur.retry_at > now || cur.lease_expires_at.is_some_and(|e| e > now) {
+            let _ = txn.rollback().await;
+            return Ok(None);
+        }
+        let limit = limit_once.take().unwrap_or(self.tuning.batch_size);
+        let batch = store
+            .read_batch(&*txn, &self.queue, partition, cur.processed_seq, limit)
+            .await?;
+        if batch.is_empty() {
+            let _ = txn.rollback().await;
+            return Ok(None);
+        }
+        Ok(Some(Claim {
+            txn,
+            cur,
+            batch,
+            limit,
+        }))
+    }
+
     // ------------------------------------------------------------ transactional
 
     /// One batch in one transaction: lock the cursor, handle messages in order, advance the
@@ -226,24 +272,16 @@ impl Processor {
         limit_once: &mut Option<u32>,
     ) -> Result<Step, DbErr> {
         let store = &self.shared.store;
-        let txn = store.begin_write().await?;
-        let Some(cur) = store
-            .lock_cursor(&*txn, &self.queue, &self.handler, partition)
-            .await?
+        let Some(Claim {
+            txn,
+            cur,
+            batch,
+            limit,
+        }) = self.claim(partition, limit_once).await?
         else {
-            let _ = txn.rollback().await;
             return Ok(Step::Done);
         };
-        if cur.blocked || cur.retry_at > now_ms() {
-            let _ = txn.rollback().await;
-            return Ok(Step::Done);
-        }
-        let limit = limit_once.take().unwrap_or(self.tuning.batch_size);
-        let batch = store
-            .read_batch(&*txn, &self.queue, partition, cur.processed_seq, limit)
-            .await?;
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
-            let _ = txn.rollback().await;
             return Ok(Step::Done);
         };
         let span = tracing::info_span!("outbox.batch", queue = %self.queue, handler = %self.handler,
@@ -398,31 +436,16 @@ impl Processor {
         limit_once: &mut Option<u32>,
     ) -> Result<Step, DbErr> {
         let store = &self.shared.store;
-        let claim_txn = store.begin_write().await?;
-        let Some(cur) = store
-            .lock_cursor(&*claim_txn, &self.queue, &self.handler, partition)
-            .await?
+        let Some(Claim {
+            txn: claim_txn,
+            cur,
+            batch,
+            limit,
+        }) = self.claim(partition, limit_once).await?
         else {
-            let _ = claim_txn.rollback().await;
             return Ok(Step::Done);
         };
-        let now = now_ms();
-        if cur.blocked || cur.retry_at > now || cur.lease_expires_at.is_some_and(|e| e > now) {
-            let _ = claim_txn.rollback().await;
-            return Ok(Step::Done);
-        }
-        let limit = limit_once.take().unwrap_or(self.tuning.batch_size);
-        let batch = store
-            .read_batch(
-                &*claim_txn,
-                &self.queue,
-                partition,
-                cur.processed_seq,
-                limit,
-            )
-            .await?;
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
-            let _ = claim_txn.rollback().await;
             return Ok(Step::Done);
         };
         let mut attempts = cur.attempts;
