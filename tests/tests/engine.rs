@@ -947,6 +947,78 @@ async fn two_runtimes_share_work_without_duplicates(t: Arc<TestDb>) {
         .expect("shutdown b");
 }
 
+/// Guarantee 2: never two batches of one (partition, handler) at once, across runtimes with
+/// their own pools; for both modes, measured inside the handlers.
+async fn one_batch_per_partition_at_a_time_across_runtimes(t: Arc<TestDb>) {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let in_flight: Arc<Mutex<HashMap<(String, u32), u32>>> = Arc::default();
+    let overlaps = Arc::new(AtomicU32::new(0));
+    let handled = Arc::new(AtomicU32::new(0));
+    let guard = |name: &'static str| {
+        let (in_flight, overlaps, handled) = (in_flight.clone(), overlaps.clone(), handled.clone());
+        move |m: &outbox::Message| {
+            let key = (name.to_owned(), m.partition());
+            let (in_flight, overlaps, handled) =
+                (in_flight.clone(), overlaps.clone(), handled.clone());
+            Box::pin(async move {
+                {
+                    let mut f = in_flight.lock().expect("lock");
+                    let n = f.entry(key.clone()).or_default();
+                    *n += 1;
+                    if *n > 1 {
+                        overlaps.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                *in_flight.lock().expect("lock").entry(key).or_default() -= 1;
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }) as outbox::HandlerFuture<'static>
+        }
+    };
+    let mut runtimes = Vec::new();
+    for _ in 0..2 {
+        let db = t.pool(10).await;
+        let (tx, leased) = (guard("tx"), guard("leased"));
+        runtimes.push(
+            Outbox::builder(db)
+                .profile(Profile::LowLatency)
+                .queue(QueueSpec::new("excl", 4))
+                .handler(
+                    HandlerSpec::transactional("excl", "tx", move |m, _| tx(m))
+                        .overrides(Overrides::NONE.batch_size(4).concurrency(4)),
+                )
+                .handler(
+                    HandlerSpec::leased("excl", "leased", move |m, _| leased(m))
+                        .overrides(Overrides::NONE.batch_size(4).concurrency(4)),
+                )
+                .start()
+                .await
+                .expect("start"),
+        );
+    }
+    let db = t.pool(2).await;
+    let batch: Vec<NewMessage> = (0..200)
+        .map(|i| NewMessage::new("excl", i % 4, format!("{i}")))
+        .collect();
+    runtimes[0]
+        .enqueue_batch(&db, &batch)
+        .await
+        .expect("enqueue");
+    outbox_tests::wait_drained(&runtimes[1], "excl", WAIT).await;
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "two batches of one partition ran at once"
+    );
+    assert!(handled.load(Ordering::SeqCst) >= 400);
+    for rt in runtimes {
+        rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    }
+    outbox_tests::assert_invariants(&db, "outbox_").await;
+}
+
 /// Guarantee 9: shutdown lets in-flight handlers finish within the grace period; past it, they
 /// are cancelled, leases released, nothing half-acked, and the message is delivered later.
 async fn graceful_shutdown_finishes_or_releases_work(t: Arc<TestDb>) {
@@ -1191,6 +1263,7 @@ on_every_backend!(
     every_handler_sees_every_message,
     vacuum_keeps_what_any_handler_still_needs,
     two_runtimes_share_work_without_duplicates,
+    one_batch_per_partition_at_a_time_across_runtimes,
     graceful_shutdown_finishes_or_releases_work,
     bad_input_gets_typed_errors_and_writes_nothing,
     producer_only_then_start_delivers_the_backlog,
