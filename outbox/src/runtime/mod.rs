@@ -528,6 +528,7 @@ impl Builder {
                 wake: shared.wake.register_handler(&h.queue),
                 in_flight: Mutex::new(HashSet::new()),
                 slots: Arc::new(Semaphore::new(tuning.concurrency as usize)),
+                starved: std::sync::atomic::AtomicBool::new(false),
                 tracker: tracker.clone(),
                 cancel: cancel.child_token(),
                 hard: hard.clone(),

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub(crate) struct Processor {
     pub(crate) wake: Arc<Notify>,
     pub(crate) in_flight: Mutex<HashSet<u32>>,
     pub(crate) slots: Arc<Semaphore>,
+    /// The dispatcher left ready partitions behind for lack of a slot.
+    pub(crate) starved: AtomicBool,
     pub(crate) tracker: TaskTracker,
     pub(crate) cancel: CancellationToken,
     pub(crate) hard: CancellationToken,
@@ -54,8 +57,10 @@ struct Claim {
 enum Step {
     /// More messages may be waiting: run another batch now.
     More,
-    /// Nothing more to do here now.
+    /// A batch was handled and nothing more is waiting.
     Done,
+    /// Nothing was claimed: locked elsewhere, leased, waiting for a retry, blocked or empty.
+    Idle,
 }
 
 /// Why a handler call did not succeed.
@@ -91,7 +96,8 @@ impl Processor {
                 continue;
             }
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-                // Every slot is busy; a finishing task wakes us.
+                // Every slot is busy; the next task to finish wakes us.
+                self.starved.store(true, Ordering::Relaxed);
                 break;
             };
             {
@@ -104,12 +110,17 @@ impl Processor {
             }
             let this = self.clone();
             self.tracker.spawn(async move {
-                this.drain_partition(rp.partition).await;
+                let worked = this.drain_partition(rp.partition).await;
                 if let Ok(mut set) = this.in_flight.lock() {
                     set.remove(&rp.partition);
                 }
                 drop(permit);
-                this.wake.notify_one();
+                // Look again if messages may have arrived meanwhile or others wait for a slot.
+                // A partition found locked elsewhere does not wake the dispatcher, so two
+                // runtimes do not spin on each other's locks.
+                if worked || this.starved.swap(false, Ordering::Relaxed) {
+                    this.wake.notify_one();
+                }
             });
         }
         Ok(match due {
@@ -118,8 +129,10 @@ impl Processor {
         })
     }
 
-    /// Runs batches of one partition until it is drained, blocked or taken elsewhere.
-    async fn drain_partition(&self, partition: u32) {
+    /// Runs batches of one partition until it is drained, blocked or taken elsewhere; returns
+    /// whether it did anything.
+    async fn drain_partition(&self, partition: u32) -> bool {
+        let mut worked = false;
         let mut limit_once = None;
         let mut error_delay = Duration::from_millis(100);
         while !self.cancel.is_cancelled() {
@@ -131,19 +144,22 @@ impl Processor {
                 Mode::Leased(f) => self.leased_batch(f, partition, &mut limit_once).await,
             };
             match res {
-                Ok(Step::More) => continue,
-                Ok(Step::Done) => return,
+                Ok(Step::More) => worked = true,
+                Ok(Step::Done) => return true,
+                Ok(Step::Idle) => return worked,
                 Err(e) => {
+                    worked = true;
                     tracing::warn!(queue = %self.queue, handler = %self.handler, partition, error = %e,
                         retry_in = ?error_delay, "batch failed; retrying");
                     tokio::select! {
-                        _ = self.cancel.cancelled() => return,
+                        _ = self.cancel.cancelled() => return worked,
                         _ = tokio::time::sleep(error_delay) => {}
                     }
                     error_delay = (error_delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
+        worked
     }
 
     /// Runs one handler call with its time limit, catching panics; hard shutdown interrupts it.
@@ -279,7 +295,7 @@ impl Processor {
             limit,
         }) = self.claim(partition, limit_once).await?
         else {
-            return Ok(Step::Done);
+            return Ok(Step::Idle);
         };
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             return Ok(Step::Done);
@@ -443,7 +459,7 @@ impl Processor {
             limit,
         }) = self.claim(partition, limit_once).await?
         else {
-            return Ok(Step::Done);
+            return Ok(Step::Idle);
         };
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             return Ok(Step::Done);
