@@ -17,9 +17,10 @@ use crate::error::RegistryProblem;
 /// | lease / headroom | 30 s / 2 s | 30 s / 2 s | 60 s / 5 s | 60 s / 5 s |
 /// | vacuum interval | 5 s | 2 s | 5 s | 30 s |
 ///
-/// On PostgreSQL wake-ups come from LISTEN/NOTIFY, so the poll interval only bounds recovery
-/// after a lost notification; on SQLite and MySQL/MariaDB another process's messages are found
-/// by polling at this interval (messages of this process wake the workers at once).
+/// On PostgreSQL wake-ups come from LISTEN/NOTIFY, so polling is only a safety net there and
+/// runs at most once a second whatever the profile says; on SQLite and MySQL/MariaDB another
+/// process's messages are found by polling at this interval (messages of this process wake the
+/// workers at once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Profile {

@@ -29,6 +29,9 @@ use crate::storage::{DeadLetter, DeadLetterFilter, QueueDepth, Registered, Store
 use wake::Wake;
 use worker::Pacing;
 
+/// Poll interval floor on PostgreSQL, where LISTEN/NOTIFY announces new work.
+const PG_SAFETY_POLL: Duration = Duration::from_secs(1);
+
 /// Default table prefix.
 pub const DEFAULT_TABLE_PREFIX: &str = "outbox_";
 
@@ -506,8 +509,16 @@ impl Builder {
         let owner: Arc<str> =
             format!("{}-{:08x}", std::process::id(), rand::random::<u32>()).into();
         let base = builder.profile.tuning();
-        let pacing = move |poll| Pacing {
-            poll,
+        // On PostgreSQL every change another process makes is announced by NOTIFY (delivered
+        // on commit), and retries and lease expiries wake their workers by timer, so polling
+        // is only a safety net there and runs at most once a second.
+        let listens = shared.store.is_pg();
+        let pacing = move |poll: Duration| Pacing {
+            poll: if listens {
+                poll.max(PG_SAFETY_POLL)
+            } else {
+                poll
+            },
             error_min: rt.error_backoff_min,
             error_max: rt.error_backoff_max,
         };
