@@ -429,9 +429,10 @@ impl Builder {
                 .register_handler(&h.queue, &h.name, known[&*h.queue])
                 .await?;
         }
+        let wake = Arc::new(Wake::new(store.is_pg()));
         let shared = Arc::new(Shared {
             store,
-            wake: Arc::new(Wake::new()),
+            wake,
             max_payload: self.max_payload,
             known: RwLock::new(known),
             acked: AtomicU64::new(0),

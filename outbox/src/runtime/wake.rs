@@ -26,6 +26,7 @@ struct Eager {
 /// before a worker waits is not lost.
 #[derive(Debug)]
 pub(crate) struct Wake {
+    notified_on_commit: bool,
     pub(crate) sequencer: Arc<Notify>,
     pub(crate) vacuum: Arc<Notify>,
     eager: Mutex<Eager>,
@@ -33,8 +34,11 @@ pub(crate) struct Wake {
 }
 
 impl Wake {
-    pub(crate) fn new() -> Self {
+    /// `notified_on_commit`: the database announces committed enqueues itself (PostgreSQL's
+    /// NOTIFY), so an in-process enqueue needs no eager re-checks.
+    pub(crate) fn new(notified_on_commit: bool) -> Self {
         Self {
+            notified_on_commit,
             sequencer: Arc::new(Notify::new()),
             vacuum: Arc::new(Notify::new()),
             eager: Mutex::new(Eager {
@@ -47,6 +51,9 @@ impl Wake {
 
     /// A message was enqueued in this process (perhaps not committed yet).
     pub(crate) fn enqueued(&self) {
+        if self.notified_on_commit {
+            return; // the NOTIFY sent with the insert wakes the sequencer once it commits
+        }
         if let Ok(mut e) = self.eager.lock() {
             e.until = Some(Instant::now() + EAGER_WINDOW);
             e.next_delay = EAGER_FIRST;
@@ -165,7 +172,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_enqueue_opens_a_short_eager_window_with_a_ramp() {
-        let w = Wake::new();
+        let w = Wake::new(false);
         let cap = Duration::from_millis(50);
         assert_eq!(w.eager_delay(cap), None, "no enqueue, no eager re-check");
         w.enqueued();
