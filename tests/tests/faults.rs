@@ -247,7 +247,43 @@ async fn sqlite_runs_on_a_single_connection() {
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
 }
 
+/// A batch bigger than one statement's packet (24 messages of 1 MiB) is split into several
+/// INSERTs inside the caller's transaction and delivered byte-exact.
+async fn large_batch_of_large_payloads(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("faults", 1))
+        .handler(
+            HandlerSpec::leased("faults", "h", move |m, _| {
+                g.lock()
+                    .expect("lock")
+                    .push((m.payload().len(), m.payload()[0]));
+                Box::pin(async { Ok(()) })
+            })
+            .overrides(outbox::Overrides::NONE.batch_size(4)),
+        )
+        .start()
+        .await
+        .expect("start");
+    let batch: Vec<_> = (0..24u8)
+        .map(|i| NewMessage::new("faults", 0, vec![i; 1 << 20]))
+        .collect();
+    let txn = db.begin().await.expect("begin");
+    rt.enqueue_batch(&txn, &batch)
+        .await
+        .expect("enqueue 24 MiB in one transaction");
+    txn.commit().await.expect("commit");
+    outbox_tests::wait_drained(&rt, "faults", WAIT).await;
+    let got = got.lock().expect("lock").clone();
+    assert_eq!(got, (0..24u8).map(|i| (1 << 20, i)).collect::<Vec<_>>());
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+}
+
 on_every_backend!(
+    large_batch_of_large_payloads,
     connections_killed_mid_drain_lose_nothing,
     pool_too_small_fails_fast,
     long_producer_transaction_stalls_nothing,

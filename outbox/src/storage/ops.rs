@@ -180,6 +180,23 @@ pub struct QueueDepth {
     pub handlers: Vec<HandlerDepth>,
 }
 
+/// Rows per INSERT statement: at most 500, and at most about 4 MiB of payload (MySQL's
+/// `max_allowed_packet` defaults to 16 or 64 MiB), but always at least one row.
+fn statement_rows(rows: &[(&str, u32, &[u8], Option<&str>)]) -> usize {
+    const MAX_ROWS: usize = 500;
+    const MAX_BYTES: usize = 4 << 20;
+    let mut bytes = 0;
+    let mut n = 0;
+    for (_, _, payload, _) in rows.iter().take(MAX_ROWS) {
+        bytes += payload.len();
+        if n > 0 && bytes > MAX_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n.max(1)
+}
+
 fn dead_letter_from_row(r: &sea_orm::QueryResult) -> Result<DeadLetter, DbErr> {
     Ok(DeadLetter {
         id: col(r, 0)?,
@@ -209,7 +226,11 @@ impl Store {
         rows: &[(&str, u32, &[u8], Option<&str>)],
     ) -> Result<(), DbErr> {
         let now = now_ms();
-        for chunk in rows.chunks(500) {
+        let mut rest = rows;
+        while !rest.is_empty() {
+            let take = statement_rows(rest);
+            let (chunk, tail) = rest.split_at(take);
+            rest = tail;
             let mut values = Vec::with_capacity(chunk.len() * 5);
             for (queue, partition, payload, target) in chunk {
                 values.push((*queue).into());
@@ -962,4 +983,31 @@ async fn cur_error<C: ConnectionTrait>(
         .transpose()?
         .flatten()
         .unwrap_or_else(|| "skipped by an operator".to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::statement_rows;
+
+    #[test]
+    fn insert_statements_are_bounded_by_rows_and_bytes() {
+        let small = vec![0u8; 10];
+        let big = vec![0u8; 3 << 20];
+        let rows = |p: &'static [u8], n: usize| vec![("q", 0u32, p, None::<&str>); n];
+        let small: &'static [u8] = small.leak();
+        let big: &'static [u8] = big.leak();
+        assert_eq!(statement_rows(&rows(small, 1200)), 500);
+        assert_eq!(statement_rows(&rows(small, 7)), 7);
+        assert_eq!(
+            statement_rows(&rows(big, 5)),
+            1,
+            "two 3 MiB payloads exceed 4 MiB"
+        );
+        let huge: &'static [u8] = vec![0u8; 9 << 20].leak();
+        assert_eq!(
+            statement_rows(&rows(huge, 2)),
+            1,
+            "a row larger than the cap still goes alone"
+        );
+    }
 }
