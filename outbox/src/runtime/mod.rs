@@ -89,7 +89,14 @@ impl Outbox {
         &self.shared.store.db
     }
 
-    async fn partitions_of(&self, queue: &str) -> Result<u32, EnqueueError> {
+    /// The partition count of `queue`, cached after the first look-up. The look-up reads
+    /// through the caller's own connection, so it needs no second pooled connection (a
+    /// single-connection SQLite pool held by the caller's transaction would wait forever).
+    async fn partitions_of<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        queue: &str,
+    ) -> Result<u32, EnqueueError> {
         if let Some(n) = self
             .shared
             .known
@@ -99,8 +106,7 @@ impl Outbox {
         {
             return Ok(n);
         }
-        let store = &self.shared.store;
-        match store.queue_partitions(&store.db, queue).await? {
+        match self.shared.store.queue_partitions(conn, queue).await? {
             Some(n) => {
                 if let Ok(mut k) = self.shared.known.write() {
                     k.insert(queue.to_owned(), n);
@@ -111,9 +117,13 @@ impl Outbox {
         }
     }
 
-    async fn validate(&self, m: &NewMessage) -> Result<(), EnqueueError> {
+    async fn validate<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        m: &NewMessage,
+    ) -> Result<(), EnqueueError> {
         validate_name("queue", &m.queue)?;
-        let partitions = self.partitions_of(&m.queue).await?;
+        let partitions = self.partitions_of(conn, &m.queue).await?;
         if m.partition >= partitions {
             return Err(EnqueueError::PartitionOutOfRange {
                 queue: m.queue.to_string(),
@@ -158,7 +168,7 @@ impl Outbox {
             });
         }
         for m in messages {
-            self.validate(m).await?;
+            self.validate(conn, m).await?;
         }
         if messages.is_empty() {
             return Ok(());
