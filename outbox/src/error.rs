@@ -24,6 +24,9 @@ pub enum Error {
     /// The dead letter does not exist (already replayed, discarded or purged).
     #[error("dead letter {0} not found")]
     DeadLetterNotFound(i64),
+    /// The lease expired or was taken over before it could be renewed.
+    #[error("the lease was lost (expired or taken over); stop non-idempotent work")]
+    LeaseLost,
     /// The runtime did not stop within the grace period; in-flight work was cancelled and its
     /// leases released.
     #[error("shutdown grace period of {0:?} elapsed; in-flight handlers were cancelled")]

@@ -174,7 +174,7 @@ impl HandlerSpec {
     }
 }
 
-/// What a leased handler knows about its lease.
+/// What a leased handler knows about its lease, and how it extends it.
 #[derive(Debug, Clone)]
 pub struct LeaseContext {
     pub(crate) queue: Arc<str>,
@@ -182,19 +182,56 @@ pub struct LeaseContext {
     pub(crate) partition: u32,
     pub(crate) seq: i64,
     pub(crate) attempt: u64,
+    pub(crate) lease: Arc<Lease>,
+}
+
+/// The lease of one batch, shared by the contexts of its messages.
+pub(crate) struct Lease {
+    pub(crate) shared: Arc<crate::runtime::Shared>,
+    pub(crate) token: String,
+    pub(crate) length: Duration,
+    pub(crate) headroom: Duration,
+    pub(crate) state: std::sync::Mutex<LeaseState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseState {
+    /// When the handler is cancelled: lease end minus headroom.
     pub(crate) deadline: tokio::time::Instant,
-    pub(crate) lease_expires_at_ms: i64,
+    pub(crate) expires_at_ms: i64,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("length", &self.length)
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    pub(crate) fn state(&self) -> LeaseState {
+        match self.state.lock() {
+            Ok(s) => *s,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    pub(crate) fn deadline(&self) -> tokio::time::Instant {
+        self.state().deadline
+    }
 }
 
 impl LeaseContext {
-    /// The handler's name.
-    pub fn handler(&self) -> &str {
-        &self.handler
-    }
-
     /// The queue name.
     pub fn queue(&self) -> &str {
         &self.queue
+    }
+
+    /// The handler's name.
+    pub fn handler(&self) -> &str {
+        &self.handler
     }
 
     /// The partition of the message.
@@ -202,7 +239,8 @@ impl LeaseContext {
         self.partition
     }
 
-    /// The message's sequence number in its partition.
+    /// The message's sequence number in its partition (the first message's, for a batch
+    /// handler).
     pub fn seq(&self) -> i64 {
         self.seq
     }
@@ -224,12 +262,45 @@ impl LeaseContext {
 
     /// Time left before the handler is cancelled (lease end minus headroom).
     pub fn remaining(&self) -> Duration {
-        self.deadline
+        self.lease
+            .deadline()
             .saturating_duration_since(tokio::time::Instant::now())
     }
 
     /// When the lease ends, in milliseconds since the Unix epoch.
     pub fn lease_expires_at_ms(&self) -> i64 {
-        self.lease_expires_at_ms
+        self.lease.state().expires_at_ms
+    }
+
+    /// Extends the lease by its full length from now, for handlers that need longer than one
+    /// lease; returns the new time left before cancellation. Fails with
+    /// [`Error::LeaseLost`](crate::Error::LeaseLost) if the lease already expired or was
+    /// taken over (a renewal never resurrects a lost lease): stop work whose effects are not
+    /// idempotent.
+    pub async fn renew(&self) -> Result<Duration, crate::Error> {
+        let lease = &self.lease;
+        let now = crate::storage::now_ms();
+        let expires_at_ms = now + lease.length.as_millis() as i64;
+        let started = tokio::time::Instant::now();
+        let renewed = lease
+            .shared
+            .store
+            .renew_lease(
+                &self.queue,
+                &self.handler,
+                self.partition,
+                &lease.token,
+                expires_at_ms,
+                now,
+            )
+            .await?;
+        if !renewed {
+            return Err(crate::Error::LeaseLost);
+        }
+        if let Ok(mut s) = lease.state.lock() {
+            s.deadline = started + lease.length.saturating_sub(lease.headroom);
+            s.expires_at_ms = expires_at_ms;
+        }
+        Ok(self.remaining())
     }
 }

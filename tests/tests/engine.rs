@@ -514,6 +514,96 @@ async fn batch_handlers_isolate_a_poisoned_message(t: Arc<TestDb>) {
     outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
+/// Guarantee 4: a leased handler may renew its lease to work longer than one lease; a renewal
+/// after expiry or after the ack fails and does not resurrect the lease.
+async fn leased_handlers_renew_their_lease(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let seen = Seen::default();
+    let stash: Arc<std::sync::Mutex<Vec<outbox::LeaseContext>>> = Arc::default();
+    let renewals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (s, st, rn, db2) = (seen.clone(), stash.clone(), renewals.clone(), db.clone());
+    let handler = HandlerSpec::leased("renew", "h", move |m, ctx| {
+        s.push("h", m);
+        st.lock().expect("lock").push(ctx.clone());
+        let (rn, db, body) = (
+            rn.clone(),
+            db2.clone(),
+            String::from_utf8_lossy(m.payload()).into_owned(),
+        );
+        Box::pin(async move {
+            if body == "long" {
+                // Three times the time before cancellation, renewing as it goes.
+                for _ in 0..3 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let r = ctx.renew().await.map_err(|e| e.to_string());
+                    rn.lock().expect("lock").push(r);
+                }
+            } else if body == "expired" && m.attempt() == 1 {
+                let past = now_ms() - 1;
+                raw(
+                    &db,
+                    &format!(
+                        "UPDATE outbox_cursors SET lease_expires_at = {past} WHERE queue = 'renew'"
+                    ),
+                )
+                .await;
+                let r = ctx.renew().await;
+                rn.lock().expect("lock").push(r.map_err(|e| e.to_string()));
+            }
+            Ok(())
+        })
+    })
+    .overrides(
+        Overrides::NONE
+            .lease(Duration::from_millis(600))
+            .lease_headroom(Duration::from_millis(200)),
+    );
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("renew", 1))
+        .handler(handler)
+        .start()
+        .await
+        .expect("start");
+    rt.enqueue(&db, NewMessage::new("renew", 0, "long"))
+        .await
+        .expect("enqueue");
+    seen.wait_until(WAIT, "the long handler", |d| !d.is_empty())
+        .await;
+    outbox_tests::wait_drained(&rt, "renew", WAIT).await;
+    let r = renewals.lock().expect("lock").clone();
+    assert_eq!(r.len(), 3);
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    assert_eq!(
+        seen.all().len(),
+        1,
+        "a renewed lease is not taken over: {:?}",
+        seen.all()
+    );
+
+    // After the ack, the batch's lease cannot be renewed.
+    let acked = stash.lock().expect("lock")[0].clone();
+    assert!(matches!(acked.renew().await, Err(Error::LeaseLost)));
+
+    // After expiry, renewal fails and the message is delivered again.
+    rt.enqueue(&db, NewMessage::new("renew", 0, "expired"))
+        .await
+        .expect("enqueue");
+    seen.wait_until(WAIT, "redelivery after the failed renewal", |d| {
+        d.len() >= 3
+    })
+    .await;
+    let r = renewals.lock().expect("lock").clone();
+    assert_eq!(r.len(), 4);
+    assert!(
+        r[3].as_ref().is_err_and(|e| e.contains("lease was lost")),
+        "{r:?}"
+    );
+    assert_eq!(seen.all()[2].attempt, 2);
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
+}
+
 /// Guarantee 5: backoff that new traffic does not cut short, max attempts, dead letter with
 /// the last error, the partition moves on; replay delivers once even when replays race;
 /// discard and purge.
@@ -1334,6 +1424,7 @@ on_every_backend!(
     expired_lease_is_redelivered_with_attempt_raised,
     ack_of_a_lost_lease_is_rejected,
     ack_after_lease_expiry_is_rejected,
+    leased_handlers_renew_their_lease,
     batch_handlers_isolate_a_poisoned_message,
     retries_dead_letters_and_replay,
     block_policy_holds_the_head_until_an_operator_acts,

@@ -18,7 +18,8 @@ use super::Shared;
 use super::worker::Next;
 use crate::error::{HandlerError, full_chain};
 use crate::handler::{
-    Call, HandlerFuture, LeaseContext, LeasedBatchFn, LeasedFn, Mode, TxBatchFn, TxFn,
+    Call, HandlerFuture, Lease, LeaseContext, LeaseState, LeasedBatchFn, LeasedFn, Mode, TxBatchFn,
+    TxFn,
 };
 use crate::profile::Tuning;
 use crate::queue::Message;
@@ -162,23 +163,51 @@ impl Processor {
         worked
     }
 
-    /// Runs one handler call with its time limit, catching panics; hard shutdown interrupts it.
+    /// Runs one transactional handler call with its time limit.
     async fn call(&self, fut: HandlerFuture<'_>, limit: Duration) -> Result<(), Failure> {
-        let guarded = tokio::time::timeout(limit, AssertUnwindSafe(fut).catch_unwind());
+        self.guarded(fut, tokio::time::sleep(limit), || {
+            format!("handler did not finish within {limit:?}")
+        })
+        .await
+    }
+
+    /// Runs one leased handler call until the lease's deadline, which `renew` may move.
+    async fn call_leased(&self, fut: HandlerFuture<'_>, lease: &Lease) -> Result<(), Failure> {
+        let watchdog = async {
+            loop {
+                let deadline = lease.deadline();
+                tokio::time::sleep_until(deadline).await;
+                if lease.deadline() <= deadline {
+                    return;
+                }
+            }
+        };
+        self.guarded(fut, watchdog, || {
+            "lease deadline reached (lease end minus headroom)".to_owned()
+        })
+        .await
+    }
+
+    /// Runs a handler future, catching panics, failing it when `limit` completes; hard shutdown
+    /// interrupts it.
+    async fn guarded(
+        &self,
+        fut: HandlerFuture<'_>,
+        limit: impl std::future::Future<Output = ()>,
+        timed_out: impl Fn() -> String,
+    ) -> Result<(), Failure> {
         tokio::select! {
             biased;
             _ = self.hard.cancelled() => Err(Failure::Interrupted),
-            r = guarded => match r {
-                Ok(Ok(Ok(()))) => Ok(()),
-                Ok(Ok(Err(e))) => Err(Failure::Handler(e)),
-                Ok(Err(panic)) => Err(Failure::Handler(HandlerError::retry(format!(
+            r = AssertUnwindSafe(fut).catch_unwind() => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(Failure::Handler(e)),
+                Err(panic) => Err(Failure::Handler(HandlerError::retry(format!(
                     "handler panicked: {}",
                     panic_message(panic.as_ref())
                 )))),
-                Err(_) => Err(Failure::Handler(HandlerError::retry(format!(
-                    "handler did not finish within {limit:?}"
-                )))),
-            }
+            },
+            () = limit => Err(Failure::Handler(HandlerError::retry(timed_out()))),
         }
     }
 
@@ -512,7 +541,16 @@ impl Processor {
             .await?;
         claim_txn.commit().await?;
 
-        let deadline = started + (self.tuning.lease - self.tuning.lease_headroom);
+        let lease = Arc::new(Lease {
+            shared: self.shared.clone(),
+            token: token.clone(),
+            length: self.tuning.lease,
+            headroom: self.tuning.lease_headroom,
+            state: Mutex::new(LeaseState {
+                deadline: started + (self.tuning.lease - self.tuning.lease_headroom),
+                expires_at_ms: expires_at,
+            }),
+        });
         let span = tracing::info_span!("outbox.batch", queue = %self.queue, handler = %self.handler,
             partition, first_seq = first.seq, last_seq = last.seq, attempt = attempts + 1, mode = "leased");
         async {
@@ -526,18 +564,16 @@ impl Processor {
                 partition,
                 seq,
                 attempt,
-                deadline,
-                lease_expires_at_ms: expires_at,
+                lease: lease.clone(),
             };
             let one = match f {
                 Call::One(one) => Some(one),
                 Call::Many(many) => {
                     let msgs = self.messages(&batch, partition, attempts);
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     let result = match msgs.first() {
                         None => Ok(()),
                         Some(m) => {
-                            self.call(many(&msgs, &ctx_for(m.seq, m.attempt)), left)
+                            self.call_leased(many(&msgs, &ctx_for(m.seq, m.attempt)), &lease)
                                 .await
                         }
                     };
@@ -586,13 +622,12 @@ impl Processor {
                 let attempt = if i == 0 { attempts as u64 + 1 } else { 1 };
                 let msg = m.clone().into_message(&self.queue, partition, attempt);
                 let ctx = ctx_for(m.seq, attempt);
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                let result = if left.is_zero() {
+                let result = if lease.deadline() <= tokio::time::Instant::now() {
                     Err(Failure::Handler(HandlerError::retry(
                         "lease deadline reached before the handler started",
                     )))
                 } else {
-                    self.call(f(&msg, &ctx), left).await
+                    self.call_leased(f(&msg, &ctx), &lease).await
                 };
                 match result {
                     Ok(()) => processed = m.seq,

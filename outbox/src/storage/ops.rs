@@ -611,6 +611,36 @@ impl Store {
         Ok(())
     }
 
+    /// Moves a live lease's expiry to `expires_at`; false if it expired or changed hands.
+    pub(crate) async fn renew_lease(
+        &self,
+        queue: &str,
+        handler: &str,
+        partition: u32,
+        token: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<bool, DbErr> {
+        let _gate = self.write_guard().await;
+        let mut values: Vec<Value> = vec![expires_at.into(), now.into()];
+        values.extend(Self::cursor_key(queue, handler, partition));
+        values.push(token.into());
+        values.push(now.into());
+        Ok(exec(
+            &self.db,
+            self.stmt(
+                &format!(
+                    "UPDATE {} SET lease_expires_at = ?, updated_at = ? \
+                     WHERE queue = ? AND handler = ? AND partition_no = ? AND lease_token = ? AND lease_expires_at > ?",
+                    self.t.cursors
+                ),
+                values,
+            ),
+        )
+        .await?
+            == 1)
+    }
+
     /// Copies a message to the dead-letter table.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn insert_dead_letter<C: ConnectionTrait>(
