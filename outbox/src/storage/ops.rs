@@ -299,6 +299,9 @@ impl Store {
         partition: u32,
         limit: u32,
     ) -> Result<Option<u64>, DbErr> {
+        if self.is_pg() {
+            return self.sequence_partition_pg(queue, partition, limit).await;
+        }
         let txn = self.begin_write().await?;
         let key = || -> Vec<Value> { vec![queue.into(), i64::from(partition).into()] };
         let row = txn
@@ -439,6 +442,55 @@ impl Store {
         }
         txn.commit().await?;
         Ok(Some(n as u64))
+    }
+
+    /// [`sequence_partition`](Store::sequence_partition) on PostgreSQL as one statement (its own
+    /// transaction): lock the partition row, delete the oldest visible incoming rows, insert
+    /// them numbered in id order, advance `last_seq`, notify — one round trip instead of eight,
+    /// which is most of the sequencer's share of commit-to-handler latency. All parts see one
+    /// snapshot and the partition lock, as the multi-statement form does.
+    async fn sequence_partition_pg(
+        &self,
+        queue: &str,
+        partition: u32,
+        limit: u32,
+    ) -> Result<Option<u64>, DbErr> {
+        let t = &self.t;
+        let sql = format!(
+            "WITH p AS (SELECT last_seq FROM {parts} WHERE queue = $1 AND partition_no = $2 FOR UPDATE SKIP LOCKED), \
+             picked AS (SELECT id FROM {inc} WHERE queue = $1 AND partition_no = $2 AND EXISTS (SELECT 1 FROM p) \
+                        ORDER BY id LIMIT $3), \
+             moved AS (DELETE FROM {inc} i USING picked WHERE i.id = picked.id \
+                       RETURNING i.id, i.queue, i.partition_no, i.payload, i.target_handler, i.created_at), \
+             ins AS (INSERT INTO {out} (queue, partition_no, seq, payload, target_handler, created_at) \
+                     SELECT queue, partition_no, (SELECT last_seq FROM p) + ROW_NUMBER() OVER (ORDER BY id), \
+                            payload, target_handler, created_at FROM moved RETURNING seq), \
+             upd AS (UPDATE {parts} SET last_seq = (SELECT MAX(seq) FROM ins) \
+                     WHERE queue = $1 AND partition_no = $2 AND EXISTS (SELECT 1 FROM ins) RETURNING last_seq), \
+             n AS (SELECT pg_notify($4, $5) FROM upd) \
+             SELECT (SELECT COUNT(*) FROM p), (SELECT COUNT(*) FROM ins), (SELECT COUNT(*) FROM n)",
+            parts = t.partitions,
+            inc = t.incoming,
+            out = t.outgoing,
+        );
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                self.backend,
+                sql,
+                [
+                    queue.into(),
+                    i64::from(partition).into(),
+                    i64::from(limit).into(),
+                    t.channel.clone().into(),
+                    format!("s:{queue}").into(),
+                ],
+            ))
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let locked: i64 = col(&row, 0)?;
+        let moved: i64 = col(&row, 1)?;
+        Ok((locked > 0).then_some(moved as u64))
     }
 
     // ---------------------------------------------------------------- processors
