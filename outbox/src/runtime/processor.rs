@@ -81,6 +81,7 @@ impl Processor {
             .await?;
         let now = now_ms();
         let mut due: Option<i64> = None;
+        let mut left_behind = false;
         for rp in ready {
             if self.cancel.is_cancelled() {
                 break;
@@ -98,7 +99,8 @@ impl Processor {
             }
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 // Every slot is busy; the next task to finish wakes us.
-                self.starved.store(true, Ordering::Relaxed);
+                self.starved.store(true, Ordering::SeqCst);
+                left_behind = true;
                 break;
             };
             {
@@ -119,10 +121,14 @@ impl Processor {
                 // Look again if messages may have arrived meanwhile or others wait for a slot.
                 // A partition found locked elsewhere does not wake the dispatcher, so two
                 // runtimes do not spin on each other's locks.
-                if worked || this.starved.swap(false, Ordering::Relaxed) {
+                if worked || this.starved.swap(false, Ordering::SeqCst) {
                     this.wake.notify_one();
                 }
             });
+        }
+        if left_behind && self.slots.available_permits() > 0 {
+            // A task finished between the failed acquire and the flag: look again now.
+            return Ok(Next::More);
         }
         Ok(match due {
             Some(t) => Next::After(Duration::from_millis((t - now).max(1) as u64)),
