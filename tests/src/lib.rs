@@ -133,6 +133,14 @@ impl TestDb {
         }
     }
 
+    /// Size of the SQLite write-ahead log, for SQLite databases.
+    pub fn sqlite_wal_bytes(&self) -> Option<u64> {
+        let dir = self._dir.as_ref()?;
+        std::fs::metadata(dir.path().join("outbox.db-wal"))
+            .ok()
+            .map(|m| m.len())
+    }
+
     /// Whether two write transactions can be open at once (not on SQLite).
     pub fn concurrent_writers(&self) -> bool {
         self.kind != Kind::Sqlite
