@@ -765,3 +765,18 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 fn new_token() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
+
+#[cfg(test)]
+mod token_tests {
+    #[test]
+    fn lease_tokens_are_unique_and_128_bits() {
+        let tokens: std::collections::HashSet<String> =
+            (0..10_000).map(|_| super::new_token()).collect();
+        assert_eq!(tokens.len(), 10_000);
+        assert!(
+            tokens
+                .iter()
+                .all(|t| t.len() == 32 && t.chars().all(|c| c.is_ascii_hexdigit()))
+        );
+    }
+}

@@ -1069,7 +1069,7 @@ async fn cur_error<C: ConnectionTrait>(
 
 #[cfg(test)]
 mod tests {
-    use super::statement_rows;
+    use super::*;
 
     #[test]
     fn insert_statements_are_bounded_by_rows_and_bytes() {
@@ -1091,5 +1091,55 @@ mod tests {
             1,
             "a row larger than the cap still goes alone"
         );
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+
+    async fn store() -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        let mut o = sea_orm::ConnectOptions::new(url);
+        o.max_connections(4).sqlx_logging(false);
+        let db = sea_orm::Database::connect(o).await.expect("connect");
+        let s = Store::new(db, "outbox_");
+        s.migrate().await.expect("migrate");
+        s.register_queue("q", 1).await.expect("queue");
+        s.register_handler("q", "h", 1).await.expect("handler");
+        (s, dir)
+    }
+
+    /// Two acks racing with one lease token: exactly one changes the cursor.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_acks_with_one_token_succeed_once() {
+        let (s, _dir) = store().await;
+        let txn = s.begin_write().await.expect("begin");
+        let lease = NewLease {
+            token: "t1",
+            owner: "me",
+            expires_at: now_ms() + 60_000,
+            attempts: 0,
+        };
+        s.take_lease(&*txn, "q", "h", 0, &lease)
+            .await
+            .expect("lease");
+        txn.commit().await.expect("commit");
+        let u = CursorUpdate {
+            processed_seq: 0,
+            attempts: 0,
+            retry_at: 0,
+            blocked: false,
+            last_error: None,
+        };
+        let ack = || async {
+            let _gate = s.write_guard().await;
+            s.update_cursor(&s.db, "q", "h", 0, &u, Some("t1"))
+                .await
+                .expect("ack")
+        };
+        let (a, b) = tokio::join!(ack(), ack());
+        assert!(a != b, "exactly one ack wins: {a} {b}");
     }
 }
