@@ -256,7 +256,14 @@ impl Processor {
                 }
                 let attempt = if i == 0 { cur.attempts as u64 + 1 } else { 1 };
                 let msg = m.clone().into_message(&self.queue, partition, attempt);
-                match self.call(f(&msg, &txn), self.tuning.handler_timeout).await {
+                match crate::metrics::timed(
+                    &self.queue,
+                    &self.handler,
+                    &msg,
+                    self.call(f(&msg, &txn), self.tuning.handler_timeout),
+                )
+                .await
+                {
                     Ok(()) => processed = m.seq,
                     Err(e) => {
                         failure = Some((i, e));
@@ -284,6 +291,7 @@ impl Processor {
                         return Ok(Step::More);
                     }
                     self.shared.acked(batch.len() as u64);
+                    crate::metrics::handled(&self.queue, &self.handler, batch.len() as u64);
                     Ok(if full { Step::More } else { Step::Done })
                 }
                 Some((_, Failure::Interrupted)) => Ok(Step::Done),
@@ -355,6 +363,7 @@ impl Processor {
         err: &HandlerError,
     ) {
         let error = err_text(err);
+        crate::metrics::failed(&self.queue, &self.handler, dead, u.blocked);
         if dead {
             tracing::warn!(queue = %self.queue, handler = %self.handler, partition, seq = head.seq, %error, "message dead-lettered");
         } else if u.blocked {
@@ -479,7 +488,13 @@ impl Processor {
                         "lease deadline reached before the handler started",
                     )))
                 } else {
-                    self.call(f(&msg, &ctx), left).await
+                    crate::metrics::timed(
+                        &self.queue,
+                        &self.handler,
+                        &msg,
+                        self.call(f(&msg, &ctx), left),
+                    )
+                    .await
                 };
                 match result {
                     Ok(()) => processed = m.seq,
@@ -559,6 +574,11 @@ impl Processor {
             }
             self.shared
                 .acked((processed - cur.processed_seq).max(0) as u64);
+            crate::metrics::handled(
+                &self.queue,
+                &self.handler,
+                (processed - cur.processed_seq).max(0) as u64,
+            );
             Ok(if interrupted {
                 Step::Done
             } else if full || had_failure {

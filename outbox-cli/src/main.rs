@@ -1,0 +1,3 @@
+//! The `outbox` command-line tool (in progress).
+
+fn main() {}
