@@ -199,7 +199,6 @@ impl Store {
     }
 
     #[cfg(feature = "testing")]
-    #[allow(dead_code)] // TEMP: the testing kit uses it
     /// Messages of `queue` still stored, for the testing kit's capture: sequenced ones as
     /// `(partition, Some(seq), payload)` in sequence order, then unsequenced ones as
     /// `(partition, None, payload)` in id order.
@@ -239,7 +238,6 @@ impl Store {
     }
 
     #[cfg(feature = "testing")]
-    #[allow(dead_code)] // TEMP: the testing kit uses it
     /// Makes every live lease of `handler` expire now (testing kit fault injection): the
     /// holder's ack is then rejected and the batch redelivered with the attempt raised.
     pub(crate) async fn expire_leases<C: ConnectionTrait>(
