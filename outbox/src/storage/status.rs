@@ -1,8 +1,6 @@
 //! The SQL of the status API: one grouped statement per table, whatever the partition count.
 
-#[cfg(feature = "testing")]
-use sea_orm::ConnectionTrait;
-use sea_orm::{DbErr, Value};
+use sea_orm::{ConnectionTrait, DbErr, Value};
 
 use super::{Store, col};
 #[cfg(feature = "testing")]
