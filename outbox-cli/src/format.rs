@@ -223,7 +223,7 @@ pub(crate) fn status(s: &Status, all_partitions: bool) -> String {
     if !blocked.is_empty() {
         let _ = writeln!(
             out,
-            "\n{} blocked partition(s): inspect the head, then unblock or skip it",
+            "\n{} blocked partition(s): fix the cause, then `outbox unblock` or `outbox skip-head` them",
             blocked.len()
         );
     }

@@ -9,11 +9,13 @@
 //!   dead-letters replay (ID... | --all [filters]) [--yes]
 //!   dead-letters discard ID... [--yes]
 //!   dead-letters purge [filters] [--yes]
+//!   unblock QUEUE PARTITION HANDLER         retry a blocked partition's head now
+//!   skip-head QUEUE PARTITION HANDLER [--yes]  dead-letter the head, let the partition go on
 //! filters: --queue Q --partition P --handler H
 //! ```
 //!
 //! The URL may also come from `DATABASE_URL`. Destructive or redelivering commands (replay,
-//! discard, purge) ask for confirmation on a terminal; without a terminal they refuse unless
+//! discard, purge, skip-head) ask for confirmation on a terminal; without a terminal they refuse unless
 //! `--yes` is given.
 //!
 //! # Exit codes
@@ -23,7 +25,7 @@
 //! | 0 | success |
 //! | 1 | error (database unreachable, SQL error, tables missing, …) |
 //! | 2 | usage error (unknown command or option, bad value) |
-//! | 3 | not found (dead letter id, queue) |
+//! | 3 | not found (dead letter id, queue, partition or head) |
 //! | 4 | not confirmed (answered no, or no terminal and no `--yes`) |
 //! | 5 | `status --check`: a partition is blocked or dead letters exist |
 
@@ -80,6 +82,26 @@ enum Command {
     /// List, show, replay, discard or purge dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLetters),
+    /// Retry the head of a partition blocked by a poisoned message, now.
+    Unblock(Head),
+    /// Move the head message of a partition to the dead letters and let the partition go on.
+    SkipHead {
+        #[command(flatten)]
+        head: Head,
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Head {
+    /// Queue name.
+    queue: String,
+    /// Partition index.
+    partition: u32,
+    /// Handler name.
+    handler: String,
 }
 
 #[derive(Debug, Args)]
@@ -278,6 +300,44 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Status(args) => status(&outbox, &args).await,
         Command::DeadLetters(cmd) => dead_letters(&outbox, cmd).await,
+        Command::Unblock(h) => {
+            if outbox.unblock(&h.queue, h.partition, &h.handler).await? {
+                println!(
+                    "{}/{} partition {}: head will be retried now",
+                    h.queue, h.handler, h.partition
+                );
+                Ok(OK)
+            } else {
+                Err(Failure::new(
+                    NOT_FOUND,
+                    format!(
+                        "no handler `{}` of queue `{}` with partition {}",
+                        h.handler, h.queue, h.partition
+                    ),
+                ))
+            }
+        }
+        Command::SkipHead { head: h, yes } => {
+            confirm(
+                yes,
+                &format!(
+                    "Move the head message of {}/{} partition {} to the dead letters?",
+                    h.queue, h.handler, h.partition
+                ),
+            )?;
+            if outbox.skip_head(&h.queue, h.partition, &h.handler).await? {
+                println!(
+                    "{}/{} partition {}: head moved to the dead letters",
+                    h.queue, h.handler, h.partition
+                );
+                Ok(OK)
+            } else {
+                Err(Failure::new(
+                    NOT_FOUND,
+                    "nothing to skip: no such partition, no head message, or it is leased right now",
+                ))
+            }
+        }
     }
 }
 

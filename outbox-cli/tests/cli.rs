@@ -153,6 +153,21 @@ async fn status_shows_lag_blocked_partitions_and_dead_letters(t: Arc<TestDb>) {
     assert_eq!(code, 3, "unknown queue: {err}");
     let (code, _, _) = outbox(&t, &["status", "--check"]).await;
     assert_eq!(code, 5, "blocked partitions and dead letters are unhealthy");
+
+    // Unblocking retries the head at once (no handler runs here, so it stays at the head).
+    let (code, out, err) = outbox(&t, &["unblock", "held", "0", "picky"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("retried now"), "{out}");
+    let (_, out, _) = outbox(&t, &["status", "--json", "--queue", "held"]).await;
+    let p = &json(&out)["queues"][0]["handlers"][0]["partitions"][0];
+    assert_eq!(
+        (
+            p["blocked"].as_bool(),
+            p["attempts"].as_i64(),
+            p["pending"].as_i64()
+        ),
+        (Some(false), Some(0), Some(1))
+    );
 }
 
 async fn dead_letter_workflow(t: Arc<TestDb>) {
@@ -250,10 +265,15 @@ async fn dead_letter_workflow(t: Arc<TestDb>) {
     assert!(err.contains("not found: 424242"), "{err}");
 
     // Purge what is left (the blocked queue's head is not a dead letter until skipped).
-    admin
-        .skip_head("held", 0, "picky")
-        .await
-        .expect("skip head");
+    let (code, _, _) = outbox(&t, &["skip-head", "held", "0", "picky"]).await;
+    assert_eq!(code, 4, "skip-head asks first");
+    let (code, _, _) = outbox(&t, &["unblock", "held", "7", "picky"]).await;
+    assert_eq!(code, 3, "no such partition");
+    let (code, out, err) = outbox(&t, &["skip-head", "held", "0", "picky", "--yes"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("head moved to the dead letters"), "{out}");
+    let (code, _, _) = outbox(&t, &["skip-head", "held", "0", "picky", "--yes"]).await;
+    assert_eq!(code, 3, "nothing left to skip");
     let (code, out, err) = outbox(&t, &["dead-letters", "purge", "--queue", "held", "-y"]).await;
     assert_eq!(
         (code, out.as_str()),
@@ -294,4 +314,22 @@ fn help_lists_the_commands_and_exit_codes() {
     for word in ["migrate", "status", "dead-letters", "3 not found"] {
         assert!(help.contains(word), "{word} in {help}");
     }
+}
+
+/// Prints the text outputs, for eyeballing: `cargo test -p outbox-cli show_outputs -- --nocapture --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints outputs for a human"]
+async fn show_outputs() {
+    outbox_tests::run(outbox_tests::Kind::Sqlite, |t: Arc<TestDb>| async move {
+        prepare(&t).await;
+        for args in [
+            &["status"][..],
+            &["dead-letters", "list"],
+            &["dead-letters", "show", "1"],
+        ] {
+            let (code, out, err) = outbox(&t, args).await;
+            eprintln!("$ outbox {}  (exit {code})\n{out}{err}", args.join(" "));
+        }
+    })
+    .await;
 }
