@@ -3,13 +3,18 @@
 
 mod error;
 mod handler;
+pub mod metrics;
 #[cfg(feature = "migration")]
 #[cfg_attr(docsrs, doc(cfg(feature = "migration")))]
 pub mod migration;
 mod profile;
 mod queue;
 mod runtime;
+pub mod status;
 pub(crate) mod storage;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 
 pub use error::{
     BoxDynError, EnqueueError, Error, HandlerError, InvalidName, RegistryProblem, Result,
@@ -22,6 +27,7 @@ pub use queue::{
     validate_name,
 };
 pub use runtime::{Builder, DEFAULT_TABLE_PREFIX, Outbox, Running};
+pub use status::{HandlerStatus, Lease, PartitionStatus, QueueStatus, Status};
 pub use storage::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
 
 /// Re-exported so users and generated code name one sea-orm.

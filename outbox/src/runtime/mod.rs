@@ -79,6 +79,26 @@ impl Outbox {
         Builder::new(db)
     }
 
+    /// An outbox on `db` for administration and tools: status, dead letters, enqueue to
+    /// queues already registered in the database. Registers nothing, starts no workers and
+    /// touches no table until used (see [`Outbox::migrate`] to create the tables).
+    pub fn admin(db: DatabaseConnection, table_prefix: &str) -> Result<Outbox, Error> {
+        validate_prefix(table_prefix)?;
+        let shared = Arc::new(Shared {
+            store: Store::new(db, table_prefix),
+            wake: Arc::new(Wake::new(false)),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            known: RwLock::new(HashMap::new()),
+            acked: AtomicU64::new(0),
+            vacuum_after: AtomicU64::new(0),
+        });
+        Ok(Outbox { shared })
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
     /// The database backend.
     pub fn backend(&self) -> DbBackend {
         self.shared.store.backend
@@ -178,6 +198,7 @@ impl Outbox {
             .map(|m| (&*m.queue, m.partition, m.payload.as_slice(), None))
             .collect();
         store.insert_incoming(conn, &rows).await?;
+        crate::metrics::enqueued(messages);
         self.shared.wake.enqueued();
         Ok(())
     }
@@ -601,6 +622,7 @@ impl Builder {
                 .await;
             });
         }
+        crate::metrics::spawn_gauges(&tracker, &outbox, cancel.child_token());
         if let sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) =
             &shared.store.db.inner
         {

@@ -21,6 +21,7 @@ use crate::handler::{
     Call, HandlerFuture, Lease, LeaseContext, LeaseState, LeasedBatchFn, LeasedFn, Mode, TxBatchFn,
     TxFn,
 };
+use crate::metrics;
 use crate::profile::Tuning;
 use crate::queue::Message;
 use crate::queue::PoisonPolicy;
@@ -350,7 +351,8 @@ impl Processor {
                         }
                         let attempt = if i == 0 { cur.attempts as u64 + 1 } else { 1 };
                         let msg = m.clone().into_message(&self.queue, partition, attempt);
-                        match self.call(f(&msg, &txn), self.tuning.handler_timeout).await {
+                        let call = self.call(f(&msg, &txn), self.tuning.handler_timeout);
+                        match metrics::timed(&self.queue, &self.handler, &msg, call).await {
                             Ok(()) => processed = m.seq,
                             Err(e) => {
                                 failure = Some((i, e));
@@ -361,10 +363,12 @@ impl Processor {
                 }
                 Call::Many(f) => {
                     let msgs = self.messages(&batch, partition, cur.attempts);
-                    let res = if msgs.is_empty() {
-                        Ok(())
-                    } else {
-                        self.call(f(&msgs, &txn), self.tuning.handler_timeout).await
+                    let res = match msgs.first() {
+                        None => Ok(()),
+                        Some(head) => {
+                            let call = self.call(f(&msgs, &txn), self.tuning.handler_timeout);
+                            metrics::timed(&self.queue, &self.handler, head, call).await
+                        }
                     };
                     match res {
                         Ok(()) => processed = last.seq,
@@ -395,6 +399,7 @@ impl Processor {
                         return Ok(Step::More);
                     }
                     self.shared.acked(batch.len() as u64);
+                    metrics::handled(&self.queue, &self.handler, batch.len() as u64);
                     Ok(if full { Step::More } else { Step::Done })
                 }
                 Some((_, Failure::Interrupted)) => Ok(Step::Done),
@@ -466,6 +471,7 @@ impl Processor {
         err: &HandlerError,
     ) {
         let error = err_text(err);
+        metrics::failed(&self.queue, &self.handler, dead, u.blocked);
         if dead {
             tracing::warn!(queue = %self.queue, handler = %self.handler, partition, seq = head.seq, %error, "message dead-lettered");
         } else if u.blocked {
@@ -579,8 +585,9 @@ impl Processor {
                     let result = match msgs.first() {
                         None => Ok(()),
                         Some(m) => {
-                            self.call_leased(many(&msgs, &ctx_for(m.seq, m.attempt)), &lease)
-                                .await
+                            let ctx = ctx_for(m.seq, m.attempt);
+                            let call = self.call_leased(many(&msgs, &ctx), &lease);
+                            metrics::timed(&self.queue, &self.handler, m, call).await
                         }
                     };
                     match result {
@@ -633,7 +640,8 @@ impl Processor {
                         "lease deadline reached before the handler started",
                     )))
                 } else {
-                    self.call_leased(f(&msg, &ctx), &lease).await
+                    let call = self.call_leased(f(&msg, &ctx), &lease);
+                    metrics::timed(&self.queue, &self.handler, &msg, call).await
                 };
                 match result {
                     Ok(()) => processed = m.seq,
@@ -713,6 +721,11 @@ impl Processor {
             }
             self.shared
                 .acked((processed - cur.processed_seq).max(0) as u64);
+            metrics::handled(
+                &self.queue,
+                &self.handler,
+                (processed - cur.processed_seq).max(0) as u64,
+            );
             Ok(if interrupted {
                 Step::Done
             } else if full || had_failure {

@@ -3,6 +3,7 @@
 
 mod ops;
 pub(crate) mod schema;
+pub(crate) mod status;
 
 pub(crate) use ops::{CursorRow, CursorUpdate, NewLease, StoredMessage};
 pub use ops::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};

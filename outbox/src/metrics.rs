@@ -1,0 +1,146 @@
+//! Metrics, through the [`metrics`](https://docs.rs/metrics) facade.
+//!
+//! The outbox records through whatever recorder the application installed
+//! (`metrics-exporter-prometheus`, StatsD, OpenTelemetry, …) and costs nearly nothing without
+//! one. It installs no recorder and forces no exporter: see `examples/prometheus.rs` for one.
+//!
+//! | Name | Kind | Labels | Meaning |
+//! |---|---|---|---|
+//! | `outbox_enqueued_total` | counter | `queue` | Messages enqueued through this process (counted when the insert succeeds, so a rolled-back caller transaction still counts). |
+//! | `outbox_handled_total` | counter | `queue`, `handler` | Messages acked by the handler (the cursor moved past them). |
+//! | `outbox_retried_total` | counter | `queue`, `handler` | Failed attempts that will be retried after a backoff. |
+//! | `outbox_dead_lettered_total` | counter | `queue`, `handler` | Messages moved to the dead letters (attempts exhausted or rejected). |
+//! | `outbox_blocked_total` | counter | `queue`, `handler` | Times a poisoned head blocked a partition (block policy). |
+//! | `outbox_handler_duration_seconds` | histogram | `queue`, `handler` | Duration of one handler call that succeeded. |
+//! | `outbox_delivery_latency_seconds` | histogram | `queue`, `handler` | From enqueue (`Message::enqueued_at_ms`, the producer's clock at insert; commit follows it) to the successful end of the handler call. |
+//! | `outbox_waiting` | gauge | `queue`, `handler` | Messages the handler has not handled yet, sequenced or not (depth). |
+//! | `outbox_lag_seconds` | gauge | `queue`, `handler` | Age of the oldest message the handler has not handled (0 when nothing waits). |
+//! | `outbox_unsequenced` | gauge | `queue` | Committed messages waiting for the sequencer. |
+//! | `outbox_blocked_partitions` | gauge | `queue`, `handler` | Partitions blocked by a poisoned head (needs an operator). |
+//! | `outbox_dead_letters` | gauge | `queue`, `handler` | Dead letters stored for the handler. |
+//!
+//! Labels never include the partition, so the number of series does not grow with the
+//! partition count.
+//!
+//! Counters and histograms are recorded where the event happens. Gauges are read from the
+//! database: a running outbox refreshes them every [`GAUGE_INTERVAL`] (one status read, five
+//! statements, whatever the partition count), and every call of
+//! [`Outbox::status`](crate::Outbox::status) refreshes them too. With several processes on one
+//! database every process reports the same gauge values: aggregate them with `max`, not `sum`.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use ::metrics::{counter, gauge, histogram};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::queue::{Message, NewMessage};
+use crate::runtime::Outbox;
+use crate::status::Status;
+use crate::storage::now_ms;
+
+/// How often a running outbox refreshes the gauges.
+pub const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Name of the counter of enqueued messages.
+pub const ENQUEUED: &str = "outbox_enqueued_total";
+/// Name of the counter of handled (acked) messages.
+pub const HANDLED: &str = "outbox_handled_total";
+/// Name of the counter of failed attempts that will be retried.
+pub const RETRIED: &str = "outbox_retried_total";
+/// Name of the counter of dead-lettered messages.
+pub const DEAD_LETTERED: &str = "outbox_dead_lettered_total";
+/// Name of the counter of partitions blocked by a poisoned head.
+pub const BLOCKED: &str = "outbox_blocked_total";
+/// Name of the histogram of handler call durations.
+pub const HANDLER_DURATION: &str = "outbox_handler_duration_seconds";
+/// Name of the histogram of enqueue-to-handled latencies.
+pub const DELIVERY_LATENCY: &str = "outbox_delivery_latency_seconds";
+/// Name of the gauge of messages waiting for a handler.
+pub const WAITING: &str = "outbox_waiting";
+/// Name of the gauge of the age of the oldest unhandled message.
+pub const LAG: &str = "outbox_lag_seconds";
+/// Name of the gauge of unsequenced messages.
+pub const UNSEQUENCED: &str = "outbox_unsequenced";
+/// Name of the gauge of blocked partitions.
+pub const BLOCKED_PARTITIONS: &str = "outbox_blocked_partitions";
+/// Name of the gauge of stored dead letters.
+pub const DEAD_LETTERS: &str = "outbox_dead_letters";
+
+pub(crate) fn enqueued(messages: &[NewMessage]) {
+    let mut rest = messages;
+    while let Some(first) = rest.first() {
+        let n = rest.iter().take_while(|m| m.queue == first.queue).count();
+        counter!(ENQUEUED, "queue" => first.queue.to_string()).increment(n as u64);
+        rest = &rest[n..];
+    }
+}
+
+pub(crate) fn handled(queue: &str, handler: &str, n: u64) {
+    if n > 0 {
+        counter!(HANDLED, "queue" => queue.to_owned(), "handler" => handler.to_owned())
+            .increment(n);
+    }
+}
+
+/// Counts a failed attempt: dead-lettered, blocked, or to be retried.
+pub(crate) fn failed(queue: &str, handler: &str, dead: bool, blocked: bool) {
+    let name = if dead {
+        DEAD_LETTERED
+    } else if blocked {
+        BLOCKED
+    } else {
+        RETRIED
+    };
+    counter!(name, "queue" => queue.to_owned(), "handler" => handler.to_owned()).increment(1);
+}
+
+/// Runs one handler call, recording its duration and, if it succeeded, the latency since
+/// the message was enqueued.
+pub(crate) async fn timed<T, E>(
+    queue: &str,
+    handler: &str,
+    message: &Message,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let started = Instant::now();
+    let result = call.await;
+    if result.is_ok() {
+        let labels = [("queue", queue.to_owned()), ("handler", handler.to_owned())];
+        histogram!(HANDLER_DURATION, &labels).record(started.elapsed().as_secs_f64());
+        let latency_ms = (now_ms() - message.enqueued_at_ms).max(0);
+        histogram!(DELIVERY_LATENCY, &labels).record(latency_ms as f64 / 1000.0);
+    }
+    result
+}
+
+/// Sets the gauges from a status read.
+pub fn record_status(status: &Status) {
+    for q in &status.queues {
+        gauge!(UNSEQUENCED, "queue" => q.name.clone()).set(q.unsequenced as f64);
+        for h in &q.handlers {
+            let labels = [("queue", q.name.clone()), ("handler", h.name.clone())];
+            gauge!(WAITING, &labels).set(h.waiting as f64);
+            gauge!(LAG, &labels).set(h.lag_ms.unwrap_or(0) as f64 / 1000.0);
+            gauge!(BLOCKED_PARTITIONS, &labels).set(f64::from(h.blocked_partitions));
+            gauge!(DEAD_LETTERS, &labels).set(h.dead_letters as f64);
+        }
+    }
+}
+
+/// Refreshes the gauges every [`GAUGE_INTERVAL`] until `cancel` fires.
+pub(crate) fn spawn_gauges(tracker: &TaskTracker, outbox: &Outbox, cancel: CancellationToken) {
+    let outbox = outbox.clone();
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+            }
+            if let Err(e) = outbox.status().await {
+                tracing::debug!(error = %e, "metrics: status read failed");
+            }
+        }
+    });
+}

@@ -1,0 +1,327 @@
+//! The status API: per queue, handler and partition, what waits, how old it is, who holds the
+//! lease, whether the partition is blocked, the last error and the dead letters.
+//!
+//! [`Outbox::status`] works on a running outbox and on one built for tools with
+//! [`Outbox::admin`], which starts no workers:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let url = format!("sqlite://{}?mode=rwc", dir.path().join("db").display());
+//! let db = outbox::sea_orm::Database::connect(url.as_str()).await?;
+//! let admin = outbox::Outbox::admin(db, outbox::DEFAULT_TABLE_PREFIX)?;
+//! admin.migrate().await?;
+//! let status = admin.status().await?;
+//! for q in &status.queues {
+//!     for h in &q.handlers {
+//!         println!("{}/{}: {} waiting, lag {:?}", q.name, h.name, h.waiting(), h.lag());
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Reading the status costs five statements whatever the partition count (one per table,
+//! grouped; the head message of each cursor is a primary-key probe).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::queue::validate_name;
+use crate::runtime::Outbox;
+use crate::storage::now_ms;
+use crate::storage::status::StatusRows;
+
+/// The state of every queue of one outbox, read at [`taken_at_ms`](Status::taken_at_ms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Status {
+    /// When the status was read, in milliseconds since the Unix epoch.
+    pub taken_at_ms: i64,
+    /// The schema version stored in the database (`None` before the first migration).
+    pub schema_version: Option<i64>,
+    /// Every registered queue, by name.
+    pub queues: Vec<QueueStatus>,
+}
+
+impl Status {
+    /// The status of one queue.
+    pub fn queue(&self, name: &str) -> Option<&QueueStatus> {
+        self.queues.iter().find(|q| q.name == name)
+    }
+
+    /// Partitions blocked by a poisoned head, as `(queue, handler, partition)`.
+    pub fn blocked(&self) -> Vec<(&str, &str, u32)> {
+        let mut out = Vec::new();
+        for q in &self.queues {
+            for h in &q.handlers {
+                for p in h.partitions.iter().filter(|p| p.blocked) {
+                    out.push((q.name.as_str(), h.name.as_str(), p.partition));
+                }
+            }
+        }
+        out
+    }
+
+    /// Dead letters of every queue.
+    pub fn dead_letters(&self) -> i64 {
+        self.queues.iter().map(|q| q.dead_letters).sum()
+    }
+}
+
+/// The state of one queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct QueueStatus {
+    /// Queue name.
+    pub name: String,
+    /// Partition count.
+    pub partitions: u32,
+    /// Committed messages waiting to be sequenced.
+    pub unsequenced: i64,
+    /// Dead letters of this queue (every handler, including handlers no longer registered).
+    pub dead_letters: i64,
+    /// One entry per registered handler, by name.
+    pub handlers: Vec<HandlerStatus>,
+}
+
+impl QueueStatus {
+    /// The status of one handler.
+    pub fn handler(&self, name: &str) -> Option<&HandlerStatus> {
+        self.handlers.iter().find(|h| h.name == name)
+    }
+}
+
+/// One handler's view of a queue, summed over its partitions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct HandlerStatus {
+    /// Handler name.
+    pub name: String,
+    /// Sequenced messages this handler has not handled yet.
+    pub pending: i64,
+    /// Messages not handled yet, sequenced or not ([`pending`](HandlerStatus::pending) plus the
+    /// queue's unsequenced messages).
+    pub waiting: i64,
+    /// Age of the oldest message this handler has not handled, in milliseconds (`None` when
+    /// nothing waits): the largest partition lag.
+    pub lag_ms: Option<i64>,
+    /// Partitions whose head waits for a retry.
+    pub retrying_partitions: u32,
+    /// Partitions held by a live lease.
+    pub leased_partitions: u32,
+    /// Partitions blocked by a poisoned head (block policy): they need an operator.
+    pub blocked_partitions: u32,
+    /// Dead letters of this handler.
+    pub dead_letters: i64,
+    /// Every partition, by index.
+    pub partitions: Vec<PartitionStatus>,
+}
+
+impl HandlerStatus {
+    /// The status of one partition.
+    pub fn partition(&self, partition: u32) -> Option<&PartitionStatus> {
+        self.partitions.iter().find(|p| p.partition == partition)
+    }
+
+    /// Messages not handled yet, sequenced or not.
+    pub fn waiting(&self) -> i64 {
+        self.waiting
+    }
+
+    /// Age of the oldest message not handled yet.
+    pub fn lag(&self) -> Option<Duration> {
+        self.lag_ms
+            .map(|ms| Duration::from_millis(ms.max(0) as u64))
+    }
+}
+
+/// One (queue, handler, partition).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PartitionStatus {
+    /// Partition index.
+    pub partition: u32,
+    /// Committed messages of this partition waiting to be sequenced (shared by every handler).
+    pub unsequenced: i64,
+    /// Sequenced messages this handler has not handled yet.
+    pub pending: i64,
+    /// When the oldest message this handler has not handled was enqueued (ms since the Unix
+    /// epoch, producer clock).
+    pub oldest_unhandled_at_ms: Option<i64>,
+    /// Age of that message at [`Status::taken_at_ms`], in milliseconds.
+    pub lag_ms: Option<i64>,
+    /// The lease on this partition, if one is recorded (an expired one was not released: its
+    /// holder crashed or stalled; the next claim takes it over).
+    pub lease: Option<Lease>,
+    /// Failed attempts of the head message.
+    pub attempts: i64,
+    /// When the head is retried, if it waits for a retry (ms since the Unix epoch).
+    pub retry_at_ms: Option<i64>,
+    /// Whether a poisoned head blocks the partition (block policy) until an operator acts.
+    pub blocked: bool,
+    /// The last error of the head message, while it is failing.
+    pub last_error: Option<String>,
+    /// Dead letters of this handler and partition.
+    pub dead_letters: i64,
+}
+
+impl PartitionStatus {
+    /// Age of the oldest message not handled yet.
+    pub fn lag(&self) -> Option<Duration> {
+        self.lag_ms
+            .map(|ms| Duration::from_millis(ms.max(0) as u64))
+    }
+}
+
+/// A lease on a partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Lease {
+    /// The runtime holding it (`<process id>-<random>`).
+    pub owner: String,
+    /// When it expires (ms since the Unix epoch).
+    pub expires_at_ms: i64,
+    /// Whether it had expired when the status was read.
+    pub expired: bool,
+}
+
+impl Outbox {
+    /// The state of every registered queue, handler and partition. Also updates the depth and
+    /// lag gauges of [`metrics`](crate::metrics).
+    pub async fn status(&self) -> Result<Status, Error> {
+        let rows = self.store().status_rows(None).await?;
+        let status = build(&rows, now_ms());
+        crate::metrics::record_status(&status);
+        Ok(status)
+    }
+
+    /// The state of one queue; [`Error::UnknownQueue`] if it is not registered.
+    pub async fn queue_status(&self, queue: &str) -> Result<QueueStatus, Error> {
+        validate_name("queue", queue)?;
+        let rows = self.store().status_rows(Some(queue)).await?;
+        build(&rows, now_ms())
+            .queues
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::UnknownQueue(queue.to_owned()))
+    }
+
+    /// Creates the outbox tables if they do not exist (idempotent, safe from several processes
+    /// at once). [`Builder::connect`](crate::Builder::connect) and `start` do it too.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        Ok(self.store().migrate().await?)
+    }
+}
+
+/// Assembles the status from the grouped rows.
+fn build(rows: &StatusRows, now: i64) -> Status {
+    let incoming: HashMap<(&str, u32), (i64, Option<i64>)> = rows
+        .incoming
+        .iter()
+        .map(|r| ((r.queue.as_str(), r.partition), (r.count, r.oldest_at)))
+        .collect();
+    let dead: HashMap<(&str, &str, u32), i64> = rows
+        .dead
+        .iter()
+        .map(|r| ((r.queue.as_str(), r.handler.as_str(), r.partition), r.count))
+        .collect();
+    let mut queues: Vec<QueueStatus> = rows
+        .queues
+        .iter()
+        .map(|q| QueueStatus {
+            name: q.name.clone(),
+            partitions: q.partitions,
+            unsequenced: rows
+                .incoming
+                .iter()
+                .filter(|r| r.queue == q.name)
+                .map(|r| r.count)
+                .sum(),
+            dead_letters: rows
+                .dead
+                .iter()
+                .filter(|r| r.queue == q.name)
+                .map(|r| r.count)
+                .sum(),
+            handlers: Vec::new(),
+        })
+        .collect();
+    for c in &rows.cursors {
+        let Some(q) = queues.iter_mut().find(|q| q.name == c.queue) else {
+            continue;
+        };
+        if q.handlers.last().is_none_or(|h| h.name != c.handler) {
+            q.handlers.push(HandlerStatus {
+                name: c.handler.clone(),
+                pending: 0,
+                waiting: 0,
+                lag_ms: None,
+                retrying_partitions: 0,
+                leased_partitions: 0,
+                blocked_partitions: 0,
+                dead_letters: 0,
+                partitions: Vec::new(),
+            });
+        }
+        let Some(h) = q.handlers.last_mut() else {
+            continue;
+        };
+        let (unsequenced, oldest_incoming) = incoming
+            .get(&(c.queue.as_str(), c.partition))
+            .copied()
+            .unwrap_or((0, None));
+        let pending = c.pending.max(0);
+        let head = if pending > 0 {
+            c.head_enqueued_at
+        } else {
+            None
+        };
+        let oldest = match (head, oldest_incoming) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let lag_ms = oldest.map(|t| (now - t).max(0));
+        let lease = c.lease_owner.clone().map(|owner| {
+            let expires_at_ms = c.lease_expires_at.unwrap_or(0);
+            Lease {
+                owner,
+                expires_at_ms,
+                expired: expires_at_ms <= now,
+            }
+        });
+        let retry_at_ms = (pending > 0 && c.retry_at > now).then_some(c.retry_at);
+        let dead_letters = dead
+            .get(&(c.queue.as_str(), c.handler.as_str(), c.partition))
+            .copied()
+            .unwrap_or(0);
+        h.pending += pending;
+        h.waiting += pending + unsequenced;
+        h.lag_ms = h.lag_ms.max(lag_ms);
+        h.retrying_partitions += u32::from(retry_at_ms.is_some());
+        h.leased_partitions += u32::from(lease.as_ref().is_some_and(|l| !l.expired));
+        h.blocked_partitions += u32::from(c.blocked);
+        h.dead_letters += dead_letters;
+        h.partitions.push(PartitionStatus {
+            partition: c.partition,
+            unsequenced,
+            pending,
+            oldest_unhandled_at_ms: oldest,
+            lag_ms,
+            lease,
+            attempts: c.attempts,
+            retry_at_ms,
+            blocked: c.blocked,
+            last_error: c.last_error.clone(),
+            dead_letters,
+        });
+    }
+    Status {
+        taken_at_ms: now,
+        schema_version: rows.schema_version,
+        queues,
+    }
+}

@@ -1,0 +1,259 @@
+//! The SQL of the status API: one grouped statement per table, whatever the partition count.
+
+use sea_orm::{ConnectionTrait, DbErr, Value};
+
+use super::{Store, col};
+#[cfg(feature = "testing")]
+use super::{exec, now_ms};
+
+/// A registered queue.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueRow {
+    pub(crate) name: String,
+    pub(crate) partitions: u32,
+}
+
+/// Unsequenced messages of one partition.
+#[derive(Debug, Clone)]
+pub(crate) struct IncomingRow {
+    pub(crate) queue: String,
+    pub(crate) partition: u32,
+    pub(crate) count: i64,
+    pub(crate) oldest_at: Option<i64>,
+}
+
+/// One cursor with its partition's tail and the enqueue time of its head message.
+#[derive(Debug, Clone)]
+pub(crate) struct CursorStatusRow {
+    pub(crate) queue: String,
+    pub(crate) handler: String,
+    pub(crate) partition: u32,
+    pub(crate) pending: i64,
+    pub(crate) attempts: i64,
+    pub(crate) retry_at: i64,
+    pub(crate) blocked: bool,
+    pub(crate) last_error: Option<String>,
+    pub(crate) lease_owner: Option<String>,
+    pub(crate) lease_expires_at: Option<i64>,
+    pub(crate) head_enqueued_at: Option<i64>,
+}
+
+/// Dead letters of one (queue, handler, partition).
+#[derive(Debug, Clone)]
+pub(crate) struct DeadRow {
+    pub(crate) queue: String,
+    pub(crate) handler: String,
+    pub(crate) partition: u32,
+    pub(crate) count: i64,
+}
+
+/// Everything the status API reads, in four statements.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StatusRows {
+    pub(crate) schema_version: Option<i64>,
+    pub(crate) queues: Vec<QueueRow>,
+    pub(crate) incoming: Vec<IncomingRow>,
+    pub(crate) cursors: Vec<CursorStatusRow>,
+    pub(crate) dead: Vec<DeadRow>,
+}
+
+fn partition_of(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+impl Store {
+    /// Reads the state of every queue (or only `queue`): queues, unsequenced messages grouped
+    /// by partition, cursors joined with their partition's tail and head message, and dead
+    /// letters grouped by handler and partition. Five statements whatever the partition count;
+    /// the head lookup is a primary-key probe per cursor.
+    pub(crate) async fn status_rows(&self, queue: Option<&str>) -> Result<StatusRows, DbErr> {
+        let filter = |alias: &str, column: &str| -> (String, Vec<Value>) {
+            match queue {
+                Some(q) => (format!(" WHERE {alias}{column} = ?"), vec![q.into()]),
+                None => (String::new(), Vec::new()),
+            }
+        };
+        let version = self
+            .db
+            .query_one_raw(self.stmt(
+                &format!("SELECT MAX(version) FROM {}", self.t.schema_version),
+                vec![],
+            ))
+            .await?;
+        let schema_version = match version {
+            Some(r) => col::<Option<i64>>(&r, 0)?,
+            None => None,
+        };
+
+        let (w, v) = filter("", "name");
+        let queues = self
+            .db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT name, partitions FROM {}{w} ORDER BY name",
+                    self.t.queues
+                ),
+                v,
+            ))
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(QueueRow {
+                    name: col(r, 0)?,
+                    partitions: partition_of(col(r, 1)?),
+                })
+            })
+            .collect::<Result<Vec<_>, DbErr>>()?;
+
+        let (w, v) = filter("", "queue");
+        let incoming = self
+            .db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT queue, partition_no, COUNT(*), MIN(created_at) FROM {}{w} \
+                     GROUP BY queue, partition_no",
+                    self.t.incoming
+                ),
+                v,
+            ))
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(IncomingRow {
+                    queue: col(r, 0)?,
+                    partition: partition_of(col(r, 1)?),
+                    count: col(r, 2)?,
+                    oldest_at: col(r, 3)?,
+                })
+            })
+            .collect::<Result<Vec<_>, DbErr>>()?;
+
+        let (w, v) = filter("c.", "queue");
+        let cursors = self
+            .db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT c.queue, c.handler, c.partition_no, p.last_seq - c.processed_seq, c.attempts, \
+                     c.retry_at, c.blocked, c.last_error, c.lease_owner, c.lease_expires_at, \
+                     (SELECT o.created_at FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
+                      AND o.seq = c.processed_seq + 1) \
+                     FROM {c} c JOIN {p} p ON p.queue = c.queue AND p.partition_no = c.partition_no{w} \
+                     ORDER BY c.queue, c.handler, c.partition_no",
+                    o = self.t.outgoing,
+                    c = self.t.cursors,
+                    p = self.t.partitions,
+                ),
+                v,
+            ))
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(CursorStatusRow {
+                    queue: col(r, 0)?,
+                    handler: col(r, 1)?,
+                    partition: partition_of(col(r, 2)?),
+                    pending: col(r, 3)?,
+                    attempts: col(r, 4)?,
+                    retry_at: col(r, 5)?,
+                    blocked: col::<i64>(r, 6)? != 0,
+                    last_error: col(r, 7)?,
+                    lease_owner: col(r, 8)?,
+                    lease_expires_at: col(r, 9)?,
+                    head_enqueued_at: col(r, 10)?,
+                })
+            })
+            .collect::<Result<Vec<_>, DbErr>>()?;
+
+        let (w, v) = filter("", "queue");
+        let dead = self
+            .db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT queue, handler, partition_no, COUNT(*) FROM {}{w} \
+                     GROUP BY queue, handler, partition_no",
+                    self.t.dead_letters
+                ),
+                v,
+            ))
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(DeadRow {
+                    queue: col(r, 0)?,
+                    handler: col(r, 1)?,
+                    partition: partition_of(col(r, 2)?),
+                    count: col(r, 3)?,
+                })
+            })
+            .collect::<Result<Vec<_>, DbErr>>()?;
+
+        Ok(StatusRows {
+            schema_version,
+            queues,
+            incoming,
+            cursors,
+            dead,
+        })
+    }
+
+    #[cfg(feature = "testing")]
+    /// Messages of `queue` still stored, for the testing kit's capture: sequenced ones as
+    /// `(partition, Some(seq), payload)` in sequence order, then unsequenced ones as
+    /// `(partition, None, payload)` in id order.
+    pub(crate) async fn stored_messages(
+        &self,
+        queue: &str,
+    ) -> Result<Vec<(u32, Option<i64>, Vec<u8>)>, DbErr> {
+        let mut out = Vec::new();
+        for r in self
+            .db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT partition_no, seq, payload FROM {} WHERE queue = ? AND target_handler IS NULL \
+                     ORDER BY partition_no, seq",
+                    self.t.outgoing
+                ),
+                vec![queue.into()],
+            ))
+            .await?
+        {
+            out.push((partition_of(col(&r, 0)?), Some(col(&r, 1)?), col(&r, 2)?));
+        }
+        for r in self
+            .db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT partition_no, payload FROM {} WHERE queue = ? AND target_handler IS NULL ORDER BY id",
+                    self.t.incoming
+                ),
+                vec![queue.into()],
+            ))
+            .await?
+        {
+            out.push((partition_of(col(&r, 0)?), None, col(&r, 1)?));
+        }
+        Ok(out)
+    }
+
+    #[cfg(feature = "testing")]
+    /// Makes every live lease of `handler` expire now (testing kit fault injection): the
+    /// holder's ack is then rejected and the batch redelivered with the attempt raised.
+    pub(crate) async fn expire_leases<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        queue: &str,
+        handler: &str,
+    ) -> Result<u64, DbErr> {
+        exec(
+            c,
+            self.stmt(
+                &format!(
+                    "UPDATE {} SET lease_expires_at = ? WHERE queue = ? AND handler = ? AND lease_token IS NOT NULL",
+                    self.t.cursors
+                ),
+                vec![(now_ms() - 1).into(), queue.into(), handler.into()],
+            ),
+        )
+        .await
+    }
+}
