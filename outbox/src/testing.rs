@@ -403,6 +403,37 @@ impl TestKit {
 
     /// Queues `fault` for the next delivery to the handler named `handler` (of any queue).
     /// Call it several times to fault several deliveries.
+    ///
+    /// A leased handler whose lease expires while it runs is redelivered with the attempt
+    /// raised: its side effects happen twice, so they must be idempotent.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use outbox::testing::{Fault, TestKit};
+    /// use outbox::{HandlerSpec, NewMessage, QueueSpec};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sent = Arc::new(Mutex::new(Vec::new()));
+    /// let log = sent.clone();
+    /// let kit = TestKit::builder()
+    ///     .discover(false)
+    ///     .queue(QueueSpec::new("mail", 1))
+    ///     .handler(HandlerSpec::leased("mail", "send", move |m, ctx| {
+    ///         log.lock().unwrap().push((ctx.idempotency_key(), ctx.attempt()));
+    ///         Box::pin(async { Ok(()) })
+    ///     }))
+    ///     .build()
+    ///     .await?;
+    /// kit.outbox().enqueue(kit.db(), NewMessage::new("mail", 0, "hi")).await?;
+    /// kit.inject("send", Fault::LeaseExpires);
+    /// kit.run_until_idle().await?;
+    /// let sent = sent.lock().unwrap().clone();
+    /// assert_eq!(sent.len(), 2);                 // delivered twice...
+    /// assert_eq!(sent[0].0, sent[1].0);          // ...with one idempotency key
+    /// assert_eq!((sent[0].1, sent[1].1), (1, 2)); // and the attempt raised
+    /// # Ok(()) }
+    /// ```
     pub fn inject(&self, handler: &str, fault: Fault) {
         if let Ok(mut q) = self.faults.queued.lock() {
             q.entry(handler.to_owned()).or_default().push_back(fault);
