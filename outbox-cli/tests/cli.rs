@@ -202,6 +202,27 @@ async fn dead_letter_workflow(t: Arc<TestDb>) {
     assert_eq!(out.lines().count(), 3, "header and two rows: {out}");
     assert!(out.starts_with("ID "), "{out}");
 
+    let after = ids[0].to_string();
+    let (code, out, _) = outbox(
+        &t,
+        &[
+            "dead-letters",
+            "list",
+            "--json",
+            "--after",
+            &after,
+            "--limit",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let page: Vec<i64> = json(&out)
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| d["id"].as_i64()).collect())
+        .unwrap_or_default();
+    assert_eq!(page, [ids[1]], "paging");
+
     let first = ids[0].to_string();
     let (code, out, _) = outbox(&t, &["dead-letters", "show", &first]).await;
     assert_eq!(code, 0);
