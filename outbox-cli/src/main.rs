@@ -243,6 +243,8 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = match &e {
             Error::DeadLetterNotFound(_) | Error::UnknownQueue(_) => NOT_FOUND,
+            // A bad --table-prefix or name given on the command line.
+            Error::InvalidName(_) => USAGE,
             _ => FAILED,
         };
         Failure::new(code, format::error_chain(&e))

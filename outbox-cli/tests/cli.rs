@@ -102,6 +102,8 @@ async fn migrate_and_status_of_an_empty_database(t: Arc<TestDb>) {
     assert_eq!((code, out.as_str()), (0, "no queues registered\n"));
     let (code, out, _) = outbox(&t, &["dead-letters", "list"]).await;
     assert_eq!((code, out.as_str()), (0, "no dead letters\n"));
+    let (code, _, err) = outbox(&t, &["--table-prefix", "Bad-Prefix", "status"]).await;
+    assert_eq!(code, 2, "an invalid prefix is a usage error: {err}");
     // Another prefix has no tables yet.
     let (code, _, err) = outbox(&t, &["--table-prefix", "other_", "status"]).await;
     assert_eq!(code, 1, "{err}");
