@@ -70,11 +70,15 @@
 //!
 //! # The process-wide outbox
 //!
-//! Typed [`Queue::enqueue`] uses the process-wide outbox; the kit installs its own there (see
-//! [`TestKitBuilder::install_global`]). Tests of one binary that each build a kit and use typed
-//! `enqueue` replace each other's: run them one at a time, or enqueue with
-//! [`Queue::enqueue_with`]`(kit.outbox(), …)`.
+//! Typed [`Queue::enqueue`] uses the process-wide outbox ([`global`](crate::global)); the kit
+//! installs its own there (see [`TestKitBuilder::install_global`]), and also as the outbox of
+//! the current thread, which `global` prefers while the kit lives. With `#[tokio::test]`'s
+//! default current-thread runtime the test and the handlers the kit runs share that thread, so
+//! tests of one binary can each use a kit in parallel. On a multi-thread runtime the handlers
+//! run on other threads and see the process-wide outbox, which the last kit built replaced:
+//! run such tests one at a time, or enqueue with [`Queue::enqueue_with`]`(kit.outbox(), …)`.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -89,6 +93,22 @@ use crate::queue::{Message, QueueSpec};
 use crate::runtime::{Builder, Outbox};
 use crate::status::Status;
 use crate::typed::{Queue, set_global};
+
+thread_local! {
+    /// The outbox of the kit living on this thread, preferred by [`crate::global`].
+    static THREAD_GLOBAL: RefCell<Option<Outbox>> = const { RefCell::new(None) };
+}
+
+/// The outbox of the kit living on this thread, if any.
+pub(crate) fn thread_global() -> Option<Outbox> {
+    THREAD_GLOBAL.with(|g| g.borrow().clone())
+}
+
+/// Makes `outbox` the process-wide outbox and this thread's.
+fn install(outbox: &Outbox) {
+    set_global(outbox.clone());
+    THREAD_GLOBAL.with(|g| *g.borrow_mut() = Some(outbox.clone()));
+}
 
 /// A fault to inject into one delivery (see the [module docs](self#faults)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,7 +237,7 @@ impl TestKitBuilder {
         .connect()
         .await?;
         if self.install_global {
-            set_global(outbox.clone());
+            install(&outbox);
         }
         Ok(TestKit {
             db,
@@ -374,6 +394,21 @@ impl fmt::Debug for TestKit {
     }
 }
 
+impl Drop for TestKit {
+    fn drop(&mut self) {
+        // Forget this kit's outbox on this thread (its database is about to be deleted), but
+        // not another kit's.
+        let _ = THREAD_GLOBAL.try_with(|g| {
+            let mut g = g.borrow_mut();
+            if g.as_ref()
+                .is_some_and(|o| std::ptr::eq(o.store(), self.outbox.store()))
+            {
+                *g = None;
+            }
+        });
+    }
+}
+
 impl TestKit {
     /// A kit with every queue and handler declared in this binary.
     pub async fn new() -> Result<TestKit, TestError> {
@@ -493,7 +528,7 @@ impl TestKit {
             *r = Some(running.outbox().clone());
         }
         if self.install_global {
-            set_global(running.outbox().clone());
+            install(running.outbox());
         }
         let result = self.wait_idle(running.outbox(), &watched).await;
         let stopped = running.shutdown(Duration::from_secs(1)).await;
@@ -501,7 +536,7 @@ impl TestKit {
             *r = None;
         }
         if self.install_global {
-            set_global(self.outbox.clone());
+            install(&self.outbox);
         }
         self.capture().await?;
         let status = result?;
