@@ -4,7 +4,7 @@
 //! outbox --database-url URL [--table-prefix outbox_] <command>
 //!   migrate                                 create the tables (idempotent)
 //!   status [--queue Q] [--all-partitions] [--json]
-//!   dead-letters list [filters] [--limit N] [--json]
+//!   dead-letters list [filters] [--limit N] [--after ID] [--json]
 //!   dead-letters show ID [--json]
 //!   dead-letters replay (ID... | --all [filters]) [--yes]
 //!   dead-letters discard ID... [--yes]
@@ -176,6 +176,9 @@ enum DeadLetters {
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Only ids above this one (to page: pass the last id seen).
+        #[arg(long, default_value_t = 0)]
+        after: i64,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -240,6 +243,8 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = match &e {
             Error::DeadLetterNotFound(_) | Error::UnknownQueue(_) => NOT_FOUND,
+            // A bad --table-prefix or name given on the command line.
+            Error::InvalidName(_) => USAGE,
             _ => FAILED,
         };
         Failure::new(code, format::error_chain(&e))
@@ -380,10 +385,11 @@ async fn dead_letters(outbox: &Outbox, cmd: DeadLetters) -> Result<u8, Failure> 
         DeadLetters::List {
             filter,
             limit,
+            after,
             json,
         } => {
             let list = outbox
-                .dead_letters(&filter.to_filter(), 0, limit)
+                .dead_letters(&filter.to_filter(), after, limit)
                 .await
                 .map_err(missing_tables)?;
             if json {

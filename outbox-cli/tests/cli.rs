@@ -102,6 +102,8 @@ async fn migrate_and_status_of_an_empty_database(t: Arc<TestDb>) {
     assert_eq!((code, out.as_str()), (0, "no queues registered\n"));
     let (code, out, _) = outbox(&t, &["dead-letters", "list"]).await;
     assert_eq!((code, out.as_str()), (0, "no dead letters\n"));
+    let (code, _, err) = outbox(&t, &["--table-prefix", "Bad-Prefix", "status"]).await;
+    assert_eq!(code, 2, "an invalid prefix is a usage error: {err}");
     // Another prefix has no tables yet.
     let (code, _, err) = outbox(&t, &["--table-prefix", "other_", "status"]).await;
     assert_eq!(code, 1, "{err}");
@@ -201,6 +203,27 @@ async fn dead_letter_workflow(t: Arc<TestDb>) {
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 3, "header and two rows: {out}");
     assert!(out.starts_with("ID "), "{out}");
+
+    let after = ids[0].to_string();
+    let (code, out, _) = outbox(
+        &t,
+        &[
+            "dead-letters",
+            "list",
+            "--json",
+            "--after",
+            &after,
+            "--limit",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let page: Vec<i64> = json(&out)
+        .as_array()
+        .map(|a| a.iter().filter_map(|d| d["id"].as_i64()).collect())
+        .unwrap_or_default();
+    assert_eq!(page, [ids[1]], "paging");
 
     let first = ids[0].to_string();
     let (code, out, _) = outbox(&t, &["dead-letters", "show", &first]).await;

@@ -70,11 +70,15 @@
 //!
 //! # The process-wide outbox
 //!
-//! Typed [`Queue::enqueue`] uses the process-wide outbox; the kit installs its own there (see
-//! [`TestKitBuilder::install_global`]). Tests of one binary that each build a kit and use typed
-//! `enqueue` replace each other's: run them one at a time, or enqueue with
-//! [`Queue::enqueue_with`]`(kit.outbox(), …)`.
+//! Typed [`Queue::enqueue`] uses the process-wide outbox ([`global`](crate::global)); the kit
+//! installs its own there (see [`TestKitBuilder::install_global`]), and also as the outbox of
+//! the current thread, which `global` prefers while the kit lives. With `#[tokio::test]`'s
+//! default current-thread runtime the test and the handlers the kit runs share that thread, so
+//! tests of one binary can each use a kit in parallel. On a multi-thread runtime the handlers
+//! run on other threads and see the process-wide outbox, which the last kit built replaced:
+//! run such tests one at a time, or enqueue with [`Queue::enqueue_with`]`(kit.outbox(), …)`.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -89,6 +93,22 @@ use crate::queue::{Message, QueueSpec};
 use crate::runtime::{Builder, Outbox};
 use crate::status::Status;
 use crate::typed::{Queue, set_global};
+
+thread_local! {
+    /// The outbox of the kit living on this thread, preferred by [`crate::global`].
+    static THREAD_GLOBAL: RefCell<Option<Outbox>> = const { RefCell::new(None) };
+}
+
+/// The outbox of the kit living on this thread, if any.
+pub(crate) fn thread_global() -> Option<Outbox> {
+    THREAD_GLOBAL.with(|g| g.borrow().clone())
+}
+
+/// Makes `outbox` the process-wide outbox and this thread's.
+fn install(outbox: &Outbox) {
+    set_global(outbox.clone());
+    THREAD_GLOBAL.with(|g| *g.borrow_mut() = Some(outbox.clone()));
+}
 
 /// A fault to inject into one delivery (see the [module docs](self#faults)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,7 +237,7 @@ impl TestKitBuilder {
         .connect()
         .await?;
         if self.install_global {
-            set_global(outbox.clone());
+            install(&outbox);
         }
         Ok(TestKit {
             db,
@@ -422,6 +442,21 @@ impl fmt::Debug for TestKit {
     }
 }
 
+impl Drop for TestKit {
+    fn drop(&mut self) {
+        // Forget this kit's outbox on this thread (its database is about to be deleted), but
+        // not another kit's.
+        let _ = THREAD_GLOBAL.try_with(|g| {
+            let mut g = g.borrow_mut();
+            if g.as_ref()
+                .is_some_and(|o| std::ptr::eq(o.store(), self.outbox.store()))
+            {
+                *g = None;
+            }
+        });
+    }
+}
+
 impl TestKit {
     /// A kit with every queue and handler declared in this binary.
     pub async fn new() -> Result<TestKit, TestError> {
@@ -451,6 +486,37 @@ impl TestKit {
 
     /// Queues `fault` for the next delivery to the handler named `handler` (of any queue).
     /// Call it several times to fault several deliveries.
+    ///
+    /// A leased handler whose lease expires while it runs is redelivered with the attempt
+    /// raised: its side effects happen twice, so they must be idempotent.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use outbox::testing::{Fault, TestKit};
+    /// use outbox::{HandlerSpec, NewMessage, QueueSpec};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let sent = Arc::new(Mutex::new(Vec::new()));
+    /// let log = sent.clone();
+    /// let kit = TestKit::builder()
+    ///     .discover(false)
+    ///     .queue(QueueSpec::new("mail", 1))
+    ///     .handler(HandlerSpec::leased("mail", "send", move |m, ctx| {
+    ///         log.lock().unwrap().push((ctx.idempotency_key(), ctx.attempt()));
+    ///         Box::pin(async { Ok(()) })
+    ///     }))
+    ///     .build()
+    ///     .await?;
+    /// kit.outbox().enqueue(kit.db(), NewMessage::new("mail", 0, "hi")).await?;
+    /// kit.inject("send", Fault::LeaseExpires);
+    /// kit.run_until_idle().await?;
+    /// let sent = sent.lock().unwrap().clone();
+    /// assert_eq!(sent.len(), 2);                 // delivered twice...
+    /// assert_eq!(sent[0].0, sent[1].0);          // ...with one idempotency key
+    /// assert_eq!((sent[0].1, sent[1].1), (1, 2)); // and the attempt raised
+    /// # Ok(()) }
+    /// ```
     pub fn inject(&self, handler: &str, fault: Fault) {
         if let Ok(mut q) = self.faults.queued.lock() {
             q.entry(handler.to_owned()).or_default().push_back(fault);
@@ -510,7 +576,7 @@ impl TestKit {
             *r = Some(running.outbox().clone());
         }
         if self.install_global {
-            set_global(running.outbox().clone());
+            install(running.outbox());
         }
         let result = self.wait_idle(running.outbox(), &watched).await;
         let stopped = running.shutdown(Duration::from_secs(1)).await;
@@ -518,7 +584,7 @@ impl TestKit {
             *r = None;
         }
         if self.install_global {
-            set_global(self.outbox.clone());
+            install(&self.outbox);
         }
         self.capture().await?;
         let status = result?;

@@ -111,6 +111,10 @@ pub fn set_global(outbox: Outbox) {
 
 /// The outbox that typed enqueue uses in this process, if one was installed.
 pub fn global() -> Option<Outbox> {
+    #[cfg(feature = "testing")]
+    if let Some(outbox) = crate::testing::thread_global() {
+        return Some(outbox);
+    }
     match GLOBAL.read() {
         Ok(g) => g.clone(),
         Err(poisoned) => poisoned.into_inner().clone(),
