@@ -10,7 +10,7 @@ use crate::Res;
 use crate::cell::Outcome;
 use crate::check::{Checker, Payload, now_us, payload};
 use crate::db::{Backend, FreshDb, begin_write, scalar, stmt};
-use crate::ours::{s1_metrics, wait_handled};
+use crate::ours::{STALL, s1_metrics, wait_handled};
 
 fn blob(backend: Backend) -> &'static str {
     match backend {
@@ -102,8 +102,14 @@ const WORKERS: u32 = 4;
 /// S2 ceiling: `n` rows pre-sequenced in `(partition, seq)`; 4 workers each loop "lock a
 /// partition's cursor row (`FOR UPDATE SKIP LOCKED`; `BEGIN IMMEDIATE` on SQLite), read up to
 /// `batch` rows with `seq > cursor`, advance the cursor, commit".
-pub(crate) async fn s2(db: &FreshDb, partitions: u32, batch: u32, n: u64) -> Res<Outcome> {
-    let pool = db.pool(WORKERS + 1, false).await?;
+pub(crate) async fn s2(
+    db: &FreshDb,
+    partitions: u32,
+    batch: u32,
+    n: u64,
+    count_statements: bool,
+) -> Res<Outcome> {
+    let pool = db.pool(WORKERS + 1, count_statements).await?;
     let backend = pool.get_database_backend();
     pool.execute_unprepared(&format!(
         "CREATE TABLE bench_q (partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, payload {} NOT NULL, PRIMARY KEY (partition_no, seq))",
@@ -148,6 +154,7 @@ pub(crate) async fn s2(db: &FreshDb, partitions: u32, batch: u32, n: u64) -> Res
     }
 
     let checker = Arc::new(Checker::new(partitions));
+    let st0 = crate::sys::statements();
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..WORKERS {
@@ -165,14 +172,14 @@ pub(crate) async fn s2(db: &FreshDb, partitions: u32, batch: u32, n: u64) -> Res
             .await
         }));
     }
-    let timeout = Duration::from_secs(60 + n / 200);
-    let waited = wait_handled(&checker, n, t0, timeout).await;
+    let waited = wait_handled(&checker, n, t0, STALL).await;
     let drained = t0.elapsed();
+    let statements = crate::sys::statements() - st0;
     for t in tasks {
         t.abort();
     }
     pool.close().await.ok();
-    let metrics = BTreeMap::from([
+    let mut metrics = BTreeMap::from([
         (
             "msgs_per_s".into(),
             checker.handled() as f64 / drained.as_secs_f64(),
@@ -180,6 +187,9 @@ pub(crate) async fn s2(db: &FreshDb, partitions: u32, batch: u32, n: u64) -> Res
         ("secs".into(), drained.as_secs_f64()),
         ("duplicates".into(), checker.duplicates() as f64),
     ]);
+    if count_statements {
+        metrics.insert("stmts_per_msg".into(), statements as f64 / n as f64);
+    }
     let check = waited.map(|_| ()).and_then(|()| checker.verdict(n, false));
     Ok(Outcome::checked(check, metrics))
 }

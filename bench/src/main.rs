@@ -60,9 +60,9 @@ struct Args {
     /// Scenarios to run.
     #[arg(long, value_delimiter = ',', default_value = "s1,s2,s3,s4")]
     scenarios: Vec<Scenario>,
-    /// Repetitions of every cell (median, min and max are reported).
-    #[arg(long, default_value_t = 3)]
-    reps: u32,
+    /// Repetitions of every cell (median, min and max are reported; default 3, smoke 1).
+    #[arg(long)]
+    reps: Option<u32>,
     /// Tiny sizes: every scenario on every backend in well under a minute (for CI).
     #[arg(long)]
     smoke: bool,
@@ -90,7 +90,7 @@ struct Args {
     /// S3: skip the cross-process variant.
     #[arg(long)]
     no_cross_process: bool,
-    /// S4: measured seconds per cell (default 60; smoke 3).
+    /// S4: measured seconds per cell (default 60; smoke 2).
     #[arg(long)]
     s4_secs: Option<f64>,
     /// S4: repetitions (default: --reps).
@@ -100,6 +100,16 @@ struct Args {
     /// grows with partitions.
     #[arg(long, value_delimiter = ',', default_value = "64,1")]
     s4_partitions: Vec<u32>,
+    /// S2: partitions at which the peer runs (it is slow at its Default profile).
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    peer_partitions: Vec<u32>,
+    /// S2: messages the peer drains with its Default profile (it caps a partition near
+    /// 100 msgs/s by design, so a full backlog would take minutes; the rate is what is compared).
+    #[arg(long, default_value_t = 5_000)]
+    peer_default_messages: u64,
+    /// S2: count the statements sent per message (sqlx statement events; costs some CPU).
+    #[arg(long)]
+    count_statements: bool,
     /// Skip the raw SQL ceilings.
     #[arg(long)]
     no_ceiling: bool,
@@ -195,7 +205,7 @@ fn plan(a: &Args) -> Vec<Cell> {
                 }
             }
             Scenario::S4 => {
-                let secs = a.s4_secs.unwrap_or(if smoke { 3.0 } else { 60.0 });
+                let secs = a.s4_secs.unwrap_or(if smoke { 2.0 } else { 60.0 });
                 for &partitions in &a.s4_partitions {
                     cells.push(Cell::S4 {
                         queues: 8,
@@ -223,7 +233,7 @@ async fn run_cell(
     };
     let result = match system {
         System::Ours => run_ours(a, &db, cell).await,
-        System::Ceiling => run_ceiling(&db, cell).await,
+        System::Ceiling => run_ceiling(a, &db, cell).await,
         System::Modkit => run_peer(a, &db, cell).await,
     };
     db.drop_db().await;
@@ -242,7 +252,17 @@ async fn run_ours(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
             profile,
             partitions,
             messages,
-        } => ours::s2(db, handler, profile, partitions, messages).await,
+        } => {
+            ours::s2(
+                db,
+                handler,
+                profile,
+                partitions,
+                messages,
+                a.count_statements,
+            )
+            .await
+        }
         Cell::S3 {
             cross_process,
             messages,
@@ -267,7 +287,7 @@ async fn run_ours(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
     }
 }
 
-async fn run_ceiling(db: &FreshDb, cell: &Cell) -> Res<Outcome> {
+async fn run_ceiling(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
     match *cell {
         Cell::S1 {
             per_tx,
@@ -279,19 +299,37 @@ async fn run_ceiling(db: &FreshDb, cell: &Cell) -> Res<Outcome> {
             partitions,
             messages,
             ..
-        } => ceiling::s2(db, partitions, profile.batch(), messages).await,
+        } => {
+            ceiling::s2(
+                db,
+                partitions,
+                profile.batch(),
+                messages,
+                a.count_statements,
+            )
+            .await
+        }
         _ => Err("no ceiling for this scenario".into()),
     }
 }
 
 async fn run_peer(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
+    let mut cell = cell.clone();
+    if let Cell::S2 {
+        profile: ProfileName::Default,
+        messages,
+        ..
+    } = &mut cell
+    {
+        *messages = (*messages).min(a.peer_default_messages);
+    }
     let out = tokio::process::Command::new(&a.peer_bin)
         .arg("--backend")
         .arg(db.backend.name())
         .arg("--url")
         .arg(&db.url)
         .arg("--cell")
-        .arg(serde_json::to_string(cell)?)
+        .arg(serde_json::to_string(&cell)?)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -304,8 +342,12 @@ async fn run_peer(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
 }
 
 /// Whether the peer runs this cell (it implements S1 and S2).
-fn peer_supports(cell: &Cell) -> bool {
-    matches!(cell, Cell::S1 { .. } | Cell::S2 { .. })
+fn peer_supports(a: &Args, cell: &Cell) -> bool {
+    match cell {
+        Cell::S1 { .. } => true,
+        Cell::S2 { partitions, .. } => a.peer_partitions.contains(partitions),
+        _ => false,
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -355,14 +397,15 @@ async fn async_main(args: Args) -> std::process::ExitCode {
         None => Some("peer not run; pass --peer modkit".into()),
     };
     let run_peer = peer_missing.is_none();
+    let reps = args.reps.unwrap_or(if args.smoke { 1 } else { 3 });
 
     let mut jobs: Vec<(Backend, Cell, u32, System)> = Vec::new();
     let mut ceilings_done: Vec<(Backend, Cell, u32)> = Vec::new();
     for &backend in &args.backends {
         for cell in &cells {
             let reps = match cell {
-                Cell::S4 { .. } => args.s4_reps.unwrap_or(args.reps),
-                _ => args.reps,
+                Cell::S4 { .. } => args.s4_reps.unwrap_or(reps),
+                _ => reps,
             };
             for rep in 0..reps.max(1) {
                 jobs.push((backend, cell.clone(), rep, System::Ours));
@@ -373,7 +416,7 @@ async fn async_main(args: Args) -> std::process::ExitCode {
                     ceilings_done.push((backend, c.clone(), rep));
                     jobs.push((backend, c, rep, System::Ceiling));
                 }
-                if run_peer && peer_supports(cell) {
+                if run_peer && peer_supports(&args, cell) {
                     jobs.push((backend, cell.clone(), rep, System::Modkit));
                 }
             }
@@ -438,8 +481,7 @@ async fn async_main(args: Args) -> std::process::ExitCode {
     let results = report::Results::new(&records, peer_missing);
     println!("## outbox-bench results\n");
     println!(
-        "reps: {}, smoke: {}, build: {}\n",
-        args.reps,
+        "reps: {reps}, smoke: {}, build: {}\n",
         args.smoke,
         if cfg!(debug_assertions) {
             "debug"
@@ -454,7 +496,7 @@ async fn async_main(args: Args) -> std::process::ExitCode {
     print!("{}", results.markdown());
 
     let json = serde_json::json!({
-        "reps": args.reps,
+        "reps": reps,
         "smoke": args.smoke,
         "release": !cfg!(debug_assertions),
         "settings": settings.iter().map(|(b, s)| (b.name().to_owned(), s.clone())).collect::<std::collections::BTreeMap<_, _>>(),

@@ -15,6 +15,8 @@ use crate::{Res, sys};
 
 const QUEUE: &str = "bench";
 const GRACE: Duration = Duration::from_secs(10);
+/// A cell fails when nothing was handled for this long.
+pub(crate) const STALL: Duration = Duration::from_secs(30);
 
 /// Pool size for a runtime with `handlers` handlers at concurrency 2, plus producers.
 fn pool_size(backend: Backend, handlers: u32, producers: u32) -> u32 {
@@ -60,24 +62,25 @@ fn handler(kind: HandlerKind, checker: &Arc<Checker>) -> HandlerSpec {
     }
 }
 
-/// Waits until `checker` handled `n` messages; the elapsed time since `t0`.
+/// Waits until `checker` handled `n` messages; the elapsed time since `t0`. Gives up when
+/// nothing progressed for `stall` (or an order/loss problem was seen: the verdict tells it).
 pub(crate) async fn wait_handled(
     checker: &Checker,
     n: u64,
     t0: Instant,
-    timeout: Duration,
+    stall: Duration,
 ) -> Result<Duration, String> {
+    let (mut last, mut since) = (0, Instant::now());
     loop {
-        if checker.handled() >= n {
+        let handled = checker.handled();
+        if handled >= n || checker.broken() {
             return Ok(t0.elapsed());
         }
-        if checker.broken() {
-            return Err("order/loss violation".into());
-        }
-        if t0.elapsed() > timeout {
+        if handled != last {
+            (last, since) = (handled, Instant::now());
+        } else if since.elapsed() > stall {
             return Err(format!(
-                "timed out after {timeout:?}: handled {} of {n}",
-                checker.handled()
+                "stalled: no progress for {stall:?}, handled {handled} of {n}"
             ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -187,10 +190,14 @@ pub(crate) async fn s2(
     profile: ProfileName,
     partitions: u32,
     n: u64,
+    count_statements: bool,
 ) -> Res<Outcome> {
-    let pool = db.pool(pool_size(db.backend, 1, 0), false).await?;
+    let pool = db
+        .pool(pool_size(db.backend, 1, 0), count_statements)
+        .await?;
     prefill(&pool, partitions, n).await?;
     let checker = Arc::new(Checker::new(partitions));
+    let st0 = sys::statements();
     let t0 = Instant::now();
     let rt = Outbox::builder(pool.clone())
         .profile(profile.profile())
@@ -198,9 +205,9 @@ pub(crate) async fn s2(
         .handler(handler(kind, &checker))
         .start()
         .await?;
-    let timeout = Duration::from_secs(60 + n / 200);
-    let waited = wait_handled(&checker, n, t0, timeout).await;
+    let waited = wait_handled(&checker, n, t0, STALL).await;
     let drained = t0.elapsed();
+    let statements = sys::statements() - st0;
     rt.shutdown(GRACE).await?;
     let depth = rt.depth(QUEUE).await?;
     let pending = depth.handlers.first().map_or(-1, |h| h.pending);
@@ -213,6 +220,9 @@ pub(crate) async fn s2(
         ("duplicates".into(), checker.duplicates() as f64),
     ]);
     metrics.insert("pending_after".into(), pending as f64);
+    if count_statements {
+        metrics.insert("stmts_per_msg".into(), statements as f64 / n as f64);
+    }
     pool.close().await.ok();
     let check = waited
         .map(|_| ())
@@ -305,7 +315,7 @@ pub(crate) async fn s3(
     } else {
         produce_paced(rt.outbox(), &pool, n, interval).await?
     };
-    let waited = wait_handled(&checker, n, t0, Duration::from_secs(60 + n / 50)).await;
+    let waited = wait_handled(&checker, n, t0, STALL).await;
     rt.shutdown(GRACE).await?;
     pool.close().await.ok();
     let metrics = if waited.is_ok() && commit_us.len() as u64 == n {

@@ -112,7 +112,7 @@ impl Results {
         let Some(outs) = self.map.get(&(backend.to_owned(), system, key(cell))) else {
             return Summary::Missing(match (system, &self.peer_missing) {
                 (System::Modkit, Some(why)) => why.clone(),
-                (System::Modkit, None) => "peer not run; pass --peer modkit".into(),
+                (System::Modkit, None) => "peer not run for this cell".into(),
                 _ => "not run".into(),
             });
         };
@@ -155,6 +155,13 @@ impl Results {
             .collect();
         v.sort();
         v
+    }
+
+    fn has_metric(&self, metric: &str) -> bool {
+        self.map
+            .values()
+            .flatten()
+            .any(|o| o.metrics.contains_key(metric))
     }
 
     fn cells(&self, scenario: &str) -> Vec<&(String, Cell)> {
@@ -212,19 +219,38 @@ impl Results {
                 o,
                 "### S2 drain a pre-filled backlog (msgs/s from start() to the last message handled, median [min–max])\n"
             );
+            let stmts = self.has_metric("stmts_per_msg");
             let _ = writeln!(
                 o,
-                "| backend | cell | ours msgs/s | raw ceiling (same batch) msgs/s | ours ÷ ceiling | cf-modkit-db msgs/s | ours ÷ modkit |"
+                "| backend | cell | ours msgs/s | raw ceiling (same batch) msgs/s | ours ÷ ceiling | cf-modkit-db msgs/s | ours ÷ modkit |{}",
+                if stmts {
+                    " statements/msg ours / ceiling |"
+                } else {
+                    ""
+                }
             );
-            let _ = writeln!(o, "|---|---|---|---|---|---|---|");
+            let _ = writeln!(
+                o,
+                "|---|---|---|---|---|---|---|{}",
+                if stmts { "---|" } else { "" }
+            );
             for (b, c) in s2 {
                 let ceil = c.ceiling().unwrap_or_else(|| c.clone());
                 let ours = self.summary(b, System::Ours, c, "msgs_per_s");
                 let ce = self.summary(b, System::Ceiling, &ceil, "msgs_per_s");
                 let mk = self.summary(b, System::Modkit, c, "msgs_per_s");
+                let extra = if stmts {
+                    format!(
+                        " {} / {} |",
+                        short(&self.summary(b, System::Ours, c, "stmts_per_msg")),
+                        short(&self.summary(b, System::Ceiling, &ceil, "stmts_per_msg"))
+                    )
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(
                     o,
-                    "| {b} | {} | {} | {} | {} | {} | {} |",
+                    "| {b} | {} | {} | {} | {} | {} | {} |{extra}",
                     c.label(),
                     show(&ours),
                     show(&ce),
