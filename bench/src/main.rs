@@ -87,6 +87,9 @@ struct Args {
     /// S3: interval between the producer's commits, in µs.
     #[arg(long, default_value_t = 2_000)]
     s3_interval_us: u64,
+    /// S3: override the LowLatency profile's handler concurrency (diagnostics).
+    #[arg(long)]
+    s3_concurrency: Option<u32>,
     /// S3: skip the cross-process variant.
     #[arg(long)]
     no_cross_process: bool,
@@ -273,6 +276,7 @@ async fn run_ours(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
                 cross_process,
                 messages,
                 Duration::from_micros(interval_us),
+                a.s3_concurrency,
             )
             .await
         }

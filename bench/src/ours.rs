@@ -286,8 +286,10 @@ pub(crate) async fn s3(
     cross_process: bool,
     n: u64,
     interval: Duration,
+    concurrency: Option<u32>,
 ) -> Res<Outcome> {
-    let pool = db.pool(pool_size(db.backend, 1, 1), false).await?;
+    let extra = concurrency.map_or(0, |c| c.saturating_sub(2));
+    let pool = db.pool(pool_size(db.backend, 1, 1) + extra, false).await?;
     let checker = Arc::new(Checker::new(8));
     let start_us: Arc<Vec<AtomicI64>> = Arc::new((0..n).map(|_| AtomicI64::new(0)).collect());
     let (c, s) = (checker.clone(), start_us.clone());
@@ -302,9 +304,13 @@ pub(crate) async fn s3(
         }
         Box::pin(async { Ok(()) })
     });
+    let mut queue = QueueSpec::new(QUEUE, 8);
+    if let Some(c) = concurrency {
+        queue = queue.overrides(outbox::Overrides::NONE.concurrency(c));
+    }
     let rt = Outbox::builder(pool.clone())
         .profile(Profile::LowLatency)
-        .queue(QueueSpec::new(QUEUE, 8))
+        .queue(queue)
         .handler(h)
         .start()
         .await?;
