@@ -188,7 +188,10 @@ pub(crate) async fn s2(
         ("duplicates".into(), checker.duplicates() as f64),
     ]);
     if count_statements {
-        metrics.insert("stmts_per_msg".into(), statements as f64 / n as f64);
+        metrics.insert(
+            "stmts_per_1k_msgs".into(),
+            statements as f64 * 1000.0 / n as f64,
+        );
     }
     let check = waited.map(|_| ()).and_then(|()| checker.verdict(n, false));
     Ok(Outcome::checked(check, metrics))

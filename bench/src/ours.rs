@@ -221,7 +221,10 @@ pub(crate) async fn s2(
     ]);
     metrics.insert("pending_after".into(), pending as f64);
     if count_statements {
-        metrics.insert("stmts_per_msg".into(), statements as f64 / n as f64);
+        metrics.insert(
+            "stmts_per_1k_msgs".into(),
+            statements as f64 * 1000.0 / n as f64,
+        );
     }
     pool.close().await.ok();
     let check = waited

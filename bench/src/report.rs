@@ -219,12 +219,12 @@ impl Results {
                 o,
                 "### S2 drain a pre-filled backlog (msgs/s from start() to the last message handled, median [min–max])\n"
             );
-            let stmts = self.has_metric("stmts_per_msg");
+            let stmts = self.has_metric("stmts_per_1k_msgs");
             let _ = writeln!(
                 o,
                 "| backend | cell | ours msgs/s | raw ceiling (same batch) msgs/s | ours ÷ ceiling | cf-modkit-db msgs/s | ours ÷ modkit |{}",
                 if stmts {
-                    " statements/msg ours / ceiling |"
+                    " statements per 1,000 msgs ours / ceiling |"
                 } else {
                     ""
                 }
@@ -242,8 +242,8 @@ impl Results {
                 let extra = if stmts {
                     format!(
                         " {} / {} |",
-                        short(&self.summary(b, System::Ours, c, "stmts_per_msg")),
-                        short(&self.summary(b, System::Ceiling, &ceil, "stmts_per_msg"))
+                        short(&self.summary(b, System::Ours, c, "stmts_per_1k_msgs")),
+                        short(&self.summary(b, System::Ceiling, &ceil, "stmts_per_1k_msgs"))
                     )
                 } else {
                     String::new()
