@@ -1,0 +1,524 @@
+//! `outbox-bench`: scenarios S1–S4 of BENCHMARKS.md on SQLite, PostgreSQL and MySQL/MariaDB,
+//! each cell on a fresh database, side by side with the raw SQL ceilings and (with
+//! `--peer modkit`) cf-modkit-db 0.7.2 run as a child process. Every cell checks correctness;
+//! the process exits non-zero if a cell of ours or of a ceiling failed its check.
+//!
+//! ```sh
+//! cargo run --release -p outbox-bench -- --backends sqlite,postgres,mysql --reps 3
+//! cargo run -p outbox-bench -- --smoke --backends sqlite,postgres,mysql
+//! ```
+#![allow(
+    clippy::print_stdout,
+    reason = "the report goes to stdout, the progress display to stderr"
+)]
+
+mod ceiling;
+mod cell;
+mod check;
+mod db;
+mod ours;
+mod report;
+mod sys;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use cell::{Cell, HandlerKind, Outcome, ProfileName, Record, System};
+use db::{Backend, FreshDb, Servers};
+
+/// Errors of the harness itself (a cell's error becomes a failed outcome).
+pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Which scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    S1,
+    S2,
+    S3,
+    S4,
+}
+
+/// Peers run as child processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Peer {
+    /// cf-modkit-db 0.7.2 (bench/modkit-peer, built separately).
+    Modkit,
+}
+
+/// Benchmarks of the outbox, side by side with raw SQL and cf-modkit-db.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Backends to run on.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,mysql")]
+    backends: Vec<Backend>,
+    /// Scenarios to run.
+    #[arg(long, value_delimiter = ',', default_value = "s1,s2,s3,s4")]
+    scenarios: Vec<Scenario>,
+    /// Repetitions of every cell (median, min and max are reported; default 3, smoke 1).
+    #[arg(long)]
+    reps: Option<u32>,
+    /// Tiny sizes: every scenario on every backend in well under a minute (for CI).
+    #[arg(long)]
+    smoke: bool,
+    /// S1: messages per cell (default 4,000 at 1/tx and 50,000 at 100/tx; smoke 200 / 2,000).
+    #[arg(long)]
+    s1_messages: Option<usize>,
+    /// S2: messages pre-filled per cell (default 100,000; smoke 2,000).
+    #[arg(long)]
+    s2_messages: Option<u64>,
+    /// S2: partitions of the queue.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    partitions: Vec<u32>,
+    /// S2: profiles.
+    #[arg(long, value_delimiter = ',', default_value = "high-throughput,default")]
+    profiles: Vec<ProfileName>,
+    /// S2: handler kinds.
+    #[arg(long, value_delimiter = ',', default_value = "tx,leased")]
+    handlers: Vec<HandlerKind>,
+    /// S3: messages per cell (default 2,500; smoke 200).
+    #[arg(long)]
+    s3_messages: Option<u64>,
+    /// S3: interval between the producer's commits, in µs.
+    #[arg(long, default_value_t = 2_000)]
+    s3_interval_us: u64,
+    /// S3: override the LowLatency profile's handler concurrency (diagnostics).
+    #[arg(long)]
+    s3_concurrency: Option<u32>,
+    /// S3: skip the cross-process variant.
+    #[arg(long)]
+    no_cross_process: bool,
+    /// S4: measured seconds per cell (default 60; smoke 2).
+    #[arg(long)]
+    s4_secs: Option<f64>,
+    /// S4: repetitions (default: --reps).
+    #[arg(long)]
+    s4_reps: Option<u32>,
+    /// S4: partitions per queue (8 queues each); 64 is the scenario, 1 shows whether the cost
+    /// grows with partitions.
+    #[arg(long, value_delimiter = ',', default_value = "64,1")]
+    s4_partitions: Vec<u32>,
+    /// S2: partitions at which the peer runs (it is slow at its Default profile).
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    peer_partitions: Vec<u32>,
+    /// S2: messages the peer drains with its Default profile (it caps a partition near
+    /// 100 msgs/s by design, so a full backlog would take minutes; the rate is what is compared).
+    #[arg(long, default_value_t = 5_000)]
+    peer_default_messages: u64,
+    /// S2: count the statements sent per message (sqlx statement events; costs some CPU).
+    #[arg(long)]
+    count_statements: bool,
+    /// Skip the raw SQL ceilings.
+    #[arg(long)]
+    no_ceiling: bool,
+    /// Run a peer next to ours in every cell it supports.
+    #[arg(long)]
+    peer: Option<Peer>,
+    /// The peer's binary (build: see docs/BENCHMARKS.md).
+    #[arg(
+        long,
+        env = "OUTBOX_BENCH_PEER_BIN",
+        default_value = "bench/modkit-peer/target/release/outbox-bench-modkit-peer"
+    )]
+    peer_bin: PathBuf,
+    /// PostgreSQL server (a database of it to connect to for CREATE/DROP DATABASE).
+    #[arg(
+        long,
+        env = "OUTBOX_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    postgres_url: String,
+    /// MySQL/MariaDB server.
+    #[arg(
+        long,
+        env = "OUTBOX_BENCH_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/test"
+    )]
+    mysql_url: String,
+    /// Where to write every repetition's figures as JSON.
+    #[arg(long, default_value = "bench-results.json")]
+    json: PathBuf,
+    /// No progress display.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The producer of the cross-process S3 variant (internal).
+    #[command(hide = true)]
+    Produce {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        interval_us: u64,
+    },
+}
+
+fn plan(a: &Args) -> Vec<Cell> {
+    let mut cells = Vec::new();
+    let smoke = a.smoke;
+    for s in &a.scenarios {
+        match s {
+            Scenario::S1 => {
+                for (per_tx, def, def_smoke) in [(1, 4_000, 200), (100, 50_000, 2_000)] {
+                    for producers in [1, 4] {
+                        let total = a.s1_messages.unwrap_or(if smoke { def_smoke } else { def });
+                        cells.push(Cell::S1 {
+                            per_tx,
+                            producers,
+                            total: total.max(per_tx * producers),
+                        });
+                    }
+                }
+            }
+            Scenario::S2 => {
+                let messages = a.s2_messages.unwrap_or(if smoke { 2_000 } else { 100_000 });
+                for &profile in &a.profiles {
+                    for &handler in &a.handlers {
+                        for &partitions in &a.partitions {
+                            cells.push(Cell::S2 {
+                                handler,
+                                profile,
+                                partitions,
+                                messages,
+                            });
+                        }
+                    }
+                }
+            }
+            Scenario::S3 => {
+                let messages = a.s3_messages.unwrap_or(if smoke { 200 } else { 2_500 });
+                for cross_process in [false, true] {
+                    if cross_process && a.no_cross_process {
+                        continue;
+                    }
+                    cells.push(Cell::S3 {
+                        cross_process,
+                        messages,
+                        interval_us: a.s3_interval_us,
+                    });
+                }
+            }
+            Scenario::S4 => {
+                let secs = a.s4_secs.unwrap_or(if smoke { 2.0 } else { 60.0 });
+                for &partitions in &a.s4_partitions {
+                    cells.push(Cell::S4 {
+                        queues: 8,
+                        partitions,
+                        secs,
+                    });
+                }
+            }
+        }
+    }
+    cells
+}
+
+/// Runs one cell of one system on a fresh database.
+async fn run_cell(
+    a: &Args,
+    backend: Backend,
+    servers: &Servers,
+    system: System,
+    cell: &Cell,
+) -> Outcome {
+    let db = match FreshDb::create(backend, servers).await {
+        Ok(db) => db,
+        Err(e) => return Outcome::failed(format!("fresh database: {e}"), Default::default()),
+    };
+    let result = match system {
+        System::Ours => run_ours(a, &db, cell).await,
+        System::Ceiling => run_ceiling(a, &db, cell).await,
+        System::Modkit => run_peer(a, &db, cell).await,
+    };
+    db.drop_db().await;
+    result.unwrap_or_else(|e| Outcome::failed(e.to_string(), Default::default()))
+}
+
+async fn run_ours(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
+    match *cell {
+        Cell::S1 {
+            per_tx,
+            producers,
+            total,
+        } => ours::s1(db, per_tx, producers, total).await,
+        Cell::S2 {
+            handler,
+            profile,
+            partitions,
+            messages,
+        } => {
+            ours::s2(
+                db,
+                handler,
+                profile,
+                partitions,
+                messages,
+                a.count_statements,
+            )
+            .await
+        }
+        Cell::S3 {
+            cross_process,
+            messages,
+            interval_us,
+        } => {
+            ours::s3(
+                db,
+                cross_process,
+                messages,
+                Duration::from_micros(interval_us),
+                a.s3_concurrency,
+            )
+            .await
+        }
+        Cell::S4 {
+            queues,
+            partitions,
+            secs,
+        } => {
+            let warmup = Duration::from_secs(if a.smoke { 1 } else { 3 });
+            ours::s4(db, queues, partitions, secs, warmup).await
+        }
+    }
+}
+
+async fn run_ceiling(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
+    match *cell {
+        Cell::S1 {
+            per_tx,
+            producers,
+            total,
+        } => ceiling::s1(db, per_tx, producers, total).await,
+        Cell::S2 {
+            profile,
+            partitions,
+            messages,
+            ..
+        } => {
+            ceiling::s2(
+                db,
+                partitions,
+                profile.batch(),
+                messages,
+                a.count_statements,
+            )
+            .await
+        }
+        _ => Err("no ceiling for this scenario".into()),
+    }
+}
+
+async fn run_peer(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
+    let mut cell = cell.clone();
+    if let Cell::S2 {
+        profile: ProfileName::Default,
+        messages,
+        ..
+    } = &mut cell
+    {
+        *messages = (*messages).min(a.peer_default_messages);
+    }
+    let out = tokio::process::Command::new(&a.peer_bin)
+        .arg("--backend")
+        .arg(db.backend.name())
+        .arg("--url")
+        .arg(&db.url)
+        .arg("--cell")
+        .arg(serde_json::to_string(&cell)?)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = text.lines().rev().find(|l| l.starts_with('{')) else {
+        return Err(format!("peer printed no result (exit {})", out.status).into());
+    };
+    Ok(serde_json::from_str(line)?)
+}
+
+/// Whether the peer runs this cell (it implements S1 and S2).
+fn peer_supports(a: &Args, cell: &Cell) -> bool {
+    match cell {
+        Cell::S1 { .. } => true,
+        Cell::S2 { partitions, .. } => a.peer_partitions.contains(partitions),
+        _ => false,
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokio: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async_main(args))
+}
+
+async fn async_main(args: Args) -> std::process::ExitCode {
+    if let Some(Cmd::Produce {
+        url,
+        count,
+        interval_us,
+    }) = &args.cmd
+    {
+        return match ours::produce_main(url, *count, Duration::from_micros(*interval_us)).await {
+            Ok(times) => {
+                println!("{}", serde_json::to_string(&times).unwrap_or_default());
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("producer: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    sys::install_counter();
+    let servers = Servers {
+        postgres: args.postgres_url.clone(),
+        mysql: args.mysql_url.clone(),
+    };
+    let cells = plan(&args);
+    let peer_missing = match args.peer {
+        Some(Peer::Modkit) if !args.peer_bin.exists() => {
+            Some(format!("peer binary {} not built", args.peer_bin.display()))
+        }
+        Some(Peer::Modkit) => None,
+        None => Some("peer not run; pass --peer modkit".into()),
+    };
+    let run_peer = peer_missing.is_none();
+    let reps = args.reps.unwrap_or(if args.smoke { 1 } else { 3 });
+
+    let mut jobs: Vec<(Backend, Cell, u32, System)> = Vec::new();
+    let mut ceilings_done: Vec<(Backend, Cell, u32)> = Vec::new();
+    for &backend in &args.backends {
+        for cell in &cells {
+            let reps = match cell {
+                Cell::S4 { .. } => args.s4_reps.unwrap_or(reps),
+                _ => reps,
+            };
+            for rep in 0..reps.max(1) {
+                jobs.push((backend, cell.clone(), rep, System::Ours));
+                if !args.no_ceiling
+                    && let Some(c) = cell.ceiling()
+                    && !ceilings_done.contains(&(backend, c.clone(), rep))
+                {
+                    ceilings_done.push((backend, c.clone(), rep));
+                    jobs.push((backend, c, rep, System::Ceiling));
+                }
+                if run_peer && peer_supports(&args, cell) {
+                    jobs.push((backend, cell.clone(), rep, System::Modkit));
+                }
+            }
+        }
+    }
+
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(jobs.len() as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut settings = Vec::new();
+    for &backend in &args.backends {
+        match FreshDb::create(backend, &servers).await {
+            Ok(db) => {
+                settings.push((backend, db.durability().await));
+                db.drop_db().await;
+            }
+            Err(e) => settings.push((backend, format!("unavailable: {e}"))),
+        }
+    }
+    let mut records = Vec::new();
+    for (backend, cell, rep, system) in jobs {
+        bar.set_message(format!(
+            "{backend} {} {} {:?} rep {}",
+            cell.scenario(),
+            cell.label(),
+            system,
+            rep + 1
+        ));
+        let outcome = run_cell(&args, backend, &servers, system, &cell).await;
+        if !outcome.ok {
+            bar.println(format!(
+                "FAILED {backend} {} {} {system:?} rep {}: {}",
+                cell.scenario(),
+                cell.label(),
+                rep + 1,
+                outcome.error.clone().unwrap_or_default()
+            ));
+        }
+        records.push(Record {
+            backend: backend.name().into(),
+            system,
+            scenario: cell.scenario().into(),
+            variant: if system == System::Ceiling {
+                cell.ceiling_label()
+            } else {
+                cell.label()
+            },
+            cell,
+            rep,
+            outcome,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let results = report::Results::new(&records, peer_missing);
+    println!("## outbox-bench results\n");
+    println!(
+        "reps: {reps}, smoke: {}, build: {}\n",
+        args.smoke,
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    for (b, s) in &settings {
+        println!("- {b}: {s}");
+    }
+    println!();
+    print!("{}", results.markdown());
+
+    let json = serde_json::json!({
+        "reps": reps,
+        "smoke": args.smoke,
+        "release": !cfg!(debug_assertions),
+        "settings": settings.iter().map(|(b, s)| (b.name().to_owned(), s.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+        "records": records,
+    });
+    if let Err(e) = std::fs::write(
+        &args.json,
+        serde_json::to_vec_pretty(&json).unwrap_or_default(),
+    ) {
+        eprintln!("could not write {}: {e}", args.json.display());
+        return std::process::ExitCode::FAILURE;
+    }
+    if results.all_passed() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        for f in results.failures() {
+            eprintln!("FAILED: {f}");
+        }
+        std::process::ExitCode::FAILURE
+    }
+}
