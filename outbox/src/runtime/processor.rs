@@ -597,23 +597,7 @@ impl Processor {
                         Err(Failure::Handler(_)) => {
                             // Split the batch to find the failing message: give the lease
                             // back without progress and claim the first half next.
-                            let u = CursorUpdate {
-                                processed_seq: cur.processed_seq,
-                                attempts,
-                                retry_at: 0,
-                                blocked: false,
-                                last_error: None,
-                            };
-                            let _gate = store.write_guard().await;
-                            store
-                                .update_cursor(
-                                    &store.db,
-                                    &self.queue,
-                                    &self.handler,
-                                    partition,
-                                    &u,
-                                    Some(&token),
-                                )
+                            self.ack_lease(partition, &token, cur.processed_seq, attempts)
                                 .await?;
                             *limit_once = Some((batch.len() / 2) as u32);
                             return Ok(Step::More);
@@ -694,23 +678,7 @@ impl Processor {
                     ok
                 }
                 None => {
-                    let u = CursorUpdate {
-                        processed_seq: processed,
-                        attempts: head_attempts,
-                        retry_at: 0,
-                        blocked: false,
-                        last_error: None,
-                    };
-                    let _gate = store.write_guard().await;
-                    store
-                        .update_cursor(
-                            &store.db,
-                            &self.queue,
-                            &self.handler,
-                            partition,
-                            &u,
-                            Some(&token),
-                        )
+                    self.ack_lease(partition, &token, processed, head_attempts)
                         .await?
                 }
             };
@@ -757,6 +725,38 @@ impl Processor {
                 m.clone().into_message(&self.queue, partition, attempt)
             })
             .collect()
+    }
+}
+
+impl Processor {
+    /// Records a leased batch's progress (no failure) and gives the lease back, fenced by its
+    /// token and expiry; false if the lease was lost meanwhile.
+    async fn ack_lease(
+        &self,
+        partition: u32,
+        token: &str,
+        processed: i64,
+        attempts: i64,
+    ) -> Result<bool, DbErr> {
+        let store = &self.shared.store;
+        let u = CursorUpdate {
+            processed_seq: processed,
+            attempts,
+            retry_at: 0,
+            blocked: false,
+            last_error: None,
+        };
+        let _gate = store.write_guard().await;
+        store
+            .update_cursor(
+                &store.db,
+                &self.queue,
+                &self.handler,
+                partition,
+                &u,
+                Some(token),
+            )
+            .await
     }
 }
 
