@@ -102,12 +102,20 @@ const WORKERS: u32 = 4;
 /// S2 ceiling: `n` rows pre-sequenced in `(partition, seq)`; 4 workers each loop "lock a
 /// partition's cursor row (`FOR UPDATE SKIP LOCKED`; `BEGIN IMMEDIATE` on SQLite), read up to
 /// `batch` rows with `seq > cursor`, advance the cursor, commit".
+///
+/// With `sequence_chunk`, the ceiling of a pipeline that numbers messages in commit order
+/// after they are written (as ours must): the backlog starts in an unnumbered table keyed by
+/// an auto-increment id, and while the workers drain, one task moves each partition's oldest
+/// `sequence_chunk` rows into the numbered table (`INSERT … SELECT` by id range, `DELETE` by id
+/// range, one transaction per chunk). With no concurrent producers an id range is safe; ours
+/// cannot assume that.
 pub(crate) async fn s2(
     db: &FreshDb,
     partitions: u32,
     batch: u32,
     n: u64,
     count_statements: bool,
+    sequence_chunk: Option<u32>,
 ) -> Res<Outcome> {
     let pool = db.pool(WORKERS + 1, count_statements).await?;
     let backend = pool.get_database_backend();
@@ -132,6 +140,20 @@ pub(crate) async fn s2(
         cursors,
     ))
     .await?;
+    if sequence_chunk.is_some() {
+        let id = match db.backend {
+            Backend::Sqlite => "INTEGER PRIMARY KEY",
+            Backend::Postgres => "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+            Backend::Mysql => "BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY",
+        };
+        pool.execute_unprepared(&format!(
+            "CREATE TABLE bench_in (id {id}, partition_no BIGINT NOT NULL, payload {} NOT NULL)",
+            blob(db.backend)
+        ))
+        .await?;
+        pool.execute_unprepared("CREATE INDEX bench_in_p ON bench_in (partition_no, id)")
+            .await?;
+    }
     let mut i = 0u64;
     while i < n {
         let end = (i + 500).min(n);
@@ -143,10 +165,22 @@ pub(crate) async fn s2(
             vals.push(Value::from(k as i64 + 1));
             vals.push(Value::from(payload(p, k, i, now_us())));
         }
-        let sql = format!(
-            "INSERT INTO bench_q (partition_no, seq, payload) VALUES {}",
-            values((end - i) as usize, 3)
-        );
+        let sql = if sequence_chunk.is_some() {
+            // Same rows without their number: (partition, payload).
+            vals = vals
+                .chunks(3)
+                .flat_map(|r| [r[0].clone(), r[2].clone()])
+                .collect();
+            format!(
+                "INSERT INTO bench_in (partition_no, payload) VALUES {}",
+                values((end - i) as usize, 2)
+            )
+        } else {
+            format!(
+                "INSERT INTO bench_q (partition_no, seq, payload) VALUES {}",
+                values((end - i) as usize, 3)
+            )
+        };
         let txn = pool.begin().await?;
         txn.execute_raw(stmt(backend, &sql, vals)).await?;
         txn.commit().await?;
@@ -157,6 +191,16 @@ pub(crate) async fn s2(
     let st0 = crate::sys::statements();
     let t0 = Instant::now();
     let mut tasks = Vec::new();
+    if let Some(chunk) = sequence_chunk {
+        let (pool, checker) = (pool.clone(), checker.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = sequencer(&pool, backend, partitions, chunk, n).await;
+            if let Err(e) = &r {
+                checker.problem(format!("sequencer: {e}"));
+            }
+            r
+        }));
+    }
     for w in 0..WORKERS {
         let (pool, checker) = (pool.clone(), checker.clone());
         tasks.push(tokio::spawn(async move {
@@ -195,6 +239,66 @@ pub(crate) async fn s2(
     }
     let check = waited.map(|_| ()).and_then(|()| checker.verdict(n, false));
     Ok(Outcome::checked(check, metrics))
+}
+
+/// Numbers every partition's oldest `chunk` unnumbered rows into `bench_q`, partition after
+/// partition, until all `n` are numbered.
+async fn sequencer(
+    pool: &DatabaseConnection,
+    backend: DbBackend,
+    partitions: u32,
+    chunk: u32,
+    n: u64,
+) -> Res<()> {
+    let mut last = vec![0i64; partitions as usize];
+    let mut moved = 0u64;
+    let pick = format!(
+        "SELECT MIN(id), MAX(id), COUNT(*) FROM (SELECT id FROM bench_in WHERE partition_no = ? ORDER BY id LIMIT {chunk}) AS t"
+    );
+    while moved < n {
+        for p in 0..partitions {
+            let txn = begin_write(pool).await?;
+            let key = || vec![Value::from(i64::from(p))];
+            let row = txn
+                .query_one_raw(stmt(backend, &pick, key()))
+                .await?
+                .ok_or("no row")?;
+            let count: i64 = row.try_get_by_index(2)?;
+            if count == 0 {
+                txn.rollback().await?;
+                continue;
+            }
+            let (lo, hi): (i64, i64) = (row.try_get_by_index(0)?, row.try_get_by_index(1)?);
+            let range = |first: Value| {
+                vec![
+                    first,
+                    Value::from(i64::from(p)),
+                    Value::from(lo),
+                    Value::from(hi),
+                ]
+            };
+            txn.execute_raw(stmt(
+                backend,
+                "INSERT INTO bench_q (partition_no, seq, payload) \
+                 SELECT partition_no, ? + ROW_NUMBER() OVER (ORDER BY id), payload FROM bench_in \
+                 WHERE partition_no = ? AND id BETWEEN ? AND ?",
+                range(Value::from(last[p as usize])),
+            ))
+            .await?;
+            let mut del = range(Value::from(0i64));
+            del.remove(0);
+            txn.execute_raw(stmt(
+                backend,
+                "DELETE FROM bench_in WHERE partition_no = ? AND id BETWEEN ? AND ?",
+                del,
+            ))
+            .await?;
+            txn.commit().await?;
+            last[p as usize] += count;
+            moved += count as u64;
+        }
+    }
+    Ok(())
 }
 
 async fn worker(

@@ -218,6 +218,9 @@ pub(crate) enum System {
     Ours,
     /// Plain SQL.
     Ceiling,
+    /// Plain SQL of the same two-step pipeline (S2 only): the backlog starts unnumbered, one
+    /// task numbers it into the table the workers drain.
+    SeqCeiling,
     /// cf-modkit-db 0.7.2.
     Modkit,
 }

@@ -73,7 +73,7 @@ impl Checker {
         }
     }
 
-    fn problem(&self, what: String) {
+    pub(crate) fn problem(&self, what: String) {
         self.violations.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut p) = self.first_problem.lock()
             && p.is_none()

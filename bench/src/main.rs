@@ -236,7 +236,8 @@ async fn run_cell(
     };
     let result = match system {
         System::Ours => run_ours(a, &db, cell).await,
-        System::Ceiling => run_ceiling(a, &db, cell).await,
+        System::Ceiling => run_ceiling(a, &db, cell, false).await,
+        System::SeqCeiling => run_ceiling(a, &db, cell, true).await,
         System::Modkit => run_peer(a, &db, cell).await,
     };
     db.drop_db().await;
@@ -291,7 +292,7 @@ async fn run_ours(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
     }
 }
 
-async fn run_ceiling(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
+async fn run_ceiling(a: &Args, db: &FreshDb, cell: &Cell, sequenced: bool) -> Res<Outcome> {
     match *cell {
         Cell::S1 {
             per_tx,
@@ -310,6 +311,7 @@ async fn run_ceiling(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
                 profile.batch(),
                 messages,
                 a.count_statements,
+                sequenced.then(|| profile.profile().runtime().sequencer_batch),
             )
             .await
         }
@@ -418,6 +420,9 @@ async fn async_main(args: Args) -> std::process::ExitCode {
                     && !ceilings_done.contains(&(backend, c.clone(), rep))
                 {
                     ceilings_done.push((backend, c.clone(), rep));
+                    if matches!(c, Cell::S2 { .. }) {
+                        jobs.push((backend, c.clone(), rep, System::SeqCeiling));
+                    }
                     jobs.push((backend, c, rep, System::Ceiling));
                 }
                 if run_peer && peer_supports(&args, cell) {
@@ -469,7 +474,7 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             backend: backend.name().into(),
             system,
             scenario: cell.scenario().into(),
-            variant: if system == System::Ceiling {
+            variant: if matches!(system, System::Ceiling | System::SeqCeiling) {
                 cell.ceiling_label()
             } else {
                 cell.label()

@@ -222,7 +222,7 @@ impl Results {
             let stmts = self.has_metric("stmts_per_1k_msgs");
             let _ = writeln!(
                 o,
-                "| backend | cell | ours msgs/s | raw ceiling (same batch) msgs/s | ours ÷ ceiling | cf-modkit-db msgs/s | ours ÷ modkit |{}",
+                "| backend | cell | ours msgs/s | raw ceiling (same batch) msgs/s | ours ÷ ceiling | ceiling with sequencing msgs/s | ours ÷ it | cf-modkit-db msgs/s | ours ÷ modkit |{}",
                 if stmts {
                     " statements per 1,000 msgs ours / ceiling |"
                 } else {
@@ -231,13 +231,14 @@ impl Results {
             );
             let _ = writeln!(
                 o,
-                "|---|---|---|---|---|---|---|{}",
+                "|---|---|---|---|---|---|---|---|---|{}",
                 if stmts { "---|" } else { "" }
             );
             for (b, c) in s2 {
                 let ceil = c.ceiling().unwrap_or_else(|| c.clone());
                 let ours = self.summary(b, System::Ours, c, "msgs_per_s");
                 let ce = self.summary(b, System::Ceiling, &ceil, "msgs_per_s");
+                let sq = self.summary(b, System::SeqCeiling, &ceil, "msgs_per_s");
                 let mk = self.summary(b, System::Modkit, c, "msgs_per_s");
                 let extra = if stmts {
                     format!(
@@ -250,11 +251,13 @@ impl Results {
                 };
                 let _ = writeln!(
                     o,
-                    "| {b} | {} | {} | {} | {} | {} | {} |{extra}",
+                    "| {b} | {} | {} | {} | {} | {} | {} | {} | {} |{extra}",
                     c.label(),
                     show(&ours),
                     show(&ce),
                     ratio(&ours, &ce),
+                    show(&sq),
+                    ratio(&ours, &sq),
                     show(&mk),
                     ratio(&ours, &mk)
                 );

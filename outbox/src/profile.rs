@@ -16,6 +16,7 @@ use crate::error::RegistryProblem;
 /// | retry backoff | 1 s .. 5 min | 100 ms .. 1 min | 1 s .. 5 min | 5 s .. 30 min |
 /// | lease / headroom | 30 s / 2 s | 30 s / 2 s | 60 s / 5 s | 60 s / 5 s |
 /// | vacuum interval | 5 s | 2 s | 5 s | 30 s |
+/// | PostgreSQL NOTIFY coalescing | 1 ms | none | 5 ms | 1 ms |
 ///
 /// On PostgreSQL wake-ups come from LISTEN/NOTIFY, so polling is only a safety net there and
 /// runs at most once a second whatever the profile says; on SQLite and MySQL/MariaDB another
@@ -71,6 +72,11 @@ pub struct RuntimeTuning {
     pub vacuum_after_acks: u64,
     /// Rows deleted per vacuum statement.
     pub vacuum_chunk: u32,
+    /// PostgreSQL: at most one enqueue per this window in a process carries the NOTIFY that
+    /// wakes other processes; the rest are covered by it, by later traffic or by one trailing
+    /// notification. Notifying transactions commit one at a time, so this keeps concurrent
+    /// producers' group commit. Zero: every enqueue notifies.
+    pub notify_coalesce: Duration,
     /// First delay before a worker retries after a database error.
     pub error_backoff_min: Duration,
     /// Largest delay before a worker retries after a database error.
@@ -131,6 +137,7 @@ impl Profile {
             vacuum_interval: ms(5_000),
             vacuum_after_acks: 10_000,
             vacuum_chunk: 5_000,
+            notify_coalesce: ms(1),
             error_backoff_min: ms(100),
             error_backoff_max: ms(5_000),
         };
@@ -139,11 +146,13 @@ impl Profile {
             Profile::LowLatency => RuntimeTuning {
                 sequencer_batch: 200,
                 vacuum_interval: ms(2_000),
+                notify_coalesce: Duration::ZERO,
                 ..base
             },
             Profile::HighThroughput => RuntimeTuning {
                 sequencer_batch: 5_000,
                 vacuum_after_acks: 50_000,
+                notify_coalesce: ms(5),
                 ..base
             },
             Profile::Relaxed => RuntimeTuning {

@@ -434,7 +434,11 @@ impl Builder {
         if !problems.is_empty() {
             return Err(StartError::Registry(problems));
         }
-        let store = Store::new(self.db.clone(), &self.prefix);
+        let store = Store::new(self.db.clone(), &self.prefix).with_notify_window(
+            self.runtime
+                .unwrap_or_else(|| self.profile.runtime())
+                .notify_coalesce,
+        );
         store.migrate().await?;
         let mut problems = Vec::new();
         let mut known = HashMap::new();

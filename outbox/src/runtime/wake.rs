@@ -61,6 +61,16 @@ impl Wake {
         self.sequencer.notify_one();
     }
 
+    /// A producer coalesced its notifications and one of its transactions may commit later
+    /// still: re-check quickly for a while, as after an in-process enqueue.
+    pub(crate) fn commit_may_follow(&self) {
+        if let Ok(mut e) = self.eager.lock() {
+            e.until = Some(Instant::now() + EAGER_WINDOW);
+            e.next_delay = EAGER_FIRST;
+        }
+        self.sequencer.notify_one();
+    }
+
     /// The sequencer found nothing: when to look again if an enqueue is still expected.
     pub(crate) fn eager_delay(&self, cap: Duration) -> Option<Duration> {
         let mut e = self.eager.lock().ok()?;
@@ -160,9 +170,12 @@ pub(crate) async fn listen_postgres(
 }
 
 fn dispatch(wake: &Wake, payload: &str) {
-    match payload.strip_prefix("s:") {
-        Some(queue) => wake.sequenced(queue),
-        None => wake.sequencer.notify_one(),
+    if let Some(queue) = payload.strip_prefix("s:") {
+        wake.sequenced(queue);
+    } else if payload == crate::storage::notify::TRAILING {
+        wake.commit_may_follow();
+    } else {
+        wake.sequencer.notify_one();
     }
 }
 

@@ -1,6 +1,7 @@
 //! The storage layer: one dialect type that knows the three backends, and the SQL of every
 //! pipeline step. Nothing outside this module writes SQL.
 
+pub(crate) mod notify;
 mod ops;
 pub(crate) mod schema;
 pub(crate) mod status;
@@ -67,6 +68,8 @@ pub(crate) struct Store {
     /// SQLite has one writer: the engine's own write transactions queue here instead of
     /// spinning in SQLite's busy handler.
     write_gate: Option<Arc<Mutex<()>>>,
+    /// Which enqueues carry the PostgreSQL NOTIFY (see [`notify`]).
+    pub(crate) notify: Arc<notify::NotifyGate>,
 }
 
 /// A write transaction of the engine. On SQLite it holds the write gate and began with
@@ -109,7 +112,16 @@ impl Store {
             backend,
             t: Tables::new(prefix),
             prefix: prefix.to_owned(),
+            notify: notify::NotifyGate::new(
+                crate::profile::Profile::Default.runtime().notify_coalesce,
+            ),
         }
+    }
+
+    /// Coalesces producer notifications within `window` (PostgreSQL; see [`notify`]).
+    pub(crate) fn with_notify_window(mut self, window: std::time::Duration) -> Self {
+        self.notify = notify::NotifyGate::new(window);
+        self
     }
 
     pub(crate) fn is_pg(&self) -> bool {

@@ -219,7 +219,8 @@ impl Store {
     // ---------------------------------------------------------------- enqueue
 
     /// Inserts messages into `incoming` on the caller's connection. On PostgreSQL the same
-    /// statement sends a NOTIFY, which is delivered only if the caller commits.
+    /// statement sends a NOTIFY, which is delivered only if the caller commits (at most one
+    /// enqueue per coalescing window carries it; see [`super::notify`]).
     pub(crate) async fn insert_incoming<C: ConnectionTrait>(
         &self,
         c: &C,
@@ -244,10 +245,11 @@ impl Store {
                 self.t.incoming,
                 vec![Store::list(5); chunk.len()].join(", ")
             );
-            let sql = if self.is_pg() {
+            let sql = if self.is_pg() && self.notify.take(&self.db, &self.t.channel) {
                 values.push(self.t.channel.clone().into());
+                values.push(super::notify::ENQUEUED.into());
                 format!(
-                    "WITH ins AS ({insert} RETURNING 1) SELECT pg_notify(?, 'i') FROM ins LIMIT 1"
+                    "WITH ins AS ({insert} RETURNING 1) SELECT pg_notify(?, ?) FROM ins LIMIT 1"
                 )
             } else {
                 insert
