@@ -113,6 +113,13 @@ struct Args {
     /// S2: count the statements sent per message (sqlx statement events; costs some CPU).
     #[arg(long)]
     count_statements: bool,
+    /// S2: handler batch size of ours instead of the profile's (for tuning sweeps; the
+    /// ceilings keep the profile's batch).
+    #[arg(long)]
+    s2_batch: Option<u32>,
+    /// S2: partitions in flight per handler for ours instead of the profile's (tuning sweeps).
+    #[arg(long)]
+    s2_concurrency: Option<u32>,
     /// Skip the raw SQL ceilings.
     #[arg(long)]
     no_ceiling: bool,
@@ -264,6 +271,7 @@ async fn run_ours(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
                 partitions,
                 messages,
                 a.count_statements,
+                (a.s2_batch, a.s2_concurrency),
             )
             .await
         }

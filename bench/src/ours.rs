@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use outbox::sea_orm::{DatabaseConnection, TransactionTrait};
-use outbox::{HandlerSpec, Message, NewMessage, Outbox, Profile, QueueSpec};
+use outbox::{HandlerSpec, Message, NewMessage, Outbox, Overrides, Profile, QueueSpec};
 
 use crate::cell::{HandlerKind, Outcome, ProfileName};
 use crate::check::{Checker, Payload, now_us, payload, percentile, sorted_ms};
@@ -191,9 +191,21 @@ pub(crate) async fn s2(
     partitions: u32,
     n: u64,
     count_statements: bool,
+    (batch, concurrency): (Option<u32>, Option<u32>),
 ) -> Res<Outcome> {
+    let mut knobs = Overrides::NONE;
+    if let Some(b) = batch {
+        knobs = knobs.batch_size(b);
+    }
+    if let Some(c) = concurrency {
+        knobs = knobs.concurrency(c);
+    }
+    let in_flight = concurrency.unwrap_or(profile.profile().tuning().concurrency);
     let pool = db
-        .pool(pool_size(db.backend, 1, 0), count_statements)
+        .pool(
+            pool_size(db.backend, 1, 0) + in_flight.saturating_sub(2),
+            count_statements,
+        )
         .await?;
     prefill(&pool, partitions, n).await?;
     let checker = Arc::new(Checker::new(partitions));
@@ -201,7 +213,7 @@ pub(crate) async fn s2(
     let t0 = Instant::now();
     let rt = Outbox::builder(pool.clone())
         .profile(profile.profile())
-        .queue(QueueSpec::new(QUEUE, partitions))
+        .queue(QueueSpec::new(QUEUE, partitions).overrides(knobs))
         .handler(handler(kind, &checker))
         .start()
         .await?;
