@@ -120,6 +120,9 @@ struct Args {
     /// S2: partitions in flight per handler for ours instead of the profile's (tuning sweeps).
     #[arg(long)]
     s2_concurrency: Option<u32>,
+    /// S2: messages ours sequences per transaction instead of the profile's (tuning sweeps).
+    #[arg(long)]
+    s2_sequencer_batch: Option<u32>,
     /// Skip the raw SQL ceilings.
     #[arg(long)]
     no_ceiling: bool,
@@ -271,7 +274,7 @@ async fn run_ours(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
                 partitions,
                 messages,
                 a.count_statements,
-                (a.s2_batch, a.s2_concurrency),
+                (a.s2_batch, a.s2_concurrency, a.s2_sequencer_batch),
             )
             .await
         }

@@ -191,7 +191,7 @@ pub(crate) async fn s2(
     partitions: u32,
     n: u64,
     count_statements: bool,
-    (batch, concurrency): (Option<u32>, Option<u32>),
+    (batch, concurrency, sequencer_batch): (Option<u32>, Option<u32>, Option<u32>),
 ) -> Res<Outcome> {
     let mut knobs = Overrides::NONE;
     if let Some(b) = batch {
@@ -211,8 +211,13 @@ pub(crate) async fn s2(
     let checker = Arc::new(Checker::new(partitions));
     let st0 = sys::statements();
     let t0 = Instant::now();
+    let mut runtime = profile.profile().runtime();
+    if let Some(b) = sequencer_batch {
+        runtime.sequencer_batch = b;
+    }
     let rt = Outbox::builder(pool.clone())
         .profile(profile.profile())
+        .runtime_tuning(runtime)
         .queue(QueueSpec::new(QUEUE, partitions).overrides(knobs))
         .handler(handler(kind, &checker))
         .start()

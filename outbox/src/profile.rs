@@ -11,7 +11,7 @@ use crate::error::RegistryProblem;
 /// | handler batch size | 100 | 16 | 500 | 100 |
 /// | partitions in flight per handler | 2 | 2 | 2 | 1 |
 /// | poll interval (no notification) | 500 ms | 50 ms | 1 s | 5 s |
-/// | sequencer batch | 1000 | 200 | 5000 | 1000 |
+/// | messages sequenced per transaction | 5000 | 1000 | 10000 | 5000 |
 /// | max attempts | 10 | 10 | 10 | 10 |
 /// | retry backoff | 1 s .. 5 min | 100 ms .. 1 min | 1 s .. 5 min | 5 s .. 30 min |
 /// | lease / headroom | 30 s / 2 s | 30 s / 2 s | 60 s / 5 s | 60 s / 5 s |
@@ -64,7 +64,7 @@ pub struct Tuning {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RuntimeTuning {
-    /// Messages sequenced per partition and transaction.
+    /// Messages sequenced per transaction, the oldest first across all queues and partitions.
     pub sequencer_batch: u32,
     /// How often vacuum runs when few messages are acked.
     pub vacuum_interval: Duration,
@@ -133,7 +133,7 @@ impl Profile {
     /// The sequencer and vacuum knobs of this profile.
     pub const fn runtime(self) -> RuntimeTuning {
         let base = RuntimeTuning {
-            sequencer_batch: 1_000,
+            sequencer_batch: 5_000,
             vacuum_interval: ms(5_000),
             vacuum_after_acks: 10_000,
             vacuum_chunk: 5_000,
@@ -144,13 +144,13 @@ impl Profile {
         match self {
             Profile::Default => base,
             Profile::LowLatency => RuntimeTuning {
-                sequencer_batch: 200,
+                sequencer_batch: 1_000,
                 vacuum_interval: ms(2_000),
                 notify_coalesce: Duration::ZERO,
                 ..base
             },
             Profile::HighThroughput => RuntimeTuning {
-                sequencer_batch: 5_000,
+                sequencer_batch: 10_000,
                 vacuum_after_acks: 50_000,
                 notify_coalesce: ms(5),
                 ..base

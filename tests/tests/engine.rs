@@ -95,6 +95,65 @@ async fn enqueue_commits_and_rolls_back_with_the_caller(t: Arc<TestDb>) {
     outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
+/// A sequencing pass takes the oldest rows of every queue at once. A partition that another
+/// sequencer holds is left to it, and the rest of the pass goes on: the other partition and
+/// the other queue are delivered while it is held, and its own messages once it is released,
+/// in order. (SQLite has one writer, so nothing else can hold a partition there.)
+async fn a_held_partition_does_not_hold_up_the_others(t: Arc<TestDb>) {
+    if !t.concurrent_writers() {
+        return;
+    }
+    let db = t.pool(8).await;
+    let seen = Seen::default();
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("held", 2))
+        .queue(QueueSpec::new("other", 1))
+        .handler(recorder("held", "h", &seen))
+        .handler(recorder("other", "o", &seen))
+        .start()
+        .await
+        .expect("start");
+    // Another sequencer's transaction, as it would hold partition 0 of `held`.
+    let holder = db.begin().await.expect("begin");
+    holder
+        .query_one_raw(Statement::from_string(
+            holder.get_database_backend(),
+            "SELECT last_seq FROM outbox_partitions WHERE queue = 'held' AND partition_no = 0 FOR UPDATE",
+        ))
+        .await
+        .expect("hold partition 0");
+    let batch: Vec<_> = (0..6)
+        .map(|i| NewMessage::new("held", i % 2, format!("p{}-{i}", i % 2)))
+        .chain([NewMessage::new("other", 0, "o-0")])
+        .collect();
+    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    seen.wait_until(WAIT, "partition 1 and the other queue", |d| d.len() == 4)
+        .await;
+    assert!(
+        seen.all()
+            .iter()
+            .all(|d| d.partition == 1 || d.handler == "o"),
+        "nothing of the held partition before it is released: {:?}",
+        seen.all()
+    );
+    holder.rollback().await.expect("release");
+    seen.wait_until(WAIT, "the held partition after release", |d| d.len() == 7)
+        .await;
+    let held: Vec<_> = seen
+        .of("h")
+        .into_iter()
+        .filter(|d| d.partition == 0)
+        .map(|d| (d.seq, d.body))
+        .collect();
+    assert_eq!(
+        held,
+        [(1, "p0-0".into()), (2, "p0-2".into()), (3, "p0-4".into())]
+    );
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    outbox_tests::assert_invariants(&db, "outbox_").await;
+}
+
 /// Guarantee 2: a message whose transaction commits after one holding a higher id is not
 /// skipped; it takes its place in commit order.
 async fn late_commit_of_a_lower_id_is_delivered_in_commit_order(t: Arc<TestDb>) {
@@ -1436,4 +1495,5 @@ on_every_backend!(
     graceful_shutdown_finishes_or_releases_work,
     bad_input_gets_typed_errors_and_writes_nothing,
     producer_only_then_start_delivers_the_backlog,
+    a_held_partition_does_not_hold_up_the_others,
 );

@@ -4,6 +4,7 @@
 pub(crate) mod notify;
 mod ops;
 pub(crate) mod schema;
+mod sequence;
 pub(crate) mod status;
 
 pub(crate) use ops::{CursorRow, CursorUpdate, NewLease, StoredMessage};

@@ -37,10 +37,6 @@ pub(crate) fn ddl(backend: DbBackend, t: &Tables) -> Vec<String> {
                 t.incoming
             ),
             format!(
-                "CREATE INDEX IF NOT EXISTS {p}incoming_partition ON {} (queue, partition_no, id)",
-                t.incoming
-            ),
-            format!(
                 "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, payload BYTEA NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL, PRIMARY KEY (queue, partition_no, seq))",
                 t.outgoing
             ),
@@ -71,7 +67,7 @@ pub(crate) fn ddl(backend: DbBackend, t: &Tables) -> Vec<String> {
                 t.partitions
             ),
             format!(
-                "CREATE TABLE IF NOT EXISTS {} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, payload LONGBLOB NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL, INDEX {p}incoming_partition (queue, partition_no, id)) ENGINE=InnoDB",
+                "CREATE TABLE IF NOT EXISTS {} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, payload LONGBLOB NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL) ENGINE=InnoDB",
                 t.incoming
             ),
             format!(
@@ -102,10 +98,6 @@ pub(crate) fn ddl(backend: DbBackend, t: &Tables) -> Vec<String> {
             ),
             format!(
                 "CREATE TABLE IF NOT EXISTS {} (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, partition_no INTEGER NOT NULL, payload BLOB NOT NULL, target_handler TEXT, created_at INTEGER NOT NULL)",
-                t.incoming
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {p}incoming_partition ON {} (queue, partition_no, id)",
                 t.incoming
             ),
             format!(
@@ -312,6 +304,7 @@ pub(crate) async fn apply<C: ConnectionTrait>(
     for sql in ddl(backend, t) {
         c.execute_unprepared(&sql).await?;
     }
+    drop_incoming_index(c, backend, t).await?;
     let row = c
         .query_one_raw(statement(
             backend,
@@ -341,6 +334,41 @@ pub(crate) async fn apply<C: ConnectionTrait>(
         ))),
         Some(_) => Ok(()),
     }
+}
+
+/// Databases created before the sequencer read `incoming` by primary key have a secondary
+/// index on it that only costs producers now: drop it.
+async fn drop_incoming_index<C: ConnectionTrait>(
+    c: &C,
+    backend: DbBackend,
+    t: &Tables,
+) -> Result<(), DbErr> {
+    let index = format!("{}incoming_partition", t.prefix);
+    match backend {
+        DbBackend::MySql => {
+            let row = c
+                .query_one_raw(statement(
+                    backend,
+                    "SELECT COUNT(*) FROM information_schema.statistics \
+                     WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
+                    vec![t.incoming.clone().into(), index.clone().into()],
+                ))
+                .await?;
+            let present: i64 = match row {
+                Some(r) => col(&r, 0)?,
+                None => 0,
+            };
+            if present > 0 {
+                c.execute_unprepared(&format!("ALTER TABLE {} DROP INDEX {index}", t.incoming))
+                    .await?;
+            }
+        }
+        _ => {
+            c.execute_unprepared(&format!("DROP INDEX IF EXISTS {index}"))
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Drops every table of `t` (the down migration).

@@ -1,0 +1,343 @@
+//! The sequencer's SQL: number committed `incoming` rows into `outgoing`.
+//!
+//! One pass reads the oldest committed rows of every queue by primary key (so `incoming` needs
+//! no secondary index and producers maintain none), locks the partitions they belong to
+//! (`FOR UPDATE SKIP LOCKED`; SQLite's write transaction excludes every other writer), and in
+//! one transaction moves each locked partition's rows to `outgoing` with its next dense
+//! sequence numbers in id order, deleting what it moved and advancing `last_seq`.
+//!
+//! Per partition the rows read are the smallest ids visible, so a message whose transaction
+//! commits after one with a higher id is found by a later pass and numbered after it: sequence
+//! order is commit order, never a skip. Rows of a partition another sequencer holds are left to
+//! it.
+
+use std::collections::HashMap;
+
+use sea_orm::{ConnectionTrait, DbErr, Value};
+
+use super::{Store, col, exec};
+
+/// What one pass did.
+#[derive(Debug, Default)]
+pub(crate) struct Pass {
+    /// Committed rows read (at most the pass limit).
+    pub(crate) scanned: u64,
+    /// Rows moved, per queue.
+    pub(crate) moved: Vec<(String, u64)>,
+}
+
+impl Pass {
+    pub(crate) fn moved_total(&self) -> u64 {
+        self.moved.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// Rows of one partition, in id order.
+struct Group {
+    queue: String,
+    partition: i64,
+    ids: Vec<i64>,
+}
+
+impl Store {
+    /// Sequences up to `limit` of the oldest committed messages, across queues and partitions,
+    /// in one transaction.
+    pub(crate) async fn sequence_pass(&self, limit: u32) -> Result<Pass, DbErr> {
+        if self.is_pg() {
+            return self.sequence_pass_pg(limit).await;
+        }
+        let txn = self.begin_write().await?;
+        let rows = txn
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT id, queue, partition_no FROM {} ORDER BY id LIMIT ?",
+                    self.t.incoming
+                ),
+                vec![i64::from(limit).into()],
+            ))
+            .await?;
+        let mut pass = Pass {
+            scanned: rows.len() as u64,
+            ..Pass::default()
+        };
+        if rows.is_empty() {
+            txn.commit().await?;
+            return Ok(pass);
+        }
+        let mut groups: Vec<Group> = Vec::new();
+        let mut index: HashMap<(String, i64), usize> = HashMap::new();
+        for r in &rows {
+            let (id, queue, partition): (i64, String, i64) = (col(r, 0)?, col(r, 1)?, col(r, 2)?);
+            let at = *index.entry((queue.clone(), partition)).or_insert_with(|| {
+                groups.push(Group {
+                    queue,
+                    partition,
+                    ids: Vec::new(),
+                });
+                groups.len() - 1
+            });
+            groups[at].ids.push(id);
+        }
+
+        // Lock the partitions (per queue, one statement) and read where each one stands.
+        let mut queues: Vec<String> = Vec::new();
+        for g in &groups {
+            if !queues.contains(&g.queue) {
+                queues.push(g.queue.clone());
+            }
+        }
+        let mut last_seq: HashMap<(String, i64), i64> = HashMap::new();
+        for q in &queues {
+            let parts: Vec<i64> = groups
+                .iter()
+                .filter(|g| g.queue == *q)
+                .map(|g| g.partition)
+                .collect();
+            let mut values: Vec<Value> = vec![q.as_str().into()];
+            values.extend(parts.iter().map(|&p| Value::from(p)));
+            for r in txn
+                .query_all_raw(self.stmt(
+                    &format!(
+                        "SELECT partition_no, last_seq FROM {} WHERE queue = ? AND partition_no IN {}{}",
+                        self.t.partitions,
+                        Store::list(parts.len()),
+                        self.skip_locked()
+                    ),
+                    values,
+                ))
+                .await?
+            {
+                last_seq.insert((q.clone(), col(&r, 0)?), col(&r, 1)?);
+            }
+        }
+        groups.retain(|g| last_seq.contains_key(&(g.queue.clone(), g.partition)));
+        if groups.is_empty() {
+            txn.commit().await?;
+            return Ok(pass);
+        }
+
+        // On MySQL/MariaDB the rows were read before the locks: another sequencer may have
+        // moved some since. Keep those still there (a fresh read, after the locks). What it
+        // moved was the oldest of the partition, so what is left follows it in id order.
+        if self.is_mysql() {
+            let wanted: Vec<i64> = groups.iter().flat_map(|g| g.ids.iter().copied()).collect();
+            let present: std::collections::HashSet<i64> = txn
+                .query_all_raw(self.stmt(
+                    &format!(
+                        "SELECT i.id FROM JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$')) AS x \
+                         STRAIGHT_JOIN {} AS i ON i.id = x.id",
+                        self.t.incoming
+                    ),
+                    vec![json_array(&wanted).into()],
+                ))
+                .await?
+                .iter()
+                .map(|r| col::<i64>(r, 0))
+                .collect::<Result<_, _>>()?;
+            for g in &mut groups {
+                g.ids.retain(|id| present.contains(id));
+            }
+            groups.retain(|g| !g.ids.is_empty());
+        }
+
+        // Number the rows: each partition's next sequence numbers, in id order.
+        let mut pairs: Vec<(i64, i64)> = Vec::new();
+        let mut new_last: Vec<(&Group, i64)> = Vec::new();
+        for g in &groups {
+            let base = last_seq[&(g.queue.clone(), g.partition)];
+            pairs.extend(
+                g.ids
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &id)| (id, base + 1 + k as i64)),
+            );
+            new_last.push((g, base + g.ids.len() as i64));
+        }
+        let n = pairs.len() as u64;
+        let moved = self.copy_numbered(&*txn, &pairs).await?;
+        let ids: Vec<i64> = pairs.iter().map(|&(id, _)| id).collect();
+        let deleted = self.delete_incoming(&*txn, &ids).await?;
+        if moved != n || deleted != n {
+            return Err(DbErr::Custom(format!(
+                "sequencer moved {moved} and deleted {deleted} rows for {n} ids; rolled back"
+            )));
+        }
+        for q in &queues {
+            let ours: Vec<&(&Group, i64)> =
+                new_last.iter().filter(|(g, _)| g.queue == *q).collect();
+            if ours.is_empty() {
+                continue;
+            }
+            let mut values: Vec<Value> = Vec::with_capacity(ours.len() * 3 + 1);
+            let mut case = String::from("CASE partition_no");
+            for (g, last) in &ours {
+                case.push_str(" WHEN ? THEN ?");
+                values.push(g.partition.into());
+                values.push((*last).into());
+            }
+            case.push_str(" END");
+            values.push(q.as_str().into());
+            values.extend(ours.iter().map(|(g, _)| Value::from(g.partition)));
+            exec(
+                &*txn,
+                self.stmt(
+                    &format!(
+                        "UPDATE {} SET last_seq = {case} WHERE queue = ? AND partition_no IN {}",
+                        self.t.partitions,
+                        Store::list(ours.len())
+                    ),
+                    values,
+                ),
+            )
+            .await?;
+            pass.moved.push((
+                q.clone(),
+                ours.iter().map(|(g, _)| g.ids.len() as u64).sum(),
+            ));
+        }
+        tracing::trace!(scanned = pass.scanned, moved = n, "sequenced");
+        txn.commit().await?;
+        Ok(pass)
+    }
+
+    /// Copies the rows named by `(id, seq)` pairs from `incoming` to `outgoing` with those
+    /// sequence numbers. The pairs go as one JSON parameter; rows are joined by primary key
+    /// (a consistent read: no row of an open producer is ever waited on).
+    async fn copy_numbered<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        pairs: &[(i64, i64)],
+    ) -> Result<u64, DbErr> {
+        let mut moved = 0;
+        for chunk in pairs.chunks(5_000) {
+            let json = format!(
+                "[{}]",
+                chunk
+                    .iter()
+                    .map(|(id, seq)| format!("[{id},{seq}]"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let source = if self.is_mysql() {
+                format!(
+                    "JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$[0]', seq BIGINT PATH '$[1]')) AS x \
+                     STRAIGHT_JOIN {} AS i ON i.id = x.id",
+                    self.t.incoming
+                )
+            } else {
+                format!(
+                    "(SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS seq FROM json_each(?)) AS x \
+                     JOIN {} AS i ON i.id = x.id",
+                    self.t.incoming
+                )
+            };
+            moved += exec(
+                c,
+                self.stmt(
+                    &format!(
+                        "INSERT INTO {} (queue, partition_no, seq, payload, target_handler, created_at) \
+                         SELECT i.queue, i.partition_no, x.seq, i.payload, i.target_handler, i.created_at FROM {source}",
+                        self.t.outgoing
+                    ),
+                    vec![json.into()],
+                ),
+            )
+            .await?;
+        }
+        Ok(moved)
+    }
+
+    /// Deletes moved rows from `incoming` by primary key.
+    async fn delete_incoming<C: ConnectionTrait>(&self, c: &C, ids: &[i64]) -> Result<u64, DbErr> {
+        let mut deleted = 0;
+        if self.is_mysql() {
+            // One single-row DELETE per id: on MySQL/MariaDB an `IN` list may be planned as a
+            // scan, and a scanning DELETE waits on the row lock of every uncommitted producer
+            // insert it passes (seen on MariaDB 10.11). A primary-key lookup can only lock its
+            // own row. Sent as multi-statement batches; the ids are integers read from the
+            // database, never user input.
+            for chunk in ids.chunks(500) {
+                let sql: String = chunk
+                    .iter()
+                    .map(|id| format!("DELETE FROM {} WHERE id = {id};", self.t.incoming))
+                    .collect();
+                deleted += c.execute_unprepared(&sql).await?.rows_affected();
+            }
+        } else {
+            for chunk in ids.chunks(900) {
+                deleted += exec(
+                    c,
+                    self.stmt(
+                        &format!(
+                            "DELETE FROM {} WHERE id IN {}",
+                            self.t.incoming,
+                            Store::list(chunk.len())
+                        ),
+                        chunk.iter().map(|&i| Value::from(i)).collect(),
+                    ),
+                )
+                .await?;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// [`sequence_pass`](Store::sequence_pass) on PostgreSQL as one statement (its own
+    /// transaction): read the oldest rows, lock their partitions, delete the rows of the locked
+    /// ones, insert them numbered per partition in id order, advance `last_seq`, notify the
+    /// queues' handlers. Rows another sequencer moved after this statement's snapshot are not
+    /// deleted again (the DELETE re-checks them), so they are not numbered twice; the locked
+    /// partition row is read at its latest version.
+    async fn sequence_pass_pg(&self, limit: u32) -> Result<Pass, DbErr> {
+        let t = &self.t;
+        let sql = format!(
+            "WITH scan AS (SELECT id, queue, partition_no FROM {inc} ORDER BY id LIMIT $1), \
+             locked AS (SELECT p.queue, p.partition_no, p.last_seq FROM {parts} p \
+                        WHERE (p.queue, p.partition_no) IN (SELECT DISTINCT queue, partition_no FROM scan) \
+                        FOR UPDATE SKIP LOCKED), \
+             moved AS (DELETE FROM {inc} i USING scan s, locked l \
+                       WHERE i.id = s.id AND l.queue = s.queue AND l.partition_no = s.partition_no \
+                       RETURNING i.id, i.queue, i.partition_no, i.payload, i.target_handler, i.created_at), \
+             ins AS (INSERT INTO {out} (queue, partition_no, seq, payload, target_handler, created_at) \
+                     SELECT m.queue, m.partition_no, \
+                            l.last_seq + ROW_NUMBER() OVER (PARTITION BY m.queue, m.partition_no ORDER BY m.id), \
+                            m.payload, m.target_handler, m.created_at \
+                     FROM moved m JOIN locked l ON l.queue = m.queue AND l.partition_no = m.partition_no \
+                     RETURNING queue, partition_no, seq), \
+             upd AS (UPDATE {parts} p SET last_seq = x.last \
+                     FROM (SELECT queue, partition_no, MAX(seq) AS last FROM ins GROUP BY queue, partition_no) x \
+                     WHERE p.queue = x.queue AND p.partition_no = x.partition_no RETURNING p.queue), \
+             per_queue AS (SELECT queue, COUNT(*) AS n FROM ins GROUP BY queue), \
+             woke AS (SELECT pg_notify($2, 's:' || queue) FROM per_queue) \
+             SELECT (SELECT COUNT(*) FROM scan), q.queue, q.n, (SELECT COUNT(*) FROM woke), (SELECT COUNT(*) FROM upd) \
+             FROM (SELECT 1) one LEFT JOIN per_queue q ON true",
+            parts = t.partitions,
+            inc = t.incoming,
+            out = t.outgoing,
+        );
+        let rows = self
+            .db
+            .query_all_raw(sea_orm::Statement::from_sql_and_values(
+                self.backend,
+                sql,
+                [i64::from(limit).into(), t.channel.clone().into()],
+            ))
+            .await?;
+        let mut pass = Pass::default();
+        for r in &rows {
+            pass.scanned = col::<i64>(r, 0)? as u64;
+            if let Some(queue) = col::<Option<String>>(r, 1)? {
+                pass.moved.push((queue, col::<i64>(r, 2)? as u64));
+            }
+        }
+        Ok(pass)
+    }
+}
+
+/// A JSON array of integers, for one bound parameter.
+fn json_array(ids: &[i64]) -> String {
+    format!(
+        "[{}]",
+        ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+    )
+}
