@@ -597,18 +597,11 @@ impl Builder {
 
         let poll = base.poll_interval;
         {
-            let s = shared.clone();
+            let s = sequencer::Sequencer::new(shared.clone(), rt.sequencer_batch, poll);
             let wake = shared.wake.sequencer.clone();
             let c = cancel.child_token();
             tracker.spawn(async move {
-                worker::run(
-                    "sequencer",
-                    || sequencer::step(&s, rt.sequencer_batch, poll),
-                    wake,
-                    pacing(poll),
-                    c,
-                )
-                .await;
+                worker::run("sequencer", || s.step(), wake, pacing(poll), c).await;
             });
         }
         {

@@ -3,6 +3,7 @@
 //! pass (see `storage/sequence.rs`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sea_orm::DbErr;
@@ -13,28 +14,56 @@ use super::worker::Next;
 /// Pause when the oldest rows all belong to partitions another sequencer holds.
 const HELD_ELSEWHERE: Duration = Duration::from_millis(5);
 
-pub(crate) async fn step(shared: &Arc<Shared>, batch: u32, poll: Duration) -> Result<Next, DbErr> {
-    let pass = shared.store.sequence_pass(batch).await?;
-    for (queue, _) in &pass.moved {
-        shared.wake.sequenced(queue);
+/// Size of the first pass over a backlog. Passes double while they come back full, up to the
+/// configured batch: handlers get their first messages after a short transaction, and a long
+/// backlog is still moved in large ones.
+const FIRST_PASS: u32 = 500;
+
+pub(crate) struct Sequencer {
+    shared: Arc<Shared>,
+    max: u32,
+    poll: Duration,
+    limit: AtomicU32,
+}
+
+impl Sequencer {
+    pub(crate) fn new(shared: Arc<Shared>, max: u32, poll: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            shared,
+            max,
+            poll,
+            limit: AtomicU32::new(FIRST_PASS.min(max)),
+        })
     }
-    let moved = pass.moved_total();
-    if moved > 0 {
-        shared.wake.found_work();
+
+    pub(crate) async fn step(&self) -> Result<Next, DbErr> {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let pass = self.shared.store.sequence_pass(limit).await?;
+        for (queue, _) in &pass.moved {
+            self.shared.wake.sequenced(queue);
+        }
+        let moved = pass.moved_total();
+        if moved > 0 {
+            self.shared.wake.found_work();
+        }
+        if pass.scanned == u64::from(limit) {
+            self.limit
+                .store(limit.saturating_mul(2).min(self.max), Ordering::Relaxed);
+            return Ok(if moved > 0 {
+                Next::More
+            } else {
+                Next::After(HELD_ELSEWHERE)
+            });
+        }
+        self.limit
+            .store(FIRST_PASS.min(self.max), Ordering::Relaxed);
+        if pass.scanned > moved {
+            // Some rows belong to partitions another process is sequencing right now.
+            return Ok(Next::After(HELD_ELSEWHERE));
+        }
+        Ok(match self.shared.wake.eager_delay(self.poll) {
+            Some(d) => Next::After(d),
+            None => Next::Idle,
+        })
     }
-    if pass.scanned == u64::from(batch) {
-        return Ok(if moved > 0 {
-            Next::More
-        } else {
-            Next::After(HELD_ELSEWHERE)
-        });
-    }
-    if pass.scanned > moved {
-        // Some rows belong to partitions another process is sequencing right now.
-        return Ok(Next::After(HELD_ELSEWHERE));
-    }
-    Ok(match shared.wake.eager_delay(poll) {
-        Some(d) => Next::After(d),
-        None => Next::Idle,
-    })
 }

@@ -295,14 +295,15 @@ impl Store {
              locked AS (SELECT p.queue, p.partition_no, p.last_seq FROM {parts} p \
                         WHERE (p.queue, p.partition_no) IN (SELECT DISTINCT queue, partition_no FROM scan) \
                         FOR UPDATE SKIP LOCKED), \
-             moved AS (DELETE FROM {inc} i USING scan s, locked l \
-                       WHERE i.id = s.id AND l.queue = s.queue AND l.partition_no = s.partition_no \
-                       RETURNING i.id, i.queue, i.partition_no, i.payload, i.target_handler, i.created_at), \
+             mine AS MATERIALIZED (SELECT s.id, l.last_seq FROM scan s \
+                       JOIN locked l ON l.queue = s.queue AND l.partition_no = s.partition_no), \
+             moved AS (DELETE FROM {inc} i USING mine WHERE i.id = mine.id \
+                       RETURNING i.id, i.queue, i.partition_no, i.payload, i.target_handler, i.created_at, mine.last_seq), \
              ins AS (INSERT INTO {out} (queue, partition_no, seq, payload, target_handler, created_at) \
                      SELECT m.queue, m.partition_no, \
-                            l.last_seq + ROW_NUMBER() OVER (PARTITION BY m.queue, m.partition_no ORDER BY m.id), \
+                            m.last_seq + ROW_NUMBER() OVER (PARTITION BY m.queue, m.partition_no ORDER BY m.id), \
                             m.payload, m.target_handler, m.created_at \
-                     FROM moved m JOIN locked l ON l.queue = m.queue AND l.partition_no = m.partition_no \
+                     FROM moved m \
                      RETURNING queue, partition_no, seq), \
              upd AS (UPDATE {parts} p SET last_seq = x.last \
                      FROM (SELECT queue, partition_no, MAX(seq) AS last FROM ins GROUP BY queue, partition_no) x \
