@@ -154,11 +154,19 @@ async fn long_producer_transaction_stalls_nothing(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
+    // Rows just below and just above the open transaction's row: the sequencer's deletes
+    // around it (on MySQL/MariaDB, runs of consecutive ids) must never touch it.
+    let before = db.begin().await.expect("begin");
+    let early: Vec<_> = (0..4)
+        .map(|i| NewMessage::new("faults", i % 2, format!("early-{i}")))
+        .collect();
+    rt.enqueue_batch(&before, &early).await.expect("enqueue");
     let long = db.begin().await.expect("begin");
     rt.enqueue(&long, NewMessage::new("faults", 0, "long"))
         .await
         .expect("enqueue");
-    for i in 0..20 {
+    before.commit().await.expect("commit");
+    for i in 0..16 {
         rt.enqueue(&db, NewMessage::new("faults", i % 2, format!("short-{i}")))
             .await
             .expect("enqueue");

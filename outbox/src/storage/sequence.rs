@@ -251,17 +251,29 @@ impl Store {
     async fn delete_incoming<C: ConnectionTrait>(&self, c: &C, ids: &[i64]) -> Result<u64, DbErr> {
         let mut deleted = 0;
         if self.is_mysql() {
-            // One single-row DELETE per id: on MySQL/MariaDB an `IN` list may be planned as a
-            // scan, and a scanning DELETE waits on the row lock of every uncommitted producer
-            // insert it passes (seen on MariaDB 10.11). A primary-key lookup can only lock its
-            // own row. Sent as multi-statement batches; the ids are integers read from the
-            // database, never user input.
-            for chunk in ids.chunks(500) {
-                let sql: String = chunk
-                    .iter()
-                    .map(|id| format!("DELETE FROM {} WHERE id = {id};", self.t.incoming))
-                    .collect();
-                deleted += c.execute_unprepared(&sql).await?.rows_affected();
+            // On MySQL/MariaDB a DELETE waits on the row lock of every uncommitted producer
+            // insert its scan touches (seen on MariaDB 10.11: an `IN` list planned as a scan,
+            // and a range scan that reads one record past its end). So the rows go by runs of
+            // consecutive ids, every one of them ours (no other row can be inside), and each
+            // run's DELETE stops at its last row (`LIMIT`) instead of reading the next record.
+            // A lone id is a primary-key lookup. Sent as multi-statement batches; the ids are
+            // integers read from the database, never user input.
+            let statements: Vec<String> = runs(ids)
+                .into_iter()
+                .map(|(first, last)| {
+                    if first == last {
+                        format!("DELETE FROM {} WHERE id = {first};", self.t.incoming)
+                    } else {
+                        format!(
+                            "DELETE FROM {} WHERE id >= {first} AND id <= {last} ORDER BY id LIMIT {};",
+                            self.t.incoming,
+                            last - first + 1
+                        )
+                    }
+                })
+                .collect();
+            for chunk in statements.chunks(500) {
+                deleted += c.execute_unprepared(&chunk.concat()).await?.rows_affected();
             }
         } else {
             for chunk in ids.chunks(900) {
@@ -332,6 +344,32 @@ impl Store {
             }
         }
         Ok(pass)
+    }
+}
+
+/// Maximal runs of consecutive integers, as `(first, last)`, of the sorted `ids`.
+fn runs(ids: &[i64]) -> Vec<(i64, i64)> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    for id in sorted {
+        match out.last_mut() {
+            Some((_, last)) if *last + 1 == id => *last = id,
+            _ => out.push((id, id)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn runs_split_at_every_missing_id() {
+        assert_eq!(runs(&[]), []);
+        assert_eq!(runs(&[7]), [(7, 7)]);
+        assert_eq!(runs(&[5, 3, 4, 9, 10, 12]), [(3, 5), (9, 10), (12, 12)]);
     }
 }
 
