@@ -361,6 +361,14 @@ fn runs(ids: &[i64]) -> Vec<(i64, i64)> {
     out
 }
 
+/// A JSON array of integers, for one bound parameter.
+fn json_array(ids: &[i64]) -> String {
+    format!(
+        "[{}]",
+        ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::runs;
@@ -371,12 +379,4 @@ mod tests {
         assert_eq!(runs(&[7]), [(7, 7)]);
         assert_eq!(runs(&[5, 3, 4, 9, 10, 12]), [(3, 5), (9, 10), (12, 12)]);
     }
-}
-
-/// A JSON array of integers, for one bound parameter.
-fn json_array(ids: &[i64]) -> String {
-    format!(
-        "[{}]",
-        ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
-    )
 }
