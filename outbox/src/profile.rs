@@ -11,7 +11,7 @@ use crate::error::RegistryProblem;
 /// | handler batch size | 100 | 16 | 500 | 100 |
 /// | partitions in flight per handler | 2 | 2 | 2 | 1 |
 /// | poll interval (no notification) | 500 ms | 50 ms | 1 s | 5 s |
-/// | messages sequenced per transaction | 5000 | 1000 | 10000 | 5000 |
+/// | messages sequenced per transaction | 5000 | 1000 | 5000 | 5000 |
 /// | max attempts | 10 | 10 | 10 | 10 |
 /// | retry backoff | 1 s .. 5 min | 100 ms .. 1 min | 1 s .. 5 min | 5 s .. 30 min |
 /// | lease / headroom | 30 s / 2 s | 30 s / 2 s | 60 s / 5 s | 60 s / 5 s |
@@ -150,7 +150,7 @@ impl Profile {
                 ..base
             },
             Profile::HighThroughput => RuntimeTuning {
-                sequencer_batch: 10_000,
+                sequencer_batch: 5_000,
                 vacuum_after_acks: 50_000,
                 notify_coalesce: ms(5),
                 ..base
