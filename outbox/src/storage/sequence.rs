@@ -37,6 +37,8 @@ struct Group {
     queue: String,
     partition: i64,
     ids: Vec<i64>,
+    /// The partition's `last_seq`, once this pass holds its lock.
+    base: Option<i64>,
 }
 
 impl Store {
@@ -85,6 +87,7 @@ impl Store {
                     queue,
                     partition,
                     ids: Vec::new(),
+                    base: None,
                 });
                 groups.len() - 1
             });
@@ -98,7 +101,6 @@ impl Store {
                 queues.push(g.queue.clone());
             }
         }
-        let mut last_seq: HashMap<(String, i64), i64> = HashMap::new();
         for q in &queues {
             let parts: Vec<i64> = groups
                 .iter()
@@ -119,10 +121,16 @@ impl Store {
                 ))
                 .await?
             {
-                last_seq.insert((q.clone(), col(&r, 0)?), col(&r, 1)?);
+                let (partition, last): (i64, i64) = (col(&r, 0)?, col(&r, 1)?);
+                if let Some(g) = groups
+                    .iter_mut()
+                    .find(|g| g.queue == *q && g.partition == partition)
+                {
+                    g.base = Some(last);
+                }
             }
         }
-        groups.retain(|g| last_seq.contains_key(&(g.queue.clone(), g.partition)));
+        groups.retain(|g| g.base.is_some());
         if groups.is_empty() {
             txn.commit().await?;
             return Ok(pass);
@@ -154,16 +162,14 @@ impl Store {
 
         // Number the rows: each partition's next sequence numbers, in id order.
         let mut pairs: Vec<(i64, i64)> = Vec::new();
-        let mut new_last: Vec<(&Group, i64)> = Vec::new();
         for g in &groups {
-            let base = last_seq[&(g.queue.clone(), g.partition)];
+            let base = g.base.unwrap_or(0);
             pairs.extend(
                 g.ids
                     .iter()
                     .enumerate()
                     .map(|(k, &id)| (id, base + 1 + k as i64)),
             );
-            new_last.push((g, base + g.ids.len() as i64));
         }
         let n = pairs.len() as u64;
         let moved = self.copy_numbered(&*txn, &pairs).await?;
@@ -175,21 +181,20 @@ impl Store {
             )));
         }
         for q in &queues {
-            let ours: Vec<&(&Group, i64)> =
-                new_last.iter().filter(|(g, _)| g.queue == *q).collect();
+            let ours: Vec<&Group> = groups.iter().filter(|g| g.queue == *q).collect();
             if ours.is_empty() {
                 continue;
             }
             let mut values: Vec<Value> = Vec::with_capacity(ours.len() * 3 + 1);
             let mut case = String::from("CASE partition_no");
-            for (g, last) in &ours {
+            for g in &ours {
                 case.push_str(" WHEN ? THEN ?");
                 values.push(g.partition.into());
-                values.push((*last).into());
+                values.push((g.base.unwrap_or(0) + g.ids.len() as i64).into());
             }
             case.push_str(" END");
             values.push(q.as_str().into());
-            values.extend(ours.iter().map(|(g, _)| Value::from(g.partition)));
+            values.extend(ours.iter().map(|g| Value::from(g.partition)));
             exec(
                 &*txn,
                 self.stmt(
@@ -202,10 +207,8 @@ impl Store {
                 ),
             )
             .await?;
-            pass.moved.push((
-                q.clone(),
-                ours.iter().map(|(g, _)| g.ids.len() as u64).sum(),
-            ));
+            pass.moved
+                .push((q.clone(), ours.iter().map(|g| g.ids.len() as u64).sum()));
         }
         tracing::trace!(scanned = pass.scanned, moved = n, "sequenced");
         txn.commit().await?;
