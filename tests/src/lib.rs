@@ -173,32 +173,75 @@ where
 
 /// Expands test bodies into one `#[tokio::test]` per backend: `mod sqlite`, `mod postgres`,
 /// `mod mysql`.
+///
+/// A server backend whose URL is not set shows its tests as `ignored` (see `build.rs`). A test
+/// that does not apply to a backend says so with `#[skip(backend = "why")]` before its name; it
+/// is then reported as ignored with that reason on that backend, never as passed:
+///
+/// ```ignore
+/// on_every_backend!(
+///     runs_everywhere,
+///     #[skip(sqlite = "one writer: nothing else can hold a partition")]
+///     needs_concurrent_writers,
+/// );
+/// ```
 #[macro_export]
 macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
+    ($( $(#[skip($($b:ident = $why:literal),+ $(,)?)])? $name:ident ),* $(,)?) => {
         mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    $crate::run($crate::Kind::Sqlite, super::$name).await
-                }
-            )*
+            $( $crate::__backend_test!(sqlite, Sqlite, $name, [$($($b = $why),+)?]); )*
         }
         mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    $crate::run($crate::Kind::Postgres, super::$name).await
-                }
-            )*
+            $( $crate::__backend_test!(postgres, Postgres, $name, [$($($b = $why),+)?]); )*
         }
         mod mysql {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    $crate::run($crate::Kind::Mysql, super::$name).await
-                }
-            )*
+            $( $crate::__backend_test!(mysql, Mysql, $name, [$($($b = $why),+)?]); )*
+        }
+    };
+}
+
+/// One backend's test of [`on_every_backend!`]: skipped when listed, else run.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __backend_test {
+    (sqlite, $kind:ident, $name:ident, [sqlite = $why:literal $(, $($rest:tt)*)?]) => {
+        $crate::__backend_test!(@skip $name, $why);
+    };
+    (postgres, $kind:ident, $name:ident, [postgres = $why:literal $(, $($rest:tt)*)?]) => {
+        $crate::__backend_test!(@skip $name, $why);
+    };
+    (mysql, $kind:ident, $name:ident, [mysql = $why:literal $(, $($rest:tt)*)?]) => {
+        $crate::__backend_test!(@skip $name, $why);
+    };
+    ($b:ident, $kind:ident, $name:ident, [$other:ident = $why:literal $(, $($rest:tt)*)?]) => {
+        $crate::__backend_test!($b, $kind, $name, [$($($rest)*)?]);
+    };
+    (sqlite, $kind:ident, $name:ident, []) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            $crate::run($crate::Kind::$kind, super::$name).await
+        }
+    };
+    (postgres, $kind:ident, $name:ident, []) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[cfg_attr(outbox_no_postgres, ignore = "skipped: OUTBOX_TEST_POSTGRES_URL is not set")]
+        async fn $name() {
+            $crate::run($crate::Kind::$kind, super::$name).await
+        }
+    };
+    (mysql, $kind:ident, $name:ident, []) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[cfg_attr(outbox_no_mysql, ignore = "skipped: OUTBOX_TEST_MYSQL_URL is not set")]
+        async fn $name() {
+            $crate::run($crate::Kind::$kind, super::$name).await
+        }
+    };
+    (@skip $name:ident, $why:literal) => {
+        #[test]
+        #[ignore = $why]
+        fn $name() {
+            // Reported as ignored with the reason; running it with `--ignored` does nothing.
+            let _ = super::$name;
         }
     };
 }
