@@ -28,9 +28,88 @@ pub enum Error {
     #[error("the lease was lost (expired or taken over); stop non-idempotent work")]
     LeaseLost,
     /// The runtime did not stop within the grace period; in-flight work was cancelled and its
-    /// leases released.
+    /// leases released (or, where a database call hung, left to expire).
     #[error("shutdown grace period of {0:?} elapsed; in-flight handlers were cancelled")]
     ShutdownTimedOut(std::time::Duration),
+    /// An operator action named a head message that is no longer the head: it was handled,
+    /// skipped or replayed meanwhile. Nothing was changed; read the status again.
+    #[error(
+        "the head of queue `{queue}` partition {partition} for handler `{handler}` is no longer seq {expected} ({}); nothing was changed",
+        found.map_or_else(|| "nothing waits".to_owned(), |s| format!("it is now seq {s}"))
+    )]
+    HeadMoved {
+        /// Queue name.
+        queue: String,
+        /// Handler name.
+        handler: String,
+        /// Partition.
+        partition: u32,
+        /// The sequence the operator saw.
+        expected: i64,
+        /// The head now, if a message waits.
+        found: Option<i64>,
+    },
+    /// The head is held by a live lease: a worker is handling it right now.
+    #[error("the head of queue `{queue}` partition {partition} for handler `{handler}` is leased by a running worker; try again when the lease ends")]
+    HeadLeased {
+        /// Queue name.
+        queue: String,
+        /// Handler name.
+        handler: String,
+        /// Partition.
+        partition: u32,
+    },
+    /// `unblock` on a partition that is not blocked.
+    #[error("queue `{queue}` partition {partition} is not blocked for handler `{handler}`")]
+    NotBlocked {
+        /// Queue name.
+        queue: String,
+        /// Handler name.
+        handler: String,
+        /// Partition.
+        partition: u32,
+    },
+    /// No cursor for this queue, handler and partition.
+    #[error("no handler `{handler}` on queue `{queue}` partition {partition}")]
+    CursorNotFound {
+        /// Queue name.
+        queue: String,
+        /// Handler name.
+        handler: String,
+        /// Partition.
+        partition: u32,
+    },
+    /// The handler is not registered on the queue.
+    #[error("no handler `{handler}` is registered on queue `{queue}`")]
+    HandlerNotFound {
+        /// Queue name.
+        queue: String,
+        /// Handler name.
+        handler: String,
+    },
+    /// The handler cannot be retired: a running process served it recently.
+    #[error("handler `{handler}` of queue `{queue}` was served by a running process {seen_ms_ago} ms ago; stop the processes that run it first")]
+    HandlerInUse {
+        /// Queue name.
+        queue: String,
+        /// Handler name.
+        handler: String,
+        /// How long ago a process last reported serving it.
+        seen_ms_ago: i64,
+    },
+    /// The database's schema is older than this build needs (or absent).
+    #[error(
+        "the outbox schema is at version {} but this build needs version {expected}: run `outbox migrate`, `Outbox::migrate()` or the migrations of `outbox::migration` (migration `{migration}`) as a user allowed to change the schema",
+        found.map_or_else(|| "none (no outbox tables)".to_owned(), |v| v.to_string())
+    )]
+    SchemaOutdated {
+        /// The version found (`None`: no outbox tables).
+        found: Option<i64>,
+        /// The version this build needs.
+        expected: i64,
+        /// The name of the next migration to run.
+        migration: &'static str,
+    },
 }
 
 impl From<sea_orm::DbErr> for Error {
@@ -109,6 +188,21 @@ pub enum EnqueueError {
         "no outbox is connected in this process; call `outbox::start` or `outbox::connect` first"
     )]
     NotConnected,
+    /// The connection is not connected to any database (for example
+    /// `DatabaseConnection::default()`).
+    #[error("the connection is disconnected; pass a connected `DatabaseConnection` or a transaction")]
+    Disconnected,
+    /// The database server refuses statements this large (MySQL/MariaDB `max_allowed_packet`).
+    /// Raise the server setting or lower the payload limit.
+    #[error("the server refused a payload of {size} bytes for queue `{queue}`: it exceeds the server's `{setting}`")]
+    PayloadTooLargeForServer {
+        /// Queue name.
+        queue: String,
+        /// Payload size in bytes.
+        size: usize,
+        /// The server setting that limits it.
+        setting: &'static str,
+    },
     /// The database reported an error; the caller's transaction should be rolled back.
     #[error("database error")]
     Database(#[source] sea_orm::DbErr),
@@ -214,6 +308,50 @@ pub enum StartError {
         needed: u32,
         /// Maximum connections of the pool.
         available: u32,
+    },
+    /// The database's schema is older than this build and migrating at start is off (see
+    /// [`Builder::migrate_on_start`](crate::Builder::migrate_on_start)).
+    #[error(
+        "the outbox schema is at version {} but this build needs version {expected}: run `outbox migrate`, `Outbox::migrate()` or the migrations of `outbox::migration` (migration `{migration}`) as a user allowed to change the schema",
+        found.map_or_else(|| "none (no outbox tables)".to_owned(), |v| v.to_string())
+    )]
+    SchemaOutdated {
+        /// The version found (`None`: no outbox tables).
+        found: Option<i64>,
+        /// The version this build needs.
+        expected: i64,
+        /// The name of the next migration to run.
+        migration: &'static str,
+    },
+    /// Migrating the schema at start failed, typically because the database user may not
+    /// change the schema.
+    #[error(
+        "could not migrate the outbox schema from version {} to {to} (migration `{migration}`); run `outbox migrate` as a user allowed to change the schema, or grant this one the right",
+        from.map_or_else(|| "none".to_owned(), |v| v.to_string())
+    )]
+    Migration {
+        /// The version found.
+        from: Option<i64>,
+        /// The version this build needs.
+        to: i64,
+        /// The name of the migration that failed.
+        migration: &'static str,
+        /// The database's error.
+        #[source]
+        source: sea_orm::DbErr,
+    },
+    /// The configured payload limit is above what the database server accepts in one
+    /// statement, so an enqueue near the limit would fail.
+    #[error("the payload limit of {limit} bytes is above the server's `{setting}` of {server} bytes (less {margin} bytes for the statement); raise `{setting}` or lower `Builder::max_payload_bytes`")]
+    PayloadLimitAboveServer {
+        /// The configured limit.
+        limit: usize,
+        /// The server setting.
+        setting: &'static str,
+        /// Its value.
+        server: u64,
+        /// Room kept for the rest of the statement.
+        margin: u64,
     },
     /// The database reported an error while migrating or registering.
     #[error("database error during start-up")]

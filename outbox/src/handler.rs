@@ -267,7 +267,9 @@ impl LeaseContext {
             .saturating_duration_since(tokio::time::Instant::now())
     }
 
-    /// When the lease ends, in milliseconds since the Unix epoch.
+    /// When the lease ends, in milliseconds since the Unix epoch, as this process's clock
+    /// estimates it. The database's clock is the one that judges the lease (see
+    /// [`renew`](LeaseContext::renew)); use [`remaining`](LeaseContext::remaining) to plan work.
     pub fn lease_expires_at_ms(&self) -> i64 {
         self.lease.state().expires_at_ms
     }
@@ -282,17 +284,15 @@ impl LeaseContext {
         let now = crate::storage::now_ms();
         let expires_at_ms = now + lease.length.as_millis() as i64;
         let started = tokio::time::Instant::now();
+        let key = crate::storage::CursorKey {
+            queue: &self.queue,
+            handler: &self.handler,
+            partition: self.partition,
+        };
         let renewed = lease
             .shared
             .store
-            .renew_lease(
-                &self.queue,
-                &self.handler,
-                self.partition,
-                &lease.token,
-                expires_at_ms,
-                now,
-            )
+            .renew_lease(key, &lease.token, lease.length)
             .await?;
         if !renewed {
             return Err(crate::Error::LeaseLost);

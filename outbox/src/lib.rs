@@ -26,7 +26,8 @@ pub use queue::{
     DEFAULT_MAX_PAYLOAD, MAX_PARTITIONS, Message, NewMessage, PoisonPolicy, QueueSpec,
     validate_name,
 };
-pub use runtime::{Builder, DEFAULT_TABLE_PREFIX, Outbox, Running};
+pub use runtime::failure::MAX_ERROR_BYTES;
+pub use runtime::{Builder, DEFAULT_TABLE_PREFIX, Outbox, Running, SHUTDOWN_RELEASE_WINDOW};
 pub use status::{HandlerStatus, Lease, PartitionStatus, QueueStatus, Status};
 pub use storage::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
 

@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use ::metrics::{counter, gauge, histogram};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::queue::{Message, NewMessage};
 use crate::runtime::Outbox;
@@ -130,17 +129,17 @@ pub fn record_status(status: &Status) {
 }
 
 /// Refreshes the gauges every [`GAUGE_INTERVAL`] until `cancel` fires.
-pub(crate) fn spawn_gauges(tracker: &TaskTracker, outbox: &Outbox, cancel: CancellationToken) {
-    let outbox = outbox.clone();
-    tracker.spawn(async move {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
-            }
-            if let Err(e) = outbox.status().await {
-                tracing::debug!(error = %e, "metrics: status read failed");
-            }
+/// Refreshes the gauges from a status read every [`GAUGE_INTERVAL`] until `cancel` fires. The
+/// only writer of the gauges: reading the status elsewhere changes nothing.
+pub(crate) async fn run_gauges(outbox: &Outbox, cancel: CancellationToken) {
+    loop {
+        match outbox.status().await {
+            Ok(status) => record_status(&status),
+            Err(e) => tracing::debug!(error = %e, "metrics: status read failed"),
         }
-    });
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(GAUGE_INTERVAL) => {}
+        }
+    }
 }

@@ -81,6 +81,15 @@ pub struct RuntimeTuning {
     pub error_backoff_min: Duration,
     /// Largest delay before a worker retries after a database error.
     pub error_backoff_max: Duration,
+    /// SQLite only: the longest a transactional batch may hold the database's single write
+    /// lock. Producers wait for that lock (up to their connection's busy timeout, 5 s by
+    /// default, see `outbox::sqlite::connect_options`), so this stays well below it: a batch
+    /// stops taking messages at half of it, and a handler still running at the limit fails as
+    /// a counted attempt. Put slow work in leased handlers, which hold no lock.
+    pub sqlite_write_hold: Duration,
+    /// How often a running process records, per handler it serves, that it is alive. Status
+    /// marks a handler stale after three intervals without one.
+    pub heartbeat_interval: Duration,
 }
 
 const fn ms(n: u64) -> Duration {
@@ -140,6 +149,8 @@ impl Profile {
             notify_coalesce: ms(1),
             error_backoff_min: ms(100),
             error_backoff_max: ms(5_000),
+            sqlite_write_hold: ms(2_000),
+            heartbeat_interval: ms(10_000),
         };
         match self {
             Profile::Default => base,

@@ -21,8 +21,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Reading the status costs five statements whatever the partition count (one per table,
-//! grouped; the head message of each cursor is a primary-key probe).
+//! Reading the status costs six statements whatever the partition count (one per table,
+//! grouped; the head message of each cursor is an index probe). Times are the database's
+//! clock.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -32,7 +33,7 @@ use serde::Serialize;
 use crate::error::Error;
 use crate::queue::validate_name;
 use crate::runtime::Outbox;
-use crate::storage::now_ms;
+use crate::storage::STALE_AFTER_HEARTBEATS;
 use crate::storage::status::StatusRows;
 
 /// The state of every queue of one outbox, read at [`taken_at_ms`](Status::taken_at_ms).
@@ -117,6 +118,12 @@ pub struct HandlerStatus {
     pub blocked_partitions: u32,
     /// Dead letters of this handler.
     pub dead_letters: i64,
+    /// `None` while a running process serves this handler; otherwise how long no process has
+    /// (since the last one stopped reporting, or since it was registered if none ever did), in
+    /// milliseconds. A handler counts as served until three of its heartbeat intervals pass
+    /// without a report. A stale handler that no longer exists pins vacuum: retire it with
+    /// [`Outbox::retire_handler`].
+    pub stale_for_ms: Option<i64>,
     /// Every partition, by index.
     pub partitions: Vec<PartitionStatus>,
 }
@@ -137,6 +144,12 @@ impl HandlerStatus {
         self.lag_ms
             .map(|ms| Duration::from_millis(ms.max(0) as u64))
     }
+
+    /// Whether no running process serves this handler (see
+    /// [`stale_for_ms`](HandlerStatus::stale_for_ms)).
+    pub fn is_stale(&self) -> bool {
+        self.stale_for_ms.is_some()
+    }
 }
 
 /// One (queue, handler, partition).
@@ -149,8 +162,13 @@ pub struct PartitionStatus {
     pub unsequenced: i64,
     /// Sequenced messages this handler has not handled yet.
     pub pending: i64,
+    /// The last sequence this handler is done with (handled, dead-lettered or skipped).
+    pub processed_seq: i64,
+    /// The sequence of the next message this handler will handle, if one is waiting: the one
+    /// to name in [`Outbox::skip_head`] and [`Outbox::unblock`].
+    pub head_seq: Option<i64>,
     /// When the oldest message this handler has not handled was enqueued (ms since the Unix
-    /// epoch, producer clock).
+    /// epoch, database clock).
     pub oldest_unhandled_at_ms: Option<i64>,
     /// Age of that message at [`Status::taken_at_ms`], in milliseconds.
     pub lag_ms: Option<i64>,
@@ -190,20 +208,18 @@ pub struct Lease {
 }
 
 impl Outbox {
-    /// The state of every registered queue, handler and partition. Also updates the depth and
-    /// lag gauges of [`metrics`](crate::metrics).
+    /// The state of every registered queue, handler and partition. Only reads: a running
+    /// outbox refreshes the gauges of [`metrics`](crate::metrics) from it on its own timer.
     pub async fn status(&self) -> Result<Status, Error> {
         let rows = self.store().status_rows(None).await?;
-        let status = build(&rows, now_ms());
-        crate::metrics::record_status(&status);
-        Ok(status)
+        Ok(build(&rows))
     }
 
     /// The state of one queue; [`Error::UnknownQueue`] if it is not registered.
     pub async fn queue_status(&self, queue: &str) -> Result<QueueStatus, Error> {
         validate_name("queue", queue)?;
         let rows = self.store().status_rows(Some(queue)).await?;
-        build(&rows, now_ms())
+        build(&rows)
             .queues
             .into_iter()
             .next()
@@ -213,12 +229,32 @@ impl Outbox {
     /// Creates the outbox tables if they do not exist (idempotent, safe from several processes
     /// at once). [`Builder::connect`](crate::Builder::connect) and `start` do it too.
     pub async fn migrate(&self) -> Result<(), Error> {
-        Ok(self.store().migrate().await?)
+        self.store().migrate().await?;
+        Ok(())
+    }
+}
+
+/// How long no process has served a handler, `None` while one does.
+fn stale_for(rows: &StatusRows, queue: &str, handler: &str) -> Option<i64> {
+    let now = rows.now;
+    let Some(h) = rows
+        .handlers
+        .iter()
+        .find(|h| h.queue == queue && h.handler == handler)
+    else {
+        // Registered before the registry existed and never started since: nobody serves it.
+        return Some(0);
+    };
+    match (h.seen_at, h.heartbeat_ms) {
+        (Some(seen), Some(every)) if now - seen < every * STALE_AFTER_HEARTBEATS => None,
+        (Some(seen), _) => Some((now - seen).max(0)),
+        (None, _) => Some((now - h.registered_at).max(0)),
     }
 }
 
 /// Assembles the status from the grouped rows.
-fn build(rows: &StatusRows, now: i64) -> Status {
+fn build(rows: &StatusRows) -> Status {
+    let now = rows.now;
     let incoming: HashMap<(&str, u32), (i64, Option<i64>)> = rows
         .incoming
         .iter()
@@ -264,6 +300,7 @@ fn build(rows: &StatusRows, now: i64) -> Status {
                 leased_partitions: 0,
                 blocked_partitions: 0,
                 dead_letters: 0,
+                stale_for_ms: stale_for(rows, &c.queue, &c.handler),
                 partitions: Vec::new(),
             });
         }
@@ -309,6 +346,8 @@ fn build(rows: &StatusRows, now: i64) -> Status {
             partition: c.partition,
             unsequenced,
             pending,
+            processed_seq: c.processed_seq,
+            head_seq: c.head_seq.filter(|_| pending > 0),
             oldest_unhandled_at_ms: oldest,
             lag_ms,
             lease,

@@ -1,6 +1,7 @@
 //! The runtime: the [`Outbox`] handle (enqueue, dead letters, status), its [`Builder`], and the
 //! [`Running`] workers with graceful shutdown.
 
+pub(crate) mod failure;
 mod processor;
 mod sequencer;
 mod vacuum;
@@ -25,7 +26,10 @@ use crate::profile::{Profile, RuntimeTuning};
 use crate::queue::{
     DEFAULT_MAX_PAYLOAD, MAX_PARTITIONS, NewMessage, QueueSpec, validate_name, validate_prefix,
 };
-use crate::storage::{DeadLetter, DeadLetterFilter, QueueDepth, Registered, Store};
+use crate::storage::schema::{SCHEMA_VERSION, migration_name};
+use crate::storage::{
+    CursorKey, DeadLetter, DeadLetterFilter, QueueDepth, Refused, Registered, RetireRefused, Store,
+};
 use wake::Wake;
 use worker::Pacing;
 
@@ -84,6 +88,9 @@ impl Outbox {
     /// touches no table until used (see [`Outbox::migrate`] to create the tables).
     pub fn admin(db: DatabaseConnection, table_prefix: &str) -> Result<Outbox, Error> {
         validate_prefix(table_prefix)?;
+        if disconnected(&db) {
+            return Err(Error::Database(disconnected_error()));
+        }
         let shared = Arc::new(Shared {
             store: Store::new(db, table_prefix),
             wake: Arc::new(Wake::new(false)),
@@ -180,7 +187,11 @@ impl Outbox {
         messages: &[NewMessage],
     ) -> Result<(), EnqueueError> {
         let store = &self.shared.store;
-        let found = conn.get_database_backend();
+        // sea-orm panics when asked the backend of a disconnected `DatabaseConnection`.
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            conn.get_database_backend()
+        }))
+        .map_err(|_| EnqueueError::Disconnected)?;
         if found != store.backend {
             return Err(EnqueueError::BackendMismatch {
                 expected: store.backend,
@@ -197,7 +208,18 @@ impl Outbox {
             .iter()
             .map(|m| (&*m.queue, m.partition, m.payload.as_slice(), None))
             .collect();
-        store.insert_incoming(conn, &rows).await?;
+        if let Err(e) = store.insert_incoming(conn, &rows).await {
+            return Err(match messages.iter().max_by_key(|m| m.payload.len()) {
+                Some(m) if store.is_mysql() && e.to_string().contains("max_allowed_packet") => {
+                    EnqueueError::PayloadTooLargeForServer {
+                        queue: m.queue.to_string(),
+                        size: m.payload.len(),
+                        setting: "max_allowed_packet",
+                    }
+                }
+                _ => EnqueueError::Database(e),
+            });
+        }
         crate::metrics::enqueued(messages);
         self.shared.wake.enqueued();
         Ok(())
@@ -211,6 +233,7 @@ impl Outbox {
         after_id: i64,
         limit: u32,
     ) -> Result<Vec<DeadLetter>, Error> {
+        filter.validate()?;
         Ok(self
             .shared
             .store
@@ -229,6 +252,7 @@ impl Outbox {
 
     /// How many dead letters match `filter`.
     pub async fn count_dead_letters(&self, filter: &DeadLetterFilter) -> Result<i64, Error> {
+        filter.validate()?;
         Ok(self.shared.store.count_dead_letters(filter).await?)
     }
 
@@ -256,32 +280,93 @@ impl Outbox {
 
     /// Deletes every dead letter matching `filter`; returns how many.
     pub async fn purge_dead_letters(&self, filter: &DeadLetterFilter) -> Result<u64, Error> {
+        filter.validate()?;
         Ok(self.shared.store.purge_dead_letters(filter).await?)
     }
 
     /// Lets a partition blocked by a poisoned message (block policy) try its head again now.
-    /// Returns whether the cursor exists.
-    pub async fn unblock(&self, queue: &str, partition: u32, handler: &str) -> Result<bool, Error> {
-        let ok = self.shared.store.unblock(queue, handler, partition).await?;
+    ///
+    /// `head_seq` is the head the operator saw ([`PartitionStatus::head_seq`]); if another
+    /// message is the head by now, nothing changes and [`Error::HeadMoved`] says so.
+    /// [`Error::NotBlocked`] if the partition is not blocked.
+    ///
+    /// [`PartitionStatus::head_seq`]: crate::PartitionStatus::head_seq
+    pub async fn unblock(
+        &self,
+        queue: &str,
+        partition: u32,
+        handler: &str,
+        head_seq: i64,
+    ) -> Result<(), Error> {
+        let key = checked_key(queue, handler, partition)?;
+        let result = self.shared.store.unblock(key, head_seq).await?;
+        refused(result, key, head_seq)?;
         self.shared.wake.sequenced(queue);
-        Ok(ok)
+        Ok(())
     }
 
     /// Moves the head message of a partition (for one handler) to the dead letters and lets the
-    /// partition continue. Returns false if there was no head or it is leased right now.
+    /// partition continue.
+    ///
+    /// `head_seq` is the head the operator saw ([`PartitionStatus::head_seq`]): if the handler
+    /// finished it meanwhile, the next (healthy) message is not skipped by mistake; nothing
+    /// changes and [`Error::HeadMoved`] says so. [`Error::HeadLeased`] while a worker holds it.
+    ///
+    /// [`PartitionStatus::head_seq`]: crate::PartitionStatus::head_seq
     pub async fn skip_head(
         &self,
         queue: &str,
         partition: u32,
         handler: &str,
-    ) -> Result<bool, Error> {
-        let ok = self
-            .shared
-            .store
-            .skip_head(queue, handler, partition)
-            .await?;
+        head_seq: i64,
+    ) -> Result<(), Error> {
+        let key = checked_key(queue, handler, partition)?;
+        let result = self.shared.store.skip_head(key, head_seq).await?;
+        refused(result, key, head_seq)?;
         self.shared.wake.sequenced(queue);
-        Ok(ok)
+        Ok(())
+    }
+
+    /// Retires a handler that no longer runs (removed or renamed): deletes its cursors so
+    /// vacuum stops keeping messages for it. Its dead letters stay. Returns how many cursors
+    /// (partitions) were removed.
+    ///
+    /// Refused with [`Error::HandlerInUse`] while a running process serves the handler (it
+    /// reported so within three of its heartbeat intervals). A process that starts it again
+    /// later registers it anew, from the oldest retained message.
+    pub async fn retire_handler(&self, queue: &str, handler: &str) -> Result<u64, Error> {
+        validate_name("queue", queue)?;
+        validate_name("handler", handler)?;
+        match self.shared.store.retire_handler(queue, handler).await? {
+            Ok(n) => Ok(n),
+            Err(RetireRefused::NotFound) => Err(Error::HandlerNotFound {
+                queue: queue.to_owned(),
+                handler: handler.to_owned(),
+            }),
+            Err(RetireRefused::InUse { seen_ms_ago }) => Err(Error::HandlerInUse {
+                queue: queue.to_owned(),
+                handler: handler.to_owned(),
+                seen_ms_ago,
+            }),
+        }
+    }
+
+    /// The id of this outbox: random, created once with the schema, the same for every process
+    /// on this database and table prefix. Relays use it to build message ids that stay unique
+    /// if the outbox tables are ever created anew.
+    pub async fn instance_id(&self) -> Result<String, Error> {
+        let store = &self.shared.store;
+        match store.instance_id().await {
+            Ok(Some(id)) => Ok(id),
+            Ok(None) | Err(_) => {
+                let found = store.schema_version().await?;
+                Err(Error::SchemaOutdated {
+                    found,
+                    expected: SCHEMA_VERSION,
+                    migration: migration_name(found.unwrap_or(0) + 1),
+                })
+            }
+        }
     }
 
     /// Counts of a queue: unsequenced, stored, and per handler pending, retrying, leased,
@@ -290,6 +375,62 @@ impl Outbox {
         validate_name("queue", queue)?;
         Ok(self.shared.store.depth(queue).await?)
     }
+}
+
+/// Whether `db` is connected to nothing (sea-orm panics when asked its backend).
+fn disconnected(db: &DatabaseConnection) -> bool {
+    matches!(db.inner, sea_orm::DatabaseConnectionType::Disconnected)
+}
+
+fn disconnected_error() -> sea_orm::DbErr {
+    sea_orm::DbErr::Custom("the database connection is disconnected".to_owned())
+}
+
+/// Validates the names of a cursor key.
+fn checked_key<'a>(
+    queue: &'a str,
+    handler: &'a str,
+    partition: u32,
+) -> Result<CursorKey<'a>, Error> {
+    validate_name("queue", queue)?;
+    validate_name("handler", handler)?;
+    Ok(CursorKey {
+        queue,
+        handler,
+        partition,
+    })
+}
+
+/// The typed error of an operator action the storage refused.
+fn refused(result: Result<(), Refused>, key: CursorKey<'_>, expected: i64) -> Result<(), Error> {
+    let Err(why) = result else {
+        return Ok(());
+    };
+    let (queue, handler, partition) = (key.queue.to_owned(), key.handler.to_owned(), key.partition);
+    Err(match why {
+        Refused::NoCursor => Error::CursorNotFound {
+            queue,
+            handler,
+            partition,
+        },
+        Refused::Moved { found } => Error::HeadMoved {
+            queue,
+            handler,
+            partition,
+            expected,
+            found,
+        },
+        Refused::Leased => Error::HeadLeased {
+            queue,
+            handler,
+            partition,
+        },
+        Refused::NotBlocked => Error::NotBlocked {
+            queue,
+            handler,
+            partition,
+        },
+    })
 }
 
 /// Configures an outbox: table prefix, profile, queues and handlers.
@@ -305,6 +446,7 @@ pub struct Builder {
     queues: Vec<QueueSpec>,
     handlers: Vec<HandlerSpec>,
     max_payload: usize,
+    migrate_on_start: bool,
 }
 
 impl fmt::Debug for Builder {
@@ -315,6 +457,7 @@ impl fmt::Debug for Builder {
             .field("queues", &self.queues)
             .field("handlers", &self.handlers)
             .field("max_payload", &self.max_payload)
+            .field("migrate_on_start", &self.migrate_on_start)
             .finish_non_exhaustive()
     }
 }
@@ -329,6 +472,7 @@ impl Builder {
             queues: Vec::new(),
             handlers: Vec::new(),
             max_payload: DEFAULT_MAX_PAYLOAD,
+            migrate_on_start: true,
         }
     }
 
@@ -362,9 +506,21 @@ impl Builder {
         self
     }
 
-    /// Largest payload accepted by enqueue, in bytes (default 1 MiB).
+    /// Largest payload accepted by enqueue, in bytes (default 1 MiB). On MySQL/MariaDB it
+    /// must fit the server's `max_allowed_packet`; start checks it.
     pub fn max_payload_bytes(mut self, limit: usize) -> Self {
         self.max_payload = limit;
+        self
+    }
+
+    /// Whether [`connect`](Builder::connect) and [`start`](Builder::start) bring an older
+    /// schema up to date (default: yes). A current schema is never touched, so a database user
+    /// that may only read and write rows can start the runtime either way. With `false`, an
+    /// older schema fails with [`StartError::SchemaOutdated`] naming the migration to run
+    /// (`outbox migrate`, [`Outbox::migrate`], or the sea-orm-migration migrations of
+    /// `outbox::migration`), for deployments that change the schema in a separate step.
+    pub fn migrate_on_start(mut self, migrate: bool) -> Self {
+        self.migrate_on_start = migrate;
         self
     }
 
@@ -430,6 +586,9 @@ impl Builder {
     }
 
     async fn prepare(self) -> Result<(Outbox, Self), StartError> {
+        if disconnected(&self.db) {
+            return Err(StartError::Database(disconnected_error()));
+        }
         let problems = self.check();
         if !problems.is_empty() {
             return Err(StartError::Registry(problems));
@@ -439,7 +598,34 @@ impl Builder {
                 .unwrap_or_else(|| self.profile.runtime())
                 .notify_coalesce,
         );
-        store.migrate().await?;
+        let found = store.schema_version().await?;
+        match found {
+            Some(v) if v == SCHEMA_VERSION => {}
+            Some(v) if v > SCHEMA_VERSION => {
+                return Err(StartError::Database(sea_orm::DbErr::Custom(format!(
+                    "the outbox schema is at version {v}, newer than this build's {SCHEMA_VERSION}; upgrade outbox"
+                ))));
+            }
+            _ if !self.migrate_on_start => {
+                return Err(StartError::SchemaOutdated {
+                    found,
+                    expected: SCHEMA_VERSION,
+                    migration: migration_name(found.unwrap_or(0) + 1),
+                });
+            }
+            _ => {
+                store
+                    .migrate()
+                    .await
+                    .map_err(|source| StartError::Migration {
+                        from: found,
+                        to: SCHEMA_VERSION,
+                        migration: migration_name(found.unwrap_or(0) + 1),
+                        source,
+                    })?;
+            }
+        }
+        self.check_payload_limit(&store).await?;
         let mut problems = Vec::new();
         let mut known = HashMap::new();
         for q in &self.queues {
@@ -476,10 +662,40 @@ impl Builder {
         Ok((Outbox { shared }, self))
     }
 
+    /// MySQL/MariaDB refuse a statement larger than `max_allowed_packet`: the payload limit
+    /// must leave room for the rest of the statement.
+    async fn check_payload_limit(&self, store: &Store) -> Result<(), StartError> {
+        const MARGIN: u64 = 64 * 1024;
+        if !store.is_mysql() {
+            return Ok(());
+        }
+        let row = store
+            .db
+            .query_one_raw(store.stmt("SELECT @@max_allowed_packet", vec![]))
+            .await?;
+        let server: u64 = match row {
+            Some(r) => r
+                .try_get_by_index::<i64>(0)
+                .map(|v| u64::try_from(v).unwrap_or(0))
+                .or_else(|_| r.try_get_by_index::<u64>(0))?,
+            None => return Ok(()),
+        };
+        if self.max_payload as u64 + MARGIN > server {
+            return Err(StartError::PayloadLimitAboveServer {
+                limit: self.max_payload,
+                setting: "max_allowed_packet",
+                server,
+                margin: MARGIN,
+            });
+        }
+        Ok(())
+    }
+
     /// Connections the workers need at most at once: one per partition in flight per handler,
-    /// one for the sequencer and one for vacuum and dispatch scans. SQLite has one writer, so
-    /// the runtime works on any pool there, including sea-orm's default single connection
-    /// (its workers then take turns).
+    /// one for the sequencer and one for vacuum and dispatch scans, and on PostgreSQL the
+    /// listener's (LISTEN holds a pooled connection for as long as the runtime runs). SQLite
+    /// has one writer, so the runtime works on any pool there, including sea-orm's default
+    /// single connection (its workers then take turns).
     fn connections_needed(&self) -> u32 {
         if self.db.get_database_backend() == DbBackend::Sqlite {
             return 1;
@@ -496,7 +712,8 @@ impl Builder {
                 t.with(&h.overrides).concurrency
             })
             .sum();
-        per_handler + 2
+        let listener = u32::from(self.db.get_database_backend() == DbBackend::Postgres);
+        per_handler + 2 + listener
     }
 
     fn pool_size(&self) -> Option<u32> {
@@ -527,6 +744,9 @@ impl Builder {
     /// Like [`connect`](Builder::connect), then starts the sequencer, vacuum and one dispatcher
     /// per handler. Fails fast if the pool is too small for the configured concurrency.
     pub async fn start(self) -> Result<Running, StartError> {
+        if disconnected(&self.db) {
+            return Err(StartError::Database(disconnected_error()));
+        }
         let needed = self.connections_needed();
         if let Some(available) = self.pool_size()
             && available < needed
@@ -541,7 +761,19 @@ impl Builder {
             .store(rt.vacuum_after_acks, Ordering::Relaxed);
         let cancel = CancellationToken::new();
         let hard = CancellationToken::new();
+        let abandon = CancellationToken::new();
         let tracker = TaskTracker::new();
+        // Every task stops at `abandon`, even inside a database call that hangs.
+        let spawn = |task: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+            let abandon = abandon.clone();
+            tracker.spawn(async move {
+                tokio::select! {
+                    () = abandon.cancelled() => {}
+                    () = task => {}
+                }
+            });
+        };
+        let write_hold = shared.store.is_sqlite().then_some(rt.sqlite_write_hold);
         let owner: Arc<str> =
             format!("{}-{:08x}", std::process::id(), rand::random::<u32>()).into();
         let base = builder.profile.tuning();
@@ -576,14 +808,16 @@ impl Builder {
                 in_flight: Mutex::new(HashSet::new()),
                 slots: Arc::new(Semaphore::new(tuning.concurrency as usize)),
                 starved: std::sync::atomic::AtomicBool::new(false),
+                write_hold,
                 tracker: tracker.clone(),
                 cancel: cancel.child_token(),
                 hard: hard.clone(),
+                abandon: abandon.clone(),
             });
             let name = format!("dispatcher {}/{}", h.queue, h.name);
             let wake = p.wake.clone();
             let c = cancel.child_token();
-            tracker.spawn(async move {
+            spawn(Box::pin(async move {
                 worker::run(
                     &name,
                     || p.dispatch(),
@@ -592,7 +826,7 @@ impl Builder {
                     c,
                 )
                 .await;
-            });
+            }));
         }
 
         let poll = base.poll_interval;
@@ -600,15 +834,15 @@ impl Builder {
             let s = sequencer::Sequencer::new(shared.clone(), rt.sequencer_batch, poll);
             let wake = shared.wake.sequencer.clone();
             let c = cancel.child_token();
-            tracker.spawn(async move {
+            spawn(Box::pin(async move {
                 worker::run("sequencer", || s.step(), wake, pacing(poll), c).await;
-            });
+            }));
         }
         {
             let s = shared.clone();
             let wake = shared.wake.vacuum.clone();
             let c = cancel.child_token();
-            tracker.spawn(async move {
+            spawn(Box::pin(async move {
                 worker::run(
                     "vacuum",
                     || vacuum::step(&s, rt.vacuum_chunk),
@@ -617,9 +851,40 @@ impl Builder {
                     c,
                 )
                 .await;
-            });
+            }));
         }
-        crate::metrics::spawn_gauges(&tracker, &outbox, cancel.child_token());
+        {
+            // Once `start` returns, status shows these handlers as served.
+            let served: Vec<(String, String)> = builder
+                .handlers
+                .iter()
+                .map(|h| (h.queue.to_string(), h.name.to_string()))
+                .collect();
+            let pairs: Vec<(&str, &str)> =
+                served.iter().map(|(q, h)| (q.as_str(), h.as_str())).collect();
+            let every = rt.heartbeat_interval;
+            shared.store.heartbeat(&pairs, every).await?;
+            let s = shared.clone();
+            let c = cancel.child_token();
+            spawn(Box::pin(async move {
+                let pairs: Vec<(&str, &str)> =
+                    served.iter().map(|(q, h)| (q.as_str(), h.as_str())).collect();
+                while !pairs.is_empty() {
+                    tokio::select! {
+                        () = c.cancelled() => return,
+                        () = tokio::time::sleep(every) => {}
+                    }
+                    if let Err(e) = s.store.heartbeat(&pairs, every).await {
+                        tracing::warn!(error = %e, "heartbeat failed; retrying at the next interval");
+                    }
+                }
+            }));
+        }
+        {
+            let o = outbox.clone();
+            let c = cancel.child_token();
+            spawn(Box::pin(async move { crate::metrics::run_gauges(&o, c).await }));
+        }
         if let sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) =
             &shared.store.db.inner
         {
@@ -627,7 +892,7 @@ impl Builder {
             let channel = shared.store.t.channel.clone();
             let wake = shared.wake.clone();
             let c = cancel.child_token();
-            tracker.spawn(wake::listen_postgres(pool, channel, wake, c));
+            spawn(Box::pin(wake::listen_postgres(pool, channel, wake, c)));
         }
         // Start every worker with one pass of work: nothing enqueued before start is stranded.
         shared.wake.all();
@@ -636,6 +901,7 @@ impl Builder {
             outbox,
             cancel,
             hard,
+            abandon,
             tracker,
         })
     }
@@ -650,8 +916,13 @@ pub struct Running {
     outbox: Outbox,
     cancel: CancellationToken,
     hard: CancellationToken,
+    abandon: CancellationToken,
     tracker: TaskTracker,
 }
+
+/// After the grace period, how long cancelled handlers have to give their leases back before
+/// every task is abandoned, even one stuck in a database call.
+pub const SHUTDOWN_RELEASE_WINDOW: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for Running {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -677,6 +948,11 @@ impl Running {
 
     /// Stops taking work, lets in-flight batches finish within `grace`, then cancels what is
     /// left (transactions roll back, leases are released) and returns. Idempotent.
+    ///
+    /// Bounded: past the grace period, cancelled work has [`SHUTDOWN_RELEASE_WINDOW`] to give
+    /// its leases back; then every task is abandoned, even one waiting on a database call that
+    /// hangs (a lock, a dead server), and this returns [`Error::ShutdownTimedOut`]. What was
+    /// abandoned rolls back; its leases expire on their own.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), Error> {
         self.cancel.cancel();
         if tokio::time::timeout(grace, self.tracker.wait())
@@ -686,7 +962,14 @@ impl Running {
             return Ok(());
         }
         self.hard.cancel();
-        self.tracker.wait().await;
+        if tokio::time::timeout(SHUTDOWN_RELEASE_WINDOW, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            self.abandon.cancel();
+            // Abandoned tasks end at their next poll; none waits for anything.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
+        }
         Err(Error::ShutdownTimedOut(grace))
     }
 
@@ -700,6 +983,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
+        self.abandon.cancel();
         self.hard.cancel();
         self.cancel.cancel();
     }

@@ -1,5 +1,9 @@
 //! Processors: per handler, a dispatcher finds partitions with work and runs one batch task per
 //! partition at a time; the batch runs in the handler's mode (transactional or leased).
+//!
+//! Every failed attempt takes one path: [`failure::decide`] gives the verdict, and one guarded
+//! cursor write ([`Store::settle`](crate::storage::Store)) records it in the right transaction
+//! (see [`Processor::record_failure`] and the two batch functions).
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
@@ -10,22 +14,25 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use sea_orm::DbErr;
 use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::Shared;
+use super::failure::{self, Failed};
 use super::worker::Next;
-use crate::error::{HandlerError, full_chain};
+use crate::error::HandlerError;
 use crate::handler::{
     Call, HandlerFuture, Lease, LeaseContext, LeaseState, LeasedBatchFn, LeasedFn, Mode, TxBatchFn,
     TxFn,
 };
 use crate::metrics;
 use crate::profile::Tuning;
-use crate::queue::Message;
-use crate::queue::PoisonPolicy;
-use crate::storage::{CursorRow, CursorUpdate, NewLease, StoredMessage, WriteTxn, now_ms};
+use crate::queue::{Message, PoisonPolicy};
+use crate::storage::{
+    CursorKey, CursorRow, Fence, Outcome, StoredMessage, Verdict, WriteTxn, now_ms,
+};
 
 /// One handler as the runtime runs it.
 pub(crate) struct Processor {
@@ -41,9 +48,13 @@ pub(crate) struct Processor {
     pub(crate) slots: Arc<Semaphore>,
     /// The dispatcher left ready partitions behind for lack of a slot.
     pub(crate) starved: AtomicBool,
+    /// SQLite: the longest a transactional batch may hold the single write lock.
+    pub(crate) write_hold: Option<Duration>,
     pub(crate) tracker: TaskTracker,
     pub(crate) cancel: CancellationToken,
     pub(crate) hard: CancellationToken,
+    /// Past the shutdown's release window: stop even inside a database call.
+    pub(crate) abandon: CancellationToken,
 }
 
 /// A locked cursor and the batch read under its lock.
@@ -66,13 +77,53 @@ enum Step {
 }
 
 /// Why a handler call did not succeed.
-enum Failure {
+enum CallError {
     Handler(HandlerError),
+    /// The call ran past its time limit (`budget`: the SQLite write-lock budget, not the
+    /// handler's own timeout).
+    Limit { budget: bool, what: String },
     /// Hard shutdown cancelled the call.
     Interrupted,
 }
 
+impl CallError {
+    fn failed(&self) -> Failed {
+        match self {
+            CallError::Handler(e) => Failed::from_handler(e),
+            CallError::Limit { what, .. } => Failed::retry(what),
+            CallError::Interrupted => Failed::retry("interrupted by shutdown"),
+        }
+    }
+}
+
+/// A failure of message k > 0 of a transactional batch: the batch rolled back, and the next
+/// pass redoes the k-1 successes and records this failure in the same commit.
+struct Carried {
+    /// The cursor the failed batch started from.
+    after_seq: i64,
+    /// The last message of the prefix to redo.
+    last_ok: i64,
+    message: StoredMessage,
+    failed: Failed,
+}
+
+/// What one partition's drain carries from a batch to the next.
+#[derive(Default)]
+struct Drain {
+    /// Claim at most this many next time (a prefix to redo, or half of a batch to bisect).
+    limit_once: Option<u32>,
+    carried: Option<Carried>,
+}
+
 impl Processor {
+    fn key(&self, partition: u32) -> CursorKey<'_> {
+        CursorKey {
+            queue: &self.queue,
+            handler: &self.handler,
+            partition,
+        }
+    }
+
     /// One dispatcher pass: start a batch task for each ready partition that is free.
     pub(crate) async fn dispatch(self: &Arc<Self>) -> Result<Next, DbErr> {
         let ready = self
@@ -80,22 +131,20 @@ impl Processor {
             .store
             .ready_partitions(&self.queue, &self.handler)
             .await?;
-        let now = now_ms();
         let mut due: Option<i64> = None;
         let mut left_behind = false;
         for rp in ready {
             if self.cancel.is_cancelled() {
                 break;
             }
-            let mut blocked_until = None;
-            if rp.retry_at > now {
-                blocked_until = Some(rp.retry_at);
-            }
+            let now = rp.now;
+            let mut held_until = (rp.retry_at > now).then_some(rp.retry_at);
             if let Some(exp) = rp.lease_expires_at.filter(|&e| e > now) {
-                blocked_until = Some(blocked_until.map_or(exp, |b: i64| b.max(exp)));
+                held_until = Some(held_until.map_or(exp, |b: i64| b.max(exp)));
             }
-            if let Some(t) = blocked_until {
-                due = Some(due.map_or(t, |d| d.min(t)));
+            if let Some(t) = held_until {
+                let wait = t - now;
+                due = Some(due.map_or(wait, |d| d.min(wait)));
                 continue;
             }
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
@@ -114,7 +163,11 @@ impl Processor {
             }
             let this = self.clone();
             self.tracker.spawn(async move {
-                let worked = this.drain_partition(rp.partition).await;
+                let worked = tokio::select! {
+                    // Past the release window nothing waits for a database call that hangs.
+                    () = this.abandon.cancelled() => false,
+                    worked = this.drain_partition(rp.partition) => worked,
+                };
                 if let Ok(mut set) = this.in_flight.lock() {
                     set.remove(&rp.partition);
                 }
@@ -132,36 +185,35 @@ impl Processor {
             return Ok(Next::More);
         }
         Ok(match due {
-            Some(t) => Next::After(Duration::from_millis((t - now).max(1) as u64)),
+            Some(ms) => Next::After(Duration::from_millis(ms.max(1) as u64)),
             None => Next::Idle,
         })
     }
 
-    /// Runs batches of one partition until it is drained, blocked or taken elsewhere; returns
+    /// Runs batches of one partition until it is drained, held or taken elsewhere; returns
     /// whether it did anything.
     async fn drain_partition(&self, partition: u32) -> bool {
         let mut worked = false;
-        let mut limit_once = None;
+        let mut drain = Drain::default();
         let mut error_delay = Duration::from_millis(100);
         while !self.cancel.is_cancelled() {
             let res = match &self.mode {
-                Mode::Transactional(f) => {
-                    self.transactional_batch(f, partition, &mut limit_once)
-                        .await
-                }
-                Mode::Leased(f) => self.leased_batch(f, partition, &mut limit_once).await,
+                Mode::Transactional(f) => self.transactional_batch(f, partition, &mut drain).await,
+                Mode::Leased(f) => self.leased_batch(f, partition, &mut drain).await,
             };
             match res {
                 Ok(Step::More) => worked = true,
                 Ok(Step::Done) => return true,
                 Ok(Step::Idle) => return worked,
                 Err(e) => {
+                    // The database failed outside any handler (claiming, recording): not the
+                    // message's fault, so nothing is counted; try again on a timer.
                     worked = true;
                     tracing::warn!(queue = %self.queue, handler = %self.handler, partition, error = %e,
                         retry_in = ?error_delay, "batch failed; retrying");
                     tokio::select! {
-                        _ = self.cancel.cancelled() => return worked,
-                        _ = tokio::time::sleep(error_delay) => {}
+                        () = self.cancel.cancelled() => return worked,
+                        () = tokio::time::sleep(error_delay) => {}
                     }
                     error_delay = (error_delay * 2).min(Duration::from_secs(5));
                 }
@@ -170,16 +222,54 @@ impl Processor {
         worked
     }
 
-    /// Runs one transactional handler call with its time limit.
-    async fn call(&self, fut: HandlerFuture<'_>, limit: Duration) -> Result<(), Failure> {
-        self.guarded(fut, tokio::time::sleep(limit), || {
-            format!("handler did not finish within {limit:?}")
+    /// Runs a handler future, catching panics, failing it when `limit` completes; hard shutdown
+    /// interrupts it.
+    async fn guarded(
+        &self,
+        fut: HandlerFuture<'_>,
+        limit: impl std::future::Future<Output = ()>,
+        limit_error: impl FnOnce() -> CallError,
+    ) -> Result<(), CallError> {
+        tokio::select! {
+            biased;
+            () = self.hard.cancelled() => Err(CallError::Interrupted),
+            r = AssertUnwindSafe(fut).catch_unwind() => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(CallError::Handler(e)),
+                Err(panic) => Err(CallError::Handler(HandlerError::retry(format!(
+                    "handler panicked: {}",
+                    panic_message(panic.as_ref())
+                )))),
+            },
+            () = limit => Err(limit_error()),
+        }
+    }
+
+    /// Runs one transactional handler call within `limit`; `budget` says the limit is SQLite's
+    /// write-lock budget rather than the handler's timeout.
+    async fn call(
+        &self,
+        fut: HandlerFuture<'_>,
+        limit: Duration,
+        budget: bool,
+    ) -> Result<(), CallError> {
+        self.guarded(fut, tokio::time::sleep(limit), || CallError::Limit {
+            budget,
+            what: if budget {
+                format!(
+                    "transactional handler held SQLite's write lock for more than {limit:?} \
+                     (RuntimeTuning::sqlite_write_hold); producers wait behind it, so move slow \
+                     work to a leased handler"
+                )
+            } else {
+                format!("handler did not finish within {limit:?}")
+            },
         })
         .await
     }
 
     /// Runs one leased handler call until the lease's deadline, which `renew` may move.
-    async fn call_leased(&self, fut: HandlerFuture<'_>, lease: &Lease) -> Result<(), Failure> {
+    async fn call_leased(&self, fut: HandlerFuture<'_>, lease: &Lease) -> Result<(), CallError> {
         let watchdog = async {
             loop {
                 let deadline = lease.deadline();
@@ -189,117 +279,55 @@ impl Processor {
                 }
             }
         };
-        self.guarded(fut, watchdog, || {
-            "lease deadline reached (lease end minus headroom)".to_owned()
+        self.guarded(fut, watchdog, || CallError::Limit {
+            budget: false,
+            what: "lease deadline reached (lease end minus headroom)".to_owned(),
         })
         .await
     }
 
-    /// Runs a handler future, catching panics, failing it when `limit` completes; hard shutdown
-    /// interrupts it.
-    async fn guarded(
-        &self,
-        fut: HandlerFuture<'_>,
-        limit: impl std::future::Future<Output = ()>,
-        timed_out: impl Fn() -> String,
-    ) -> Result<(), Failure> {
-        tokio::select! {
-            biased;
-            _ = self.hard.cancelled() => Err(Failure::Interrupted),
-            r = AssertUnwindSafe(fut).catch_unwind() => match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(Failure::Handler(e)),
-                Err(panic) => Err(Failure::Handler(HandlerError::retry(format!(
-                    "handler panicked: {}",
-                    panic_message(panic.as_ref())
-                )))),
-            },
-            () = limit => Err(Failure::Handler(HandlerError::retry(timed_out()))),
-        }
-    }
-
+    /// Whether this handler handles `m`: every message, except replayed copies addressed to
+    /// another handler of the queue.
     fn mine(&self, m: &StoredMessage) -> bool {
         m.target_handler
             .as_deref()
             .is_none_or(|t| t == &*self.handler)
     }
 
-    /// The cursor state after a failed attempt of `head` (whose failed attempts now number
-    /// `attempts`): retry later, dead-letter, or block.
-    fn after_failure(
-        &self,
-        before: i64,
-        head: &StoredMessage,
-        attempts: i64,
-        err: &HandlerError,
-    ) -> (CursorUpdate, bool) {
-        let reason = err_text(err);
-        let poisoned = err.is_reject() || attempts >= i64::from(self.tuning.max_attempts);
-        if !poisoned {
-            let retry_at = now_ms() + self.tuning.backoff(attempts as u64).as_millis() as i64;
-            return (
-                CursorUpdate {
-                    processed_seq: before,
-                    attempts,
-                    retry_at,
-                    blocked: false,
-                    last_error: Some(reason),
-                },
-                false,
-            );
-        }
-        match self.policy {
-            PoisonPolicy::Block => (
-                CursorUpdate {
-                    processed_seq: before,
-                    attempts,
-                    retry_at: 0,
-                    blocked: true,
-                    last_error: Some(reason),
-                },
-                false,
-            ),
-            _ => (
-                CursorUpdate {
-                    processed_seq: head.seq,
-                    attempts: 0,
-                    retry_at: 0,
-                    blocked: false,
-                    last_error: None,
-                },
-                true,
-            ),
-        }
+    /// The messages of `batch` this handler should see, with their attempt numbers (the first
+    /// of them carries the cursor's failed attempts).
+    fn messages(&self, batch: &[StoredMessage], partition: u32, head_attempts: i64) -> Vec<Message> {
+        batch
+            .iter()
+            .filter(|m| self.mine(m))
+            .enumerate()
+            .map(|(i, m)| {
+                let attempt = if i == 0 { head_attempts as u64 + 1 } else { 1 };
+                m.clone().into_message(&self.queue, partition, attempt)
+            })
+            .collect()
     }
 
     /// Locks the cursor of `partition` (skipping it if another worker holds it) and reads the
-    /// next batch; `None`, with the transaction rolled back, when the partition is blocked,
-    /// waiting for a retry, leased by someone else, or has nothing to read.
-    async fn claim(
-        &self,
-        partition: u32,
-        limit_once: &mut Option<u32>,
-    ) -> Result<Option<Claim>, DbErr> {
+    /// next batch; `None`, with the transaction rolled back, when the partition is held
+    /// (blocked, waiting for a retry, leased) or has nothing to read.
+    async fn claim(&self, partition: u32, drain: &mut Drain) -> Result<Option<Claim>, DbErr> {
         let store = &self.shared.store;
         let txn = store.begin_write().await?;
-        let Some(cur) = store
-            .lock_cursor(&*txn, &self.queue, &self.handler, partition)
-            .await?
-        else {
-            let _ = txn.rollback().await;
+        let Some(cur) = store.lock_cursor(&*txn, self.key(partition)).await? else {
+            txn.rollback().await?;
             return Ok(None);
         };
-        let now = now_ms();
-        if cur.blocked || cur.retry_at > now || cur.lease_expires_at.is_some_and(|e| e > now) {
-            let _ = txn.rollback().await;
+        if cur.held() {
+            txn.rollback().await?;
             return Ok(None);
         }
-        let limit = limit_once.take().unwrap_or(self.tuning.batch_size);
+        let limit = drain.limit_once.take().unwrap_or(self.tuning.batch_size);
         let batch = store
             .read_batch(&*txn, &self.queue, partition, cur.processed_seq, limit)
             .await?;
         if batch.is_empty() {
-            let _ = txn.rollback().await;
+            txn.rollback().await?;
             return Ok(None);
         }
         Ok(Some(Claim {
@@ -310,18 +338,82 @@ impl Processor {
         }))
     }
 
+    /// Records the `attempts`-th failure of `message` (the handler's head, after the messages
+    /// up to `processed_seq`) in a fresh transaction, if the cursor is still as `cur` was.
+    async fn record_failure(
+        &self,
+        partition: u32,
+        cur: &CursorRow,
+        processed_seq: i64,
+        message: &StoredMessage,
+        attempts: i64,
+        failed: &Failed,
+    ) -> Result<(), DbErr> {
+        let store = &self.shared.store;
+        let verdict = failure::decide(attempts, failed, &self.tuning, self.policy);
+        let outcome = Outcome::Failed {
+            processed_seq,
+            message,
+            attempts,
+            verdict,
+            error: &failed.text,
+        };
+        let fence = Fence::State {
+            processed_seq: cur.processed_seq,
+            attempts: cur.attempts,
+        };
+        let txn = store.begin_write().await?;
+        if store.settle(&*txn, self.key(partition), outcome, fence).await? {
+            txn.commit().await?;
+            self.log_failure(partition, message, attempts, verdict, failed);
+        } else {
+            // Someone else moved the cursor meanwhile: their outcome stands.
+            txn.rollback().await?;
+        }
+        Ok(())
+    }
+
+    /// Logs and counts a failure once it is recorded.
+    fn log_failure(
+        &self,
+        partition: u32,
+        m: &StoredMessage,
+        attempts: i64,
+        verdict: Verdict,
+        failed: &Failed,
+    ) {
+        let error = &failed.text;
+        let (dead, blocked) = (verdict == Verdict::DeadLetter, verdict == Verdict::Block);
+        metrics::failed(&self.queue, &self.handler, dead, blocked);
+        match verdict {
+            Verdict::DeadLetter => {
+                tracing::warn!(queue = %self.queue, handler = %self.handler, partition, seq = m.seq, attempts, %error, "message dead-lettered");
+            }
+            Verdict::Block => {
+                tracing::error!(queue = %self.queue, handler = %self.handler, partition, seq = m.seq, attempts, %error, "partition blocked by a poisoned message");
+            }
+            Verdict::Retry(after) => {
+                tracing::info!(queue = %self.queue, handler = %self.handler, partition, seq = m.seq, attempts, retry_in = ?after, %error, "handler failed; will retry");
+            }
+        }
+    }
+
     // ------------------------------------------------------------ transactional
 
-    /// One batch in one transaction: lock the cursor, handle messages in order, advance the
-    /// cursor in the same commit. On a failure at message `k > 0` the whole transaction rolls
-    /// back and the next pass handles exactly the `k` messages that succeeded (their effects
-    /// are redone, never kept from a failed batch); a failure of the head is recorded with its
-    /// attempt count in a fresh transaction.
+    /// One batch in one transaction: lock the cursor, mark the claim, handle the messages in
+    /// order, and settle the cursor in the same commit, guarded by the mark (a transaction the
+    /// database rolled back behind the handler has lost it, so the cursor cannot move alone).
+    ///
+    /// A failure of the head is recorded in a fresh transaction. A failure at message `k > 0`
+    /// rolls the batch back; the next pass redoes the successes before it and records the
+    /// failure of message k in their commit (its effects are redone, never kept from a failed
+    /// batch). A batch whose handlers all succeeded but whose transaction then failed is split
+    /// in halves until the message that breaks it is alone, and only that one is charged.
     async fn transactional_batch(
         &self,
         f: &Call<TxFn, TxBatchFn>,
         partition: u32,
-        limit_once: &mut Option<u32>,
+        drain: &mut Drain,
     ) -> Result<Step, DbErr> {
         let store = &self.shared.store;
         let Some(Claim {
@@ -329,19 +421,29 @@ impl Processor {
             cur,
             batch,
             limit,
-        }) = self.claim(partition, limit_once).await?
+        }) = self.claim(partition, drain).await?
         else {
             return Ok(Step::Idle);
         };
         let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
             return Ok(Step::Done);
         };
+        let carried = drain.carried.take().filter(|c| {
+            c.after_seq == cur.processed_seq && last.seq == c.last_ok && cur.attempts == 0
+        });
+        let marker = new_token();
+        store
+            .mark_claim(&*txn, self.key(partition), &marker)
+            .await?;
         let span = tracing::info_span!("outbox.batch", queue = %self.queue, handler = %self.handler,
             partition, first_seq = first.seq, last_seq = last.seq, attempt = cur.attempts + 1, mode = "transactional");
         async {
-            let full = batch.len() == limit as usize;
+            let started = Instant::now();
             let mut processed = cur.processed_seq;
-            let mut failure = None;
+            // Mine messages handled so far; the first of them is the head.
+            let mut handled = 0usize;
+            let mut stopped_early = false;
+            let mut failure: Option<(usize, CallError)> = None;
             match f {
                 Call::One(f) => {
                     for (i, m) in batch.iter().enumerate() {
@@ -349,11 +451,19 @@ impl Processor {
                             processed = m.seq;
                             continue;
                         }
-                        let attempt = if i == 0 { cur.attempts as u64 + 1 } else { 1 };
+                        let (limit, budget) = self.time_left(started, handled > 0);
+                        if limit.is_zero() {
+                            stopped_early = true;
+                            break;
+                        }
+                        let attempt = if handled == 0 { cur.attempts as u64 + 1 } else { 1 };
                         let msg = m.clone().into_message(&self.queue, partition, attempt);
-                        let call = self.call(f(&msg, &txn), self.tuning.handler_timeout);
+                        let call = self.call(f(&msg, &txn), limit, budget);
                         match metrics::timed(&self.queue, &self.handler, &msg, call).await {
-                            Ok(()) => processed = m.seq,
+                            Ok(()) => {
+                                processed = m.seq;
+                                handled += 1;
+                            }
                             Err(e) => {
                                 failure = Some((i, e));
                                 break;
@@ -366,53 +476,64 @@ impl Processor {
                     let res = match msgs.first() {
                         None => Ok(()),
                         Some(head) => {
-                            let call = self.call(f(&msgs, &txn), self.tuning.handler_timeout);
+                            let (limit, budget) = self.time_left(started, false);
+                            let call = self.call(f(&msgs, &txn), limit, budget);
                             metrics::timed(&self.queue, &self.handler, head, call).await
                         }
                     };
                     match res {
-                        Ok(()) => processed = last.seq,
-                        // Alone: the head's failure. Several: split the batch to find it.
-                        Err(e) => {
-                            failure = Some((if batch.len() == 1 { 0 } else { batch.len() / 2 }, e))
+                        Ok(()) => {
+                            processed = last.seq;
+                            handled = msgs.len();
                         }
+                        Err(e) => failure = Some((0, e)),
                     }
                 }
             }
-            match failure {
-                None => {
-                    let u = CursorUpdate {
-                        processed_seq: processed,
-                        attempts: 0,
-                        retry_at: 0,
-                        blocked: false,
-                        last_error: None,
-                    };
-                    store
-                        .update_cursor(&*txn, &self.queue, &self.handler, partition, &u, None)
-                        .await?;
-                    if let Err(e) = txn.commit().await {
-                        // The handlers' writes are rolled back with it; count the attempt on the head.
-                        let err = HandlerError::retry(format!("commit failed: {e}"));
-                        self.record_head_failure(partition, &cur, first, &err)
-                            .await?;
-                        return Ok(Step::More);
-                    }
-                    self.shared.acked(batch.len() as u64);
-                    metrics::handled(&self.queue, &self.handler, batch.len() as u64);
-                    Ok(if full { Step::More } else { Step::Done })
+            let Some((i, err)) = failure else {
+                let step = self
+                    .commit_batch(partition, txn, &cur, &marker, &batch, processed, handled, carried, drain)
+                    .await?;
+                let full = batch.len() == limit as usize || stopped_early;
+                return Ok(if step == Step::Done && full { Step::More } else { step });
+            };
+            // A failed rollback (lost connection) still releases the locks server-side.
+            let _ = txn.rollback().await;
+            let mine: Vec<&StoredMessage> = batch.iter().filter(|m| self.mine(m)).collect();
+            match (f, err) {
+                (_, CallError::Interrupted) => Ok(Step::Done),
+                (Call::Many(_), _) if mine.len() > 1 => {
+                    // The call does not say which message failed: split the batch to find it.
+                    drain.limit_once = Some((batch.len() / 2).max(1) as u32);
+                    Ok(Step::More)
                 }
-                Some((_, Failure::Interrupted)) => Ok(Step::Done),
-                Some((0, Failure::Handler(err))) => {
-                    // A failed rollback (lost connection) still releases the locks server-side.
-                    let _ = txn.rollback().await;
-                    self.record_head_failure(partition, &cur, first, &err)
+                (Call::Many(_), err) => {
+                    if let Some(m) = mine.first() {
+                        let before = seq_before(&batch, m.seq, cur.processed_seq);
+                        self.record_failure(partition, &cur, before, m, cur.attempts + 1, &err.failed())
+                            .await?;
+                    }
+                    Ok(Step::More)
+                }
+                (Call::One(_), err) if handled == 0 => {
+                    self.record_failure(partition, &cur, processed, &batch[i], cur.attempts + 1, &err.failed())
                         .await?;
                     Ok(Step::More)
                 }
-                Some((k, Failure::Handler(_))) => {
-                    let _ = txn.rollback().await;
-                    *limit_once = Some(k as u32);
+                (Call::One(_), CallError::Limit { budget: true, .. }) => {
+                    // Out of SQLite write-lock time at a later message: not its fault. Commit
+                    // the successes before it; it runs again as the head, with the whole budget.
+                    drain.limit_once = Some(i as u32);
+                    Ok(Step::More)
+                }
+                (Call::One(_), err) => {
+                    drain.limit_once = Some(i as u32);
+                    drain.carried = Some(Carried {
+                        after_seq: cur.processed_seq,
+                        last_ok: processed,
+                        message: batch[i].clone(),
+                        failed: err.failed(),
+                    });
                     Ok(Step::More)
                 }
             }
@@ -421,84 +542,123 @@ impl Processor {
         .await
     }
 
-    /// Records a failed attempt of `head` if the cursor still points just before it.
-    async fn record_head_failure(
-        &self,
-        partition: u32,
-        before: &CursorRow,
-        head: &StoredMessage,
-        err: &HandlerError,
-    ) -> Result<(), DbErr> {
-        let store = &self.shared.store;
-        let txn = store.begin_write().await?;
-        let Some(cur) = store
-            .lock_cursor(&*txn, &self.queue, &self.handler, partition)
-            .await?
-        else {
-            return txn.rollback().await;
+    /// The time limit of the next transactional call, and whether it is SQLite's write-lock
+    /// budget. Zero when a batch that already handled something should stop and commit.
+    fn time_left(&self, started: Instant, after_first: bool) -> (Duration, bool) {
+        let timeout = self.tuning.handler_timeout;
+        let Some(hold) = self.write_hold else {
+            return (timeout, false);
         };
-        if cur.processed_seq != before.processed_seq || cur.attempts != before.attempts {
-            // Someone else moved the cursor meanwhile.
-            return txn.rollback().await;
+        let elapsed = started.elapsed();
+        if after_first && elapsed >= hold / 2 {
+            return (Duration::ZERO, true);
         }
-        let (u, dead) = self.after_failure(cur.processed_seq, head, cur.attempts + 1, err);
-        self.log_failure(partition, head, &u, dead, err);
-        if dead {
-            store
-                .insert_dead_letter(
-                    &*txn,
-                    &self.queue,
-                    partition,
-                    &self.handler,
-                    head,
-                    &err_text(err),
-                    cur.attempts + 1,
-                )
-                .await?;
+        let left = hold.saturating_sub(elapsed).max(Duration::from_millis(1));
+        if left < timeout {
+            (left, true)
+        } else {
+            (timeout, false)
         }
-        store
-            .update_cursor(&*txn, &self.queue, &self.handler, partition, &u, None)
-            .await?;
-        txn.commit().await
     }
 
-    fn log_failure(
+    /// Settles a transactional batch whose handlers all succeeded (with the carried failure of
+    /// the message after them, if any) and commits. A transaction that fails here (the database
+    /// rolled it back, a statement failed, the commit failed) is split in halves while several
+    /// messages ran in it; the one message left is charged with the failure.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_batch(
         &self,
         partition: u32,
-        head: &StoredMessage,
-        u: &CursorUpdate,
-        dead: bool,
-        err: &HandlerError,
-    ) {
-        let error = err_text(err);
-        metrics::failed(&self.queue, &self.handler, dead, u.blocked);
-        if dead {
-            tracing::warn!(queue = %self.queue, handler = %self.handler, partition, seq = head.seq, %error, "message dead-lettered");
-        } else if u.blocked {
-            tracing::error!(queue = %self.queue, handler = %self.handler, partition, seq = head.seq, %error, "partition blocked by a poisoned message");
-        } else {
-            tracing::info!(queue = %self.queue, handler = %self.handler, partition, seq = head.seq, attempts = u.attempts, %error, "handler failed; will retry");
+        txn: WriteTxn,
+        cur: &CursorRow,
+        marker: &str,
+        batch: &[StoredMessage],
+        processed: i64,
+        handled: usize,
+        carried: Option<Carried>,
+        drain: &mut Drain,
+    ) -> Result<Step, DbErr> {
+        let store = &self.shared.store;
+        let carried = carried.filter(|c| c.last_ok == processed);
+        let outcome = match &carried {
+            Some(c) => Outcome::Failed {
+                processed_seq: processed,
+                message: &c.message,
+                attempts: 1,
+                verdict: failure::decide(1, &c.failed, &self.tuning, self.policy),
+                error: &c.failed.text,
+            },
+            None => Outcome::Progress {
+                processed_seq: processed,
+                attempts: if handled == 0 { cur.attempts } else { 0 },
+            },
+        };
+        let settled = match store
+            .settle(&*txn, self.key(partition), outcome, Fence::Claim(marker))
+            .await
+        {
+            Ok(true) => txn.commit().await.map_err(|e| format!("commit failed: {e}")),
+            Ok(false) => {
+                let _ = txn.rollback().await;
+                Err("the database rolled the transaction back while the handler ran \
+                     (a deadlock, busy or I/O error the handler swallowed?)"
+                    .to_owned())
+            }
+            Err(e) => {
+                let _ = txn.rollback().await;
+                Err(format!("the transaction failed after the handler returned: {e}"))
+            }
+        };
+        let reason = match settled {
+            Ok(()) => {
+                if let (Some(c), Outcome::Failed { verdict, .. }) = (&carried, outcome) {
+                    self.log_failure(partition, &c.message, 1, verdict, &c.failed);
+                }
+                let n = u64::try_from(handled).unwrap_or(0);
+                self.shared.acked(n);
+                metrics::handled(&self.queue, &self.handler, n);
+                return Ok(Step::Done);
+            }
+            Err(reason) => reason,
+        };
+        let mine: Vec<&StoredMessage> = batch.iter().filter(|m| self.mine(m)).collect();
+        match mine.as_slice() {
+            // Nothing of this handler ran: the database failed, not a message.
+            [] => Err(DbErr::Custom(reason)),
+            [m] => {
+                let before = seq_before(batch, m.seq, cur.processed_seq);
+                self.record_failure(partition, cur, before, m, cur.attempts + 1, &Failed::retry(reason))
+                    .await?;
+                Ok(Step::More)
+            }
+            _ => {
+                tracing::info!(queue = %self.queue, handler = %self.handler, partition, %reason,
+                    "batch transaction failed; splitting it to find the message that breaks it");
+                drain.limit_once = Some((batch.len() / 2).max(1) as u32);
+                Ok(Step::More)
+            }
         }
     }
 
     // ------------------------------------------------------------ leased
 
     /// One leased batch: claim a lease in a short transaction, run the handler outside any
-    /// transaction until the lease end minus headroom, then ack what succeeded with a write
-    /// fenced by the lease token.
+    /// transaction until the lease end minus headroom, then settle what happened with a write
+    /// fenced by the lease token and its expiry.
     async fn leased_batch(
         &self,
         f: &Call<LeasedFn, LeasedBatchFn>,
         partition: u32,
-        limit_once: &mut Option<u32>,
+        drain: &mut Drain,
     ) -> Result<Step, DbErr> {
         let store = &self.shared.store;
+        let key = self.key(partition);
         let Some(Claim {
             txn: claim_txn,
             cur,
             batch,
             limit,
-        }) = self.claim(partition, limit_once).await?
+        }) = self.claim(partition, drain).await?
         else {
             return Ok(Step::Idle);
         };
@@ -506,50 +666,51 @@ impl Processor {
             return Ok(Step::Done);
         };
         let mut attempts = cur.attempts;
-        if cur.lease_token.is_some() {
-            // The previous holder's lease expired without an ack: that was a failed attempt.
-            attempts += 1;
-            if attempts >= i64::from(self.tuning.max_attempts) {
-                let err = HandlerError::retry("lease expired without an ack");
-                let (u, dead) = self.after_failure(cur.processed_seq, first, attempts, &err);
-                self.log_failure(partition, first, &u, dead, &err);
-                if dead {
-                    store
-                        .insert_dead_letter(
-                            &*claim_txn,
-                            &self.queue,
-                            partition,
-                            &self.handler,
-                            first,
-                            &err_text(&err),
-                            attempts,
-                        )
-                        .await?;
-                }
-                store
-                    .update_cursor(&*claim_txn, &self.queue, &self.handler, partition, &u, None)
-                    .await?;
+        if cur.abandoned_lease() {
+            // The previous holder's lease expired without an ack: a failed attempt of this
+            // handler's head (never of a copy addressed to another handler).
+            let Some(head) = batch.iter().find(|m| self.mine(m)) else {
+                let outcome = Outcome::Progress {
+                    processed_seq: last.seq,
+                    attempts: 0,
+                };
+                let fence = Fence::State {
+                    processed_seq: cur.processed_seq,
+                    attempts: cur.attempts,
+                };
+                store.settle(&*claim_txn, key, outcome, fence).await?;
                 claim_txn.commit().await?;
                 return Ok(Step::More);
+            };
+            attempts += 1;
+            let failed = Failed::retry("lease expired without an ack (the worker crashed or stalled)");
+            let verdict = failure::decide(attempts, &failed, &self.tuning, self.policy);
+            if !matches!(verdict, Verdict::Retry(_)) {
+                let outcome = Outcome::Failed {
+                    processed_seq: seq_before(&batch, head.seq, cur.processed_seq),
+                    message: head,
+                    attempts,
+                    verdict,
+                    error: &failed.text,
+                };
+                let fence = Fence::State {
+                    processed_seq: cur.processed_seq,
+                    attempts: cur.attempts,
+                };
+                if store.settle(&*claim_txn, key, outcome, fence).await? {
+                    claim_txn.commit().await?;
+                    self.log_failure(partition, head, attempts, verdict, &failed);
+                } else {
+                    claim_txn.rollback().await?;
+                }
+                return Ok(Step::More);
             }
+            // Attempts left: redeliver now, with the attempt raised.
         }
         let token = new_token();
-        let lease_ms = self.tuning.lease.as_millis() as i64;
-        let started = tokio::time::Instant::now();
-        let expires_at = now_ms() + lease_ms;
+        let started = Instant::now();
         store
-            .take_lease(
-                &*claim_txn,
-                &self.queue,
-                &self.handler,
-                partition,
-                &NewLease {
-                    token: &token,
-                    owner: &self.owner,
-                    expires_at,
-                    attempts,
-                },
-            )
+            .take_lease(&*claim_txn, key, &token, &self.owner, self.tuning.lease, attempts)
             .await?;
         claim_txn.commit().await?;
 
@@ -559,8 +720,8 @@ impl Processor {
             length: self.tuning.lease,
             headroom: self.tuning.lease_headroom,
             state: Mutex::new(LeaseState {
-                deadline: started + (self.tuning.lease - self.tuning.lease_headroom),
-                expires_at_ms: expires_at,
+                deadline: started + self.tuning.lease.saturating_sub(self.tuning.lease_headroom),
+                expires_at_ms: now_ms() + self.tuning.lease.as_millis() as i64,
             }),
         });
         let span = tracing::info_span!("outbox.batch", queue = %self.queue, handler = %self.handler,
@@ -568,8 +729,8 @@ impl Processor {
         async {
             let full = batch.len() == limit as usize;
             let mut processed = cur.processed_seq;
-            let mut failure: Option<(usize, HandlerError)> = None;
-            let mut interrupted = false;
+            let mut handled = 0usize;
+            let mut failure: Option<(usize, CallError)> = None;
             let ctx_for = |seq: i64, attempt: u64| LeaseContext {
                 queue: self.queue.clone(),
                 handler: self.handler.clone(),
@@ -578,8 +739,7 @@ impl Processor {
                 attempt,
                 lease: lease.clone(),
             };
-            let one = match f {
-                Call::One(one) => Some(one),
+            match f {
                 Call::Many(many) => {
                     let msgs = self.messages(&batch, partition, attempts);
                     let result = match msgs.first() {
@@ -591,177 +751,131 @@ impl Processor {
                         }
                     };
                     match result {
-                        Ok(()) => processed = last.seq,
-                        Err(Failure::Interrupted) => interrupted = true,
-                        Err(Failure::Handler(e)) if batch.len() == 1 => failure = Some((0, e)),
-                        Err(Failure::Handler(_)) => {
-                            // Split the batch to find the failing message: give the lease
-                            // back without progress and claim the first half next.
-                            self.ack_lease(partition, &token, cur.processed_seq, attempts)
-                                .await?;
-                            *limit_once = Some((batch.len() / 2) as u32);
-                            return Ok(Step::More);
+                        Ok(()) => {
+                            processed = last.seq;
+                            handled = msgs.len();
                         }
+                        Err(e) => failure = Some((0, e)),
                     }
-                    None
                 }
-            };
-            for (i, m) in batch.iter().enumerate() {
-                let Some(f) = one else { break };
-                if !self.mine(m) {
-                    processed = m.seq;
-                    continue;
-                }
-                if self.cancel.is_cancelled() {
-                    interrupted = true;
-                    break;
-                }
-                let attempt = if i == 0 { attempts as u64 + 1 } else { 1 };
-                let msg = m.clone().into_message(&self.queue, partition, attempt);
-                let ctx = ctx_for(m.seq, attempt);
-                let result = if lease.deadline() <= tokio::time::Instant::now() {
-                    Err(Failure::Handler(HandlerError::retry(
-                        "lease deadline reached before the handler started",
-                    )))
-                } else {
-                    let call = self.call_leased(f(&msg, &ctx), &lease);
-                    metrics::timed(&self.queue, &self.handler, &msg, call).await
-                };
-                match result {
-                    Ok(()) => processed = m.seq,
-                    Err(Failure::Interrupted) => {
-                        interrupted = true;
-                        break;
-                    }
-                    Err(Failure::Handler(e)) => {
-                        failure = Some((i, e));
-                        break;
+                Call::One(one) => {
+                    for (i, m) in batch.iter().enumerate() {
+                        if !self.mine(m) {
+                            processed = m.seq;
+                            continue;
+                        }
+                        if self.cancel.is_cancelled() {
+                            failure = Some((i, CallError::Interrupted));
+                            break;
+                        }
+                        let attempt = if handled == 0 { attempts as u64 + 1 } else { 1 };
+                        let msg = m.clone().into_message(&self.queue, partition, attempt);
+                        let ctx = ctx_for(m.seq, attempt);
+                        let result = if lease.deadline() <= Instant::now() {
+                            Err(CallError::Limit {
+                                budget: false,
+                                what: "lease deadline reached before the handler started".to_owned(),
+                            })
+                        } else {
+                            let call = self.call_leased(one(&msg, &ctx), &lease);
+                            metrics::timed(&self.queue, &self.handler, &msg, call).await
+                        };
+                        match result {
+                            Ok(()) => {
+                                processed = m.seq;
+                                handled += 1;
+                            }
+                            Err(e) => {
+                                failure = Some((i, e));
+                                break;
+                            }
+                        }
                     }
                 }
             }
-            let head_attempts = if processed == cur.processed_seq {
-                attempts
-            } else {
-                0
+            // SQLite: the ack may wait behind the engine's own writer; judge it by when it was
+            // asked for (one host, one clock). Elsewhere the database's clock judges it.
+            let judged_at = store.is_sqlite().then(now_ms);
+            let fence = Fence::Lease {
+                token: &token,
+                judged_at,
             };
-            let had_failure = failure.is_some();
-            let acked = match failure {
+            let head_attempts = if handled == 0 { attempts } else { 0 };
+            let mine = batch.iter().filter(|m| self.mine(m)).count();
+            let (recorded, progress, more) = match failure {
+                None => (None, (processed, head_attempts), full),
+                // Shutdown: give the lease back with what was done; nothing is charged.
+                Some((_, CallError::Interrupted)) => (None, (processed, head_attempts), false),
+                Some(_) if matches!(f, Call::Many(_)) && mine > 1 => {
+                    // The call does not say which message failed: give the lease back without
+                    // progress and claim the first half next.
+                    drain.limit_once = Some((batch.len() / 2).max(1) as u32);
+                    (None, (cur.processed_seq, attempts), true)
+                }
                 Some((i, err)) => {
-                    let failed = &batch[i];
-                    let (u, dead) = self.after_failure(processed, failed, head_attempts + 1, &err);
-                    self.log_failure(partition, failed, &u, dead, &err);
-                    let txn = store.begin_write().await?;
-                    let ok = store
-                        .update_cursor(
-                            &*txn,
-                            &self.queue,
-                            &self.handler,
-                            partition,
-                            &u,
-                            Some(&token),
-                        )
-                        .await?;
-                    if ok && dead {
-                        store
-                            .insert_dead_letter(
-                                &*txn,
-                                &self.queue,
-                                partition,
-                                &self.handler,
-                                failed,
-                                &err_text(&err),
-                                head_attempts + 1,
-                            )
-                            .await?;
-                    }
-                    txn.commit().await?;
-                    ok
+                    let m = match f {
+                        Call::Many(_) => batch.iter().find(|m| self.mine(m)).unwrap_or(&batch[i]),
+                        Call::One(_) => &batch[i],
+                    };
+                    let failed = err.failed();
+                    let n = head_attempts + 1;
+                    let verdict = failure::decide(n, &failed, &self.tuning, self.policy);
+                    (Some((m, n, verdict, failed)), (processed, 0), true)
                 }
-                None => {
-                    self.ack_lease(partition, &token, processed, head_attempts)
-                        .await?
-                }
+            };
+            let outcome = match &recorded {
+                Some((m, n, verdict, failed)) => Outcome::Failed {
+                    processed_seq: seq_before(&batch, m.seq, progress.0),
+                    message: m,
+                    attempts: *n,
+                    verdict: *verdict,
+                    error: &failed.text,
+                },
+                None => Outcome::Progress {
+                    processed_seq: progress.0,
+                    attempts: progress.1,
+                },
+            };
+            let acked = if matches!(outcome, Outcome::Failed { verdict: Verdict::DeadLetter, .. }) {
+                let txn = store.begin_write().await?;
+                let ok = store.settle(&*txn, key, outcome, fence).await?;
+                txn.commit().await?;
+                ok
+            } else {
+                let _gate = store.write_guard().await;
+                store.settle(&store.db, key, outcome, fence).await?
             };
             if !acked {
                 tracing::warn!(queue = %self.queue, handler = %self.handler, partition,
                     "lease lost before the ack; the batch will be redelivered");
                 return Ok(Step::Done);
             }
-            self.shared
-                .acked((processed - cur.processed_seq).max(0) as u64);
-            metrics::handled(
-                &self.queue,
-                &self.handler,
-                (processed - cur.processed_seq).max(0) as u64,
-            );
-            Ok(if interrupted {
-                Step::Done
-            } else if full || had_failure {
-                Step::More
-            } else {
-                Step::Done
-            })
+            if let Some((m, n, verdict, failed)) = &recorded {
+                self.log_failure(partition, m, *n, *verdict, failed);
+            }
+            let n = u64::try_from(handled).unwrap_or(0);
+            self.shared.acked(n);
+            metrics::handled(&self.queue, &self.handler, n);
+            Ok(if more { Step::More } else { Step::Done })
         }
         .instrument(span)
         .await
     }
 }
 
-impl Processor {
-    /// The messages of `batch` this handler should see, with their attempt numbers (the head
-    /// carries the cursor's failed attempts).
-    fn messages(
-        &self,
-        batch: &[StoredMessage],
-        partition: u32,
-        head_attempts: i64,
-    ) -> Vec<Message> {
-        batch
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| self.mine(m))
-            .map(|(i, m)| {
-                let attempt = if i == 0 { head_attempts as u64 + 1 } else { 1 };
-                m.clone().into_message(&self.queue, partition, attempt)
-            })
-            .collect()
-    }
+/// The sequence just before `seq` in `batch` (where a cursor stands when `seq` is next), or
+/// `start` if `seq` is the first of the batch.
+fn seq_before(batch: &[StoredMessage], seq: i64, start: i64) -> i64 {
+    batch
+        .iter()
+        .take_while(|m| m.seq < seq)
+        .last()
+        .map_or(start, |m| m.seq)
 }
 
-impl Processor {
-    /// Records a leased batch's progress (no failure) and gives the lease back, fenced by its
-    /// token and expiry; false if the lease was lost meanwhile.
-    async fn ack_lease(
-        &self,
-        partition: u32,
-        token: &str,
-        processed: i64,
-        attempts: i64,
-    ) -> Result<bool, DbErr> {
-        let store = &self.shared.store;
-        let u = CursorUpdate {
-            processed_seq: processed,
-            attempts,
-            retry_at: 0,
-            blocked: false,
-            last_error: None,
-        };
-        let _gate = store.write_guard().await;
-        store
-            .update_cursor(
-                &store.db,
-                &self.queue,
-                &self.handler,
-                partition,
-                &u,
-                Some(token),
-            )
-            .await
-    }
-}
-
-fn err_text(e: &HandlerError) -> String {
-    full_chain(e.reason())
+/// A lease token or claim marker: 128 random bits, not derivable from ids.
+fn new_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -771,25 +885,5 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "non-string panic payload".to_owned()
-    }
-}
-
-/// A lease token: 128 random bits, not derivable from ids.
-fn new_token() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
-#[cfg(test)]
-mod token_tests {
-    #[test]
-    fn lease_tokens_are_unique_and_128_bits() {
-        let tokens: std::collections::HashSet<String> =
-            (0..10_000).map(|_| super::new_token()).collect();
-        assert_eq!(tokens.len(), 10_000);
-        assert!(
-            tokens
-                .iter()
-                .all(|t| t.len() == 32 && t.chars().all(|c| c.is_ascii_hexdigit()))
-        );
     }
 }

@@ -1,13 +1,18 @@
 //! The storage layer: one dialect type that knows the three backends, and the SQL of every
 //! pipeline step. Nothing outside this module writes SQL.
 
+mod cursor;
 pub(crate) mod notify;
 mod ops;
 pub(crate) mod schema;
 mod sequence;
 pub(crate) mod status;
 
-pub(crate) use ops::{CursorRow, CursorUpdate, NewLease, StoredMessage};
+pub(crate) use cursor::{
+    CursorKey, CursorRow, Fence, Outcome, Refused, RetireRefused,
+    STALE_AFTER_HEARTBEATS, Verdict,
+};
+pub(crate) use ops::StoredMessage;
 pub use ops::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
 pub(crate) use schema::Registered;
 
@@ -38,6 +43,10 @@ pub(crate) struct Tables {
     pub(crate) outgoing: String,
     pub(crate) cursors: String,
     pub(crate) dead_letters: String,
+    /// Registered handlers and when a process last served each.
+    pub(crate) handlers: String,
+    /// Facts about this outbox (its instance id).
+    pub(crate) meta: String,
     /// PostgreSQL NOTIFY channel.
     pub(crate) channel: String,
 }
@@ -54,6 +63,8 @@ impl Tables {
             outgoing: t("outgoing"),
             cursors: t("cursors"),
             dead_letters: t("dead_letters"),
+            handlers: t("handlers"),
+            meta: t("meta"),
             channel: t("wake"),
         }
     }
@@ -144,6 +155,24 @@ impl Store {
             ""
         } else {
             " FOR UPDATE SKIP LOCKED"
+        }
+    }
+
+    /// The database's clock in milliseconds since the Unix epoch, as an SQL expression.
+    ///
+    /// Leases, their takeover, the ack fence, retry times and enqueue times are all judged by
+    /// this one clock, so processes whose own clocks disagree still agree on who holds a lease.
+    /// (SQLite runs inside each process, on the host's clock, which its processes share.)
+    pub(crate) fn now_sql(&self) -> &'static str {
+        schema::now_sql(self.backend)
+    }
+
+    /// The larger of two integer SQL expressions.
+    pub(crate) fn greatest(&self, a: &str, b: &str) -> String {
+        if self.is_sqlite() {
+            format!("MAX({a}, {b})")
+        } else {
+            format!("GREATEST({a}, {b})")
         }
     }
 

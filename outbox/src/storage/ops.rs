@@ -4,19 +4,8 @@ use std::sync::Arc;
 
 use sea_orm::{ConnectionTrait, DbErr, Value};
 
-use super::{Store, col, exec, now_ms};
+use super::{Store, col, exec};
 use crate::queue::Message;
-
-/// A cursor row as read under its lock.
-#[derive(Debug, Clone)]
-pub(crate) struct CursorRow {
-    pub(crate) processed_seq: i64,
-    pub(crate) attempts: i64,
-    pub(crate) retry_at: i64,
-    pub(crate) blocked: bool,
-    pub(crate) lease_token: Option<String>,
-    pub(crate) lease_expires_at: Option<i64>,
-}
 
 /// A stored message with its routing column.
 #[derive(Debug, Clone)]
@@ -38,33 +27,6 @@ impl StoredMessage {
             attempt,
         }
     }
-}
-
-/// The new state of a cursor, written in one statement.
-#[derive(Debug, Clone)]
-pub(crate) struct CursorUpdate {
-    pub(crate) processed_seq: i64,
-    pub(crate) attempts: i64,
-    pub(crate) retry_at: i64,
-    pub(crate) blocked: bool,
-    pub(crate) last_error: Option<String>,
-}
-
-/// A lease being taken: random token, owning runtime, expiry and the head's failed attempts.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct NewLease<'a> {
-    pub(crate) token: &'a str,
-    pub(crate) owner: &'a str,
-    pub(crate) expires_at: i64,
-    pub(crate) attempts: i64,
-}
-
-/// A partition that has messages a handler has not processed.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ReadyPartition {
-    pub(crate) partition: u32,
-    pub(crate) retry_at: i64,
-    pub(crate) lease_expires_at: Option<i64>,
 }
 
 /// A dead letter as stored.
@@ -127,6 +89,17 @@ impl DeadLetterFilter {
     pub fn handler(mut self, handler: impl Into<String>) -> Self {
         self.handler = Some(handler.into());
         self
+    }
+
+    /// Checks the names, so a filter never matches rows the caller did not name.
+    pub(crate) fn validate(&self) -> Result<(), crate::error::InvalidName> {
+        if let Some(q) = &self.queue {
+            crate::queue::validate_name("queue", q)?;
+        }
+        if let Some(h) = &self.handler {
+            crate::queue::validate_name("handler", h)?;
+        }
+        Ok(())
     }
 
     fn where_clause(&self) -> (String, Vec<Value>) {
@@ -226,24 +199,24 @@ impl Store {
         c: &C,
         rows: &[(&str, u32, &[u8], Option<&str>)],
     ) -> Result<(), DbErr> {
-        let now = now_ms();
+        let now = self.now_sql();
+        let row_sql = format!("(?, ?, ?, ?, {now})");
         let mut rest = rows;
         while !rest.is_empty() {
             let take = statement_rows(rest);
             let (chunk, tail) = rest.split_at(take);
             rest = tail;
-            let mut values = Vec::with_capacity(chunk.len() * 5);
+            let mut values = Vec::with_capacity(chunk.len() * 4 + 2);
             for (queue, partition, payload, target) in chunk {
                 values.push((*queue).into());
                 values.push(i64::from(*partition).into());
                 values.push(payload.to_vec().into());
                 values.push(target.map(str::to_owned).into());
-                values.push(now.into());
             }
             let insert = format!(
                 "INSERT INTO {} (queue, partition_no, payload, target_handler, created_at) VALUES {}",
                 self.t.incoming,
-                vec![Store::list(5); chunk.len()].join(", ")
+                vec![row_sql.as_str(); chunk.len()].join(", ")
             );
             let sql = if self.is_pg() && self.notify.take(&self.db, &self.t.channel) {
                 values.push(self.t.channel.clone().into());
@@ -256,243 +229,6 @@ impl Store {
             };
             c.execute_raw(self.stmt(&sql, values)).await?;
         }
-        Ok(())
-    }
-
-    // ---------------------------------------------------------------- processors
-
-    /// Partitions of `queue` where `handler` has unprocessed messages and is not blocked.
-    pub(crate) async fn ready_partitions(
-        &self,
-        queue: &str,
-        handler: &str,
-    ) -> Result<Vec<ReadyPartition>, DbErr> {
-        let rows = self
-            .db
-            .query_all_raw(self.stmt(
-                &format!(
-                    "SELECT c.partition_no, c.retry_at, c.lease_expires_at FROM {} c JOIN {} p \
-                     ON p.queue = c.queue AND p.partition_no = c.partition_no \
-                     WHERE c.queue = ? AND c.handler = ? AND p.last_seq > c.processed_seq AND c.blocked = 0",
-                    self.t.cursors, self.t.partitions
-                ),
-                vec![queue.into(), handler.into()],
-            ))
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(ReadyPartition {
-                    partition: u32::try_from(col::<i64>(r, 0)?).unwrap_or(0),
-                    retry_at: col(r, 1)?,
-                    lease_expires_at: col(r, 2)?,
-                })
-            })
-            .collect()
-    }
-
-    fn cursor_key(queue: &str, handler: &str, partition: u32) -> Vec<Value> {
-        vec![queue.into(), handler.into(), i64::from(partition).into()]
-    }
-
-    /// Locks a cursor row (skipping it if another worker holds it).
-    pub(crate) async fn lock_cursor<C: ConnectionTrait>(
-        &self,
-        c: &C,
-        queue: &str,
-        handler: &str,
-        partition: u32,
-    ) -> Result<Option<CursorRow>, DbErr> {
-        let row = c
-            .query_one_raw(self.stmt(
-                &format!(
-                    "SELECT processed_seq, attempts, retry_at, blocked, lease_token, lease_expires_at FROM {} \
-                     WHERE queue = ? AND handler = ? AND partition_no = ?{}",
-                    self.t.cursors,
-                    self.skip_locked()
-                ),
-                Self::cursor_key(queue, handler, partition),
-            ))
-            .await?;
-        row.map(|r| {
-            Ok(CursorRow {
-                processed_seq: col(&r, 0)?,
-                attempts: col(&r, 1)?,
-                retry_at: col(&r, 2)?,
-                blocked: col::<i64>(&r, 3)? != 0,
-                lease_token: col(&r, 4)?,
-                lease_expires_at: col(&r, 5)?,
-            })
-        })
-        .transpose()
-    }
-
-    /// Up to `limit` messages after `after_seq`, in sequence order.
-    pub(crate) async fn read_batch<C: ConnectionTrait>(
-        &self,
-        c: &C,
-        queue: &str,
-        partition: u32,
-        after_seq: i64,
-        limit: u32,
-    ) -> Result<Vec<StoredMessage>, DbErr> {
-        let rows = c
-            .query_all_raw(self.stmt(
-                &format!(
-                    "SELECT seq, payload, target_handler, created_at FROM {} \
-                     WHERE queue = ? AND partition_no = ? AND seq > ? ORDER BY seq LIMIT ?",
-                    self.t.outgoing
-                ),
-                vec![
-                    queue.into(),
-                    i64::from(partition).into(),
-                    after_seq.into(),
-                    i64::from(limit).into(),
-                ],
-            ))
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(StoredMessage {
-                    seq: col(r, 0)?,
-                    payload: col(r, 1)?,
-                    target_handler: col(r, 2)?,
-                    created_at: col(r, 3)?,
-                })
-            })
-            .collect()
-    }
-
-    /// Writes a cursor's new state and clears its lease. With `fence = Some(token)` the write
-    /// happens only if that lease is still held and unexpired; returns whether a row changed.
-    pub(crate) async fn update_cursor<C: ConnectionTrait>(
-        &self,
-        c: &C,
-        queue: &str,
-        handler: &str,
-        partition: u32,
-        u: &CursorUpdate,
-        fence: Option<&str>,
-    ) -> Result<bool, DbErr> {
-        let now = now_ms();
-        let mut values: Vec<Value> = vec![
-            u.processed_seq.into(),
-            u.attempts.into(),
-            u.retry_at.into(),
-            i64::from(u.blocked).into(),
-            u.last_error.clone().into(),
-            now.into(),
-        ];
-        values.extend(Self::cursor_key(queue, handler, partition));
-        let mut sql = format!(
-            "UPDATE {} SET processed_seq = ?, attempts = ?, retry_at = ?, blocked = ?, last_error = ?, \
-             lease_token = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = ? \
-             WHERE queue = ? AND handler = ? AND partition_no = ?",
-            self.t.cursors
-        );
-        if let Some(token) = fence {
-            sql.push_str(" AND lease_token = ? AND lease_expires_at > ?");
-            values.push(token.into());
-            values.push(now.into());
-        }
-        Ok(exec(c, self.stmt(&sql, values)).await? == 1)
-    }
-
-    /// Takes the lease of a locked cursor row.
-    pub(crate) async fn take_lease<C: ConnectionTrait>(
-        &self,
-        c: &C,
-        queue: &str,
-        handler: &str,
-        partition: u32,
-        lease: &NewLease<'_>,
-    ) -> Result<(), DbErr> {
-        let mut values: Vec<Value> = vec![
-            lease.token.into(),
-            lease.owner.into(),
-            lease.expires_at.into(),
-            lease.attempts.into(),
-            now_ms().into(),
-        ];
-        values.extend(Self::cursor_key(queue, handler, partition));
-        exec(
-            c,
-            self.stmt(
-                &format!(
-                    "UPDATE {} SET lease_token = ?, lease_owner = ?, lease_expires_at = ?, attempts = ?, updated_at = ? \
-                     WHERE queue = ? AND handler = ? AND partition_no = ?",
-                    self.t.cursors
-                ),
-                values,
-            ),
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Moves a live lease's expiry to `expires_at`; false if it expired or changed hands.
-    pub(crate) async fn renew_lease(
-        &self,
-        queue: &str,
-        handler: &str,
-        partition: u32,
-        token: &str,
-        expires_at: i64,
-        now: i64,
-    ) -> Result<bool, DbErr> {
-        let _gate = self.write_guard().await;
-        let mut values: Vec<Value> = vec![expires_at.into(), now.into()];
-        values.extend(Self::cursor_key(queue, handler, partition));
-        values.push(token.into());
-        values.push(now.into());
-        Ok(exec(
-            &self.db,
-            self.stmt(
-                &format!(
-                    "UPDATE {} SET lease_expires_at = ?, updated_at = ? \
-                     WHERE queue = ? AND handler = ? AND partition_no = ? AND lease_token = ? AND lease_expires_at > ?",
-                    self.t.cursors
-                ),
-                values,
-            ),
-        )
-        .await?
-            == 1)
-    }
-
-    /// Copies a message to the dead-letter table.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn insert_dead_letter<C: ConnectionTrait>(
-        &self,
-        c: &C,
-        queue: &str,
-        partition: u32,
-        handler: &str,
-        m: &StoredMessage,
-        last_error: &str,
-        attempts: i64,
-    ) -> Result<(), DbErr> {
-        exec(
-            c,
-            self.stmt(
-                &format!(
-                    "INSERT INTO {} (queue, partition_no, seq, handler, payload, last_error, attempts, enqueued_at, failed_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    self.t.dead_letters
-                ),
-                vec![
-                    queue.into(),
-                    i64::from(partition).into(),
-                    m.seq.into(),
-                    handler.into(),
-                    m.payload.clone().into(),
-                    last_error.into(),
-                    attempts.into(),
-                    m.created_at.into(),
-                    now_ms().into(),
-                ],
-            ),
-        )
-        .await?;
         Ok(())
     }
 
@@ -610,77 +346,6 @@ impl Store {
         .await
     }
 
-    // ---------------------------------------------------------------- operator actions
-
-    /// Clears the blocked flag and attempt count of a cursor so its head is tried again now.
-    pub(crate) async fn unblock(
-        &self,
-        queue: &str,
-        handler: &str,
-        partition: u32,
-    ) -> Result<bool, DbErr> {
-        let _gate = self.write_guard().await;
-        let mut values: Vec<Value> = vec![now_ms().into()];
-        values.extend(Self::cursor_key(queue, handler, partition));
-        Ok(exec(
-            &self.db,
-            self.stmt(
-                &format!(
-                    "UPDATE {} SET blocked = 0, attempts = 0, retry_at = 0, updated_at = ? \
-                     WHERE queue = ? AND handler = ? AND partition_no = ?",
-                    self.t.cursors
-                ),
-                values,
-            ),
-        )
-        .await?
-            == 1)
-    }
-
-    /// Moves the head message of a cursor to the dead letters and advances past it.
-    pub(crate) async fn skip_head(
-        &self,
-        queue: &str,
-        handler: &str,
-        partition: u32,
-    ) -> Result<bool, DbErr> {
-        let txn = self.begin_write().await?;
-        let Some(cur) = self.lock_cursor(&*txn, queue, handler, partition).await? else {
-            return Ok(false);
-        };
-        if cur.lease_token.is_some() && cur.lease_expires_at.unwrap_or(0) > now_ms() {
-            return Ok(false);
-        }
-        let batch = self
-            .read_batch(&*txn, queue, partition, cur.processed_seq, 1)
-            .await?;
-        let Some(head) = batch.into_iter().next() else {
-            return Ok(false);
-        };
-        let reason = cur_error(&*txn, self, queue, handler, partition).await?;
-        self.insert_dead_letter(
-            &*txn,
-            queue,
-            partition,
-            handler,
-            &head,
-            &reason,
-            cur.attempts,
-        )
-        .await?;
-        let u = CursorUpdate {
-            processed_seq: head.seq,
-            attempts: 0,
-            retry_at: 0,
-            blocked: false,
-            last_error: None,
-        };
-        self.update_cursor(&*txn, queue, handler, partition, &u, None)
-            .await?;
-        txn.commit().await?;
-        Ok(true)
-    }
-
     // ---------------------------------------------------------------- vacuum
 
     /// Deletes sequenced messages that every handler of their queue has processed, at most
@@ -756,13 +421,14 @@ impl Store {
             vec![queue.into()],
         )
         .await?;
-        let now = now_ms();
         let rows = self
             .db
             .query_all_raw(self.stmt(
                 &format!(
-                    "SELECT c.handler, p.last_seq - c.processed_seq, c.retry_at, c.lease_expires_at, c.blocked FROM {} c JOIN {} p \
+                    "SELECT c.handler, p.last_seq - {}, c.retry_at, c.lease_expires_at, c.blocked, {} FROM {} c JOIN {} p \
                      ON p.queue = c.queue AND p.partition_no = c.partition_no WHERE c.queue = ? ORDER BY c.handler, c.partition_no",
+                    self.greatest("c.processed_seq", "p.vacuumed_seq"),
+                    self.now_sql(),
                     self.t.cursors, self.t.partitions
                 ),
                 vec![queue.into()],
@@ -781,6 +447,7 @@ impl Store {
                 continue;
             };
             let pending: i64 = col(&r, 1)?;
+            let now: i64 = col(&r, 5)?;
             h.pending += pending;
             if pending > 0 && col::<i64>(&r, 2)? > now {
                 h.retrying_partitions += 1;
@@ -810,29 +477,6 @@ impl Store {
     }
 }
 
-async fn cur_error<C: ConnectionTrait>(
-    c: &C,
-    s: &Store,
-    queue: &str,
-    handler: &str,
-    partition: u32,
-) -> Result<String, DbErr> {
-    let row = c
-        .query_one_raw(s.stmt(
-            &format!(
-                "SELECT last_error FROM {} WHERE queue = ? AND handler = ? AND partition_no = ?",
-                s.t.cursors
-            ),
-            Store::cursor_key(queue, handler, partition),
-        ))
-        .await?;
-    Ok(row
-        .map(|r| col::<Option<String>>(&r, 0))
-        .transpose()?
-        .flatten()
-        .unwrap_or_else(|| "skipped by an operator".to_owned()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -860,52 +504,3 @@ mod tests {
     }
 }
 
-#[cfg(test)]
-mod lease_tests {
-    use super::*;
-
-    async fn store() -> (Store, tempfile::TempDir) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
-        let mut o = sea_orm::ConnectOptions::new(url);
-        o.max_connections(4).sqlx_logging(false);
-        let db = sea_orm::Database::connect(o).await.expect("connect");
-        let s = Store::new(db, "outbox_");
-        s.migrate().await.expect("migrate");
-        s.register_queue("q", 1).await.expect("queue");
-        s.register_handler("q", "h", 1).await.expect("handler");
-        (s, dir)
-    }
-
-    /// Two acks racing with one lease token: exactly one changes the cursor.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_acks_with_one_token_succeed_once() {
-        let (s, _dir) = store().await;
-        let txn = s.begin_write().await.expect("begin");
-        let lease = NewLease {
-            token: "t1",
-            owner: "me",
-            expires_at: now_ms() + 60_000,
-            attempts: 0,
-        };
-        s.take_lease(&*txn, "q", "h", 0, &lease)
-            .await
-            .expect("lease");
-        txn.commit().await.expect("commit");
-        let u = CursorUpdate {
-            processed_seq: 0,
-            attempts: 0,
-            retry_at: 0,
-            blocked: false,
-            last_error: None,
-        };
-        let ack = || async {
-            let _gate = s.write_guard().await;
-            s.update_cursor(&s.db, "q", "h", 0, &u, Some("t1"))
-                .await
-                .expect("ack")
-        };
-        let (a, b) = tokio::join!(ack(), ack());
-        assert!(a != b, "exactly one ack wins: {a} {b}");
-    }
-}

@@ -1,12 +1,33 @@
-//! Tables of the outbox, created by an idempotent migration that is safe to run from several
-//! processes at once, and the registration of queues and handler cursors.
+//! Tables of the outbox, created and upgraded by versioned migrations that are safe to run from
+//! several processes at once, and the registration of queues, handlers and their cursors.
+//!
+//! Each version is one step (`step_1`, `step_2`, ...) that brings the schema from the version
+//! before it; a step is idempotent, so a step interrupted half way (MySQL commits each DDL
+//! statement on its own) is simply run again. The version reached is recorded in
+//! `schema_version`. A runtime whose schema is current runs no DDL at all, so a database user
+//! that may only read and write rows can run it.
 
 use sea_orm::{ConnectionTrait, DbBackend, DbErr};
 
-use super::{Store, Tables, col, exec, now_ms, statement};
+use super::{Store, Tables, col, exec, statement};
 
-/// Current version of the schema written by [`Store::migrate`].
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+/// Version of the schema this build writes and needs.
+pub(crate) const SCHEMA_VERSION: i64 = 2;
+
+/// The migration of each version, by name (also the names of the sea-orm-migration
+/// migrations in [`crate::migration`]).
+pub(crate) const MIGRATIONS: [(i64, &str); 2] = [
+    (1, "m20261124_000001_outbox_schema_v1"),
+    (2, "m20261202_000002_outbox_exact_names_and_handlers"),
+];
+
+/// The name of the migration that brings the schema to `version`.
+pub(crate) fn migration_name(version: i64) -> &'static str {
+    MIGRATIONS
+        .iter()
+        .find(|(v, _)| *v == version)
+        .map_or("unknown", |(_, n)| n)
+}
 
 /// Result of registering a queue.
 #[derive(Debug, PartialEq, Eq)]
@@ -15,8 +36,9 @@ pub(crate) enum Registered {
     PartitionMismatch { stored: u32 },
 }
 
-/// The statements that create every table and index of `t` on `backend`; each is idempotent.
-pub(crate) fn ddl(backend: DbBackend, t: &Tables) -> Vec<String> {
+/// Version 1: the statements that create every table and index of the first schema; each is
+/// idempotent.
+fn step_1(backend: DbBackend, t: &Tables) -> Vec<String> {
     let p = &t.prefix;
     match backend {
         sea_orm::DbBackend::Postgres => vec![
@@ -120,15 +142,105 @@ pub(crate) fn ddl(backend: DbBackend, t: &Tables) -> Vec<String> {
     }
 }
 
+/// Version 2: names compare byte for byte on every backend, error texts take any character, a
+/// registry of handlers (which process serves each one, so status can tell a stale cursor), and
+/// an instance id for this outbox.
+///
+/// PostgreSQL and SQLite already compare text byte for byte. MySQL/MariaDB compare with the
+/// column's collation, case-insensitively by default, so `orders` and `Orders` were one queue
+/// there: every name column becomes `ascii_bin` (names are ASCII by validation). Error texts
+/// become `utf8mb4` so any text a handler returns can be stored.
+fn step_2(backend: DbBackend, t: &Tables) -> Vec<String> {
+    let name = name_type(backend);
+    let mut out = Vec::new();
+    if backend == DbBackend::MySql {
+        let nn = format!("{name} NOT NULL");
+        let null = format!("{name} NULL");
+        out.extend([
+            format!("ALTER TABLE {} MODIFY name {nn}", t.queues),
+            format!("ALTER TABLE {} MODIFY queue {nn}", t.partitions),
+            format!(
+                "ALTER TABLE {} MODIFY queue {nn}, MODIFY target_handler {null}",
+                t.incoming
+            ),
+            format!(
+                "ALTER TABLE {} MODIFY queue {nn}, MODIFY target_handler {null}",
+                t.outgoing
+            ),
+            format!(
+                "ALTER TABLE {} MODIFY queue {nn}, MODIFY handler {nn}, \
+                 MODIFY last_error TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL",
+                t.cursors
+            ),
+            format!(
+                "ALTER TABLE {} MODIFY queue {nn}, MODIFY handler {nn}, \
+                 MODIFY last_error TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
+                t.dead_letters
+            ),
+        ]);
+    }
+    let (big, engine) = match backend {
+        DbBackend::Sqlite => ("INTEGER", ""),
+        DbBackend::MySql => ("BIGINT", " ENGINE=InnoDB"),
+        _ => ("BIGINT", ""),
+    };
+    out.push(format!(
+        "CREATE TABLE IF NOT EXISTS {} (queue {name} NOT NULL, handler {name} NOT NULL, \
+         registered_at {big} NOT NULL, seen_at {big}, heartbeat_ms {big}, \
+         PRIMARY KEY (queue, handler)){engine}",
+        t.handlers
+    ));
+    let text = if backend == DbBackend::Sqlite {
+        "TEXT"
+    } else {
+        "VARCHAR(255)"
+    };
+    out.push(format!(
+        "CREATE TABLE IF NOT EXISTS {} (name {name} NOT NULL PRIMARY KEY, value {text} NOT NULL){engine}",
+        t.meta
+    ));
+    out
+}
+
+/// The column type of a queue or handler name.
+fn name_type(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::MySql => "VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin",
+        DbBackend::Sqlite => "TEXT",
+        _ => "VARCHAR(64)",
+    }
+}
+
+/// `INSERT` of one row that does nothing when the primary key exists.
+fn insert_ignore_sql(backend: DbBackend, table: &str, cols: &str, values: &str) -> String {
+    match backend {
+        DbBackend::MySql => format!("INSERT IGNORE INTO {table} ({cols}) {values}"),
+        DbBackend::Sqlite => format!("INSERT OR IGNORE INTO {table} ({cols}) {values}"),
+        _ => format!("INSERT INTO {table} ({cols}) {values} ON CONFLICT DO NOTHING"),
+    }
+}
+
 impl Store {
-    /// Creates the tables if they do not exist. Idempotent, and serialized between processes:
+    /// The schema version recorded in the database; `None` before the first migration.
+    pub(crate) async fn schema_version(&self) -> Result<Option<i64>, DbErr> {
+        current_version(&self.db, self.backend, &self.t).await
+    }
+
+    /// Brings the schema to [`SCHEMA_VERSION`]. Idempotent, and serialized between processes:
     /// an advisory lock on PostgreSQL, a named lock on MySQL/MariaDB, the write lock on SQLite.
-    pub(crate) async fn migrate(&self) -> Result<(), DbErr> {
+    /// A current schema costs one read and runs no DDL. Returns the version found before.
+    pub(crate) async fn migrate(&self) -> Result<Option<i64>, DbErr> {
         if self.is_sqlite() {
             // WAL is a property of the database file; it lets readers run beside the writer.
             self.db
                 .execute_unprepared("PRAGMA journal_mode=WAL")
                 .await?;
+        }
+        let found = self.schema_version().await?;
+        match found {
+            Some(v) if v == SCHEMA_VERSION => return Ok(found),
+            Some(v) if v > SCHEMA_VERSION => return Err(too_new(v)),
+            _ => {}
         }
         let lock_name = format!("outbox-migrate:{}", self.prefix);
         let txn = self.begin_write().await?;
@@ -155,7 +267,7 @@ impl Store {
                 )));
             }
         }
-        let mut result = apply(&*txn, self.backend, &self.t).await;
+        let mut result = apply(&*txn, self.backend, &self.t, SCHEMA_VERSION).await;
         if self.is_mysql() {
             let release = txn
                 .execute_raw(self.stmt("SELECT RELEASE_LOCK(?)", vec![lock_name.into()]))
@@ -165,29 +277,8 @@ impl Store {
             }
         }
         result?;
-        txn.commit().await
-    }
-
-    /// `INSERT` that does nothing when the primary key exists.
-    fn insert_ignore(
-        &self,
-        table: &str,
-        cols: &str,
-        rows: usize,
-        per_row: usize,
-        conflict: &str,
-    ) -> String {
-        let values = vec![Store::list(per_row); rows].join(", ");
-        if self.is_mysql() {
-            let first = cols.split(',').next().unwrap_or(cols).trim();
-            format!(
-                "INSERT INTO {table} ({cols}) VALUES {values} ON DUPLICATE KEY UPDATE {first} = {first}"
-            )
-        } else {
-            format!(
-                "INSERT INTO {table} ({cols}) VALUES {values} ON CONFLICT ({conflict}) DO NOTHING"
-            )
-        }
+        txn.commit().await?;
+        Ok(found)
     }
 
     /// Registers a queue and its partitions, or reports the stored partition count if it
@@ -198,12 +289,17 @@ impl Store {
         partitions: u32,
     ) -> Result<Registered, DbErr> {
         let txn = self.begin_write().await?;
-        let now = now_ms();
+        let now = self.now_sql();
         exec(
             &*txn,
             self.stmt(
-                &self.insert_ignore(&self.t.queues, "name, partitions, created_at", 1, 3, "name"),
-                vec![name.into(), i64::from(partitions).into(), now.into()],
+                &insert_ignore_sql(
+                    self.backend,
+                    &self.t.queues,
+                    "name, partitions, created_at",
+                    &format!("VALUES (?, ?, {now})"),
+                ),
+                vec![name.into(), i64::from(partitions).into()],
             ),
         )
         .await?;
@@ -223,12 +319,11 @@ impl Store {
             exec(
                 &*txn,
                 self.stmt(
-                    &self.insert_ignore(
+                    &insert_ignore_sql(
+                        self.backend,
                         &self.t.partitions,
                         "queue, partition_no",
-                        chunk.len(),
-                        2,
-                        "queue, partition_no",
+                        &format!("VALUES {}", vec![Store::list(2); chunk.len()].join(", ")),
                     ),
                     values,
                 ),
@@ -239,8 +334,9 @@ impl Store {
         Ok(Registered::Ok)
     }
 
-    /// Creates the cursor rows of a handler (one per partition), starting before the oldest
-    /// retained message.
+    /// Registers a handler and creates its cursor rows (one per partition). A new cursor starts
+    /// where vacuum has deleted up to, so a handler added late sees every retained message and
+    /// counts none of the deleted ones as pending.
     pub(crate) async fn register_handler(
         &self,
         queue: &str,
@@ -248,30 +344,37 @@ impl Store {
         partitions: u32,
     ) -> Result<(), DbErr> {
         let txn = self.begin_write().await?;
-        let now = now_ms();
-        for chunk in (0..partitions).collect::<Vec<_>>().chunks(300) {
-            let mut values = Vec::with_capacity(chunk.len() * 4);
-            for p in chunk {
-                values.push(queue.into());
-                values.push(handler.into());
-                values.push(i64::from(*p).into());
-                values.push(now.into());
-            }
-            exec(
-                &*txn,
-                self.stmt(
-                    &self.insert_ignore(
-                        &self.t.cursors,
-                        "queue, handler, partition_no, updated_at",
-                        chunk.len(),
-                        4,
-                        "queue, handler, partition_no",
-                    ),
-                    values,
+        let now = self.now_sql();
+        exec(
+            &*txn,
+            self.stmt(
+                &insert_ignore_sql(
+                    self.backend,
+                    &self.t.handlers,
+                    "queue, handler, registered_at",
+                    &format!("VALUES (?, ?, {now})"),
                 ),
-            )
-            .await?;
-        }
+                vec![queue.into(), handler.into()],
+            ),
+        )
+        .await?;
+        exec(
+            &*txn,
+            self.stmt(
+                &insert_ignore_sql(
+                    self.backend,
+                    &self.t.cursors,
+                    "queue, handler, partition_no, processed_seq, updated_at",
+                    &format!(
+                        "SELECT p.queue, ?, p.partition_no, p.vacuumed_seq, {now} FROM {} p \
+                         WHERE p.queue = ? AND p.partition_no < ?",
+                        self.t.partitions
+                    ),
+                ),
+                vec![handler.into(), queue.into(), i64::from(partitions).into()],
+            ),
+        )
+        .await?;
         txn.commit().await
     }
 
@@ -292,19 +395,58 @@ impl Store {
             None => Ok(None),
         }
     }
+
+    /// The id of this outbox, created once by the migration to version 2.
+    pub(crate) async fn instance_id(&self) -> Result<Option<String>, DbErr> {
+        let row = self
+            .db
+            .query_one_raw(self.stmt(
+                &format!("SELECT value FROM {} WHERE name = 'instance_id'", self.t.meta),
+                vec![],
+            ))
+            .await?;
+        row.map(|r| col::<String>(&r, 0)).transpose()
+    }
 }
 
-/// Creates the tables of `t` through `c` and records the schema version. The caller provides
-/// the serialization between processes (see [`Store::migrate`]).
-pub(crate) async fn apply<C: ConnectionTrait>(
+fn too_new(found: i64) -> DbErr {
+    DbErr::Custom(format!(
+        "the outbox schema is at version {found}, newer than this build's {SCHEMA_VERSION}; upgrade outbox"
+    ))
+}
+
+/// The version recorded in `t.schema_version`, or `None` if the table does not exist yet. Reads
+/// the catalog first, so it needs no privilege beyond reading rows.
+pub(crate) async fn current_version<C: ConnectionTrait>(
     c: &C,
     backend: DbBackend,
     t: &Tables,
-) -> Result<(), DbErr> {
-    for sql in ddl(backend, t) {
-        c.execute_unprepared(&sql).await?;
+) -> Result<Option<i64>, DbErr> {
+    let exists_sql = match backend {
+        DbBackend::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = current_schema() AND table_name = ?"
+        }
+        DbBackend::MySql => {
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name = ?"
+        }
+        _ => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
+    };
+    let row = c
+        .query_one_raw(statement(
+            backend,
+            exists_sql,
+            vec![t.schema_version.clone().into()],
+        ))
+        .await?;
+    let exists = match row {
+        Some(r) => col::<i64>(&r, 0)? > 0,
+        None => false,
+    };
+    if !exists {
+        return Ok(None);
     }
-    drop_incoming_index(c, backend, t).await?;
     let row = c
         .query_one_raw(statement(
             backend,
@@ -312,27 +454,92 @@ pub(crate) async fn apply<C: ConnectionTrait>(
             vec![],
         ))
         .await?;
-    let current: Option<i64> = match row {
-        Some(r) => col(&r, 0)?,
-        None => None,
+    match row {
+        Some(r) => col(&r, 0),
+        None => Ok(None),
+    }
+}
+
+/// Brings the schema of `t` through `c` up to version `target` (steps above the recorded
+/// version), recording each version reached. The caller provides the serialization between
+/// processes (see [`Store::migrate`]).
+pub(crate) async fn apply<C: ConnectionTrait>(
+    c: &C,
+    backend: DbBackend,
+    t: &Tables,
+    target: i64,
+) -> Result<(), DbErr> {
+    let found = current_version(c, backend, t).await?.unwrap_or(0);
+    if found > SCHEMA_VERSION {
+        return Err(too_new(found));
+    }
+    for version in (found + 1)..=target.min(SCHEMA_VERSION) {
+        apply_step(c, backend, t, version).await?;
+    }
+    Ok(())
+}
+
+/// Runs the step to `version` and records it.
+async fn apply_step<C: ConnectionTrait>(
+    c: &C,
+    backend: DbBackend,
+    t: &Tables,
+    version: i64,
+) -> Result<(), DbErr> {
+    let sql = match version {
+        1 => step_1(backend, t),
+        2 => step_2(backend, t),
+        _ => return Err(too_new(version)),
     };
-    match current {
-        None => {
+    for s in sql {
+        c.execute_unprepared(&s).await?;
+    }
+    match version {
+        1 => drop_incoming_index(c, backend, t).await?,
+        2 => {
+            // Handlers registered before the registry existed: listed, never seen yet.
+            let now = now_sql(backend);
+            c.execute_unprepared(&insert_ignore_sql(
+                backend,
+                &t.handlers,
+                "queue, handler, registered_at",
+                &format!("SELECT DISTINCT queue, handler, {now} FROM {}", t.cursors),
+            ))
+            .await?;
+            let id = format!("{:032x}", rand::random::<u128>());
             exec(
                 c,
                 statement(
                     backend,
-                    &format!("INSERT INTO {} (version) VALUES (?)", t.schema_version),
-                    vec![SCHEMA_VERSION.into()],
+                    &insert_ignore_sql(backend, &t.meta, "name, value", "VALUES ('instance_id', ?)"),
+                    vec![id.into()],
                 ),
             )
             .await?;
-            Ok(())
         }
-        Some(v) if v > SCHEMA_VERSION => Err(DbErr::Custom(format!(
-            "the outbox schema is at version {v}, newer than this build's {SCHEMA_VERSION}; upgrade outbox"
-        ))),
-        Some(_) => Ok(()),
+        _ => {}
+    }
+    exec(
+        c,
+        statement(
+            backend,
+            &format!("INSERT INTO {} (version) VALUES (?)", t.schema_version),
+            vec![version.into()],
+        ),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The database's clock in milliseconds since the Unix epoch, as an SQL expression (see
+/// [`Store::now_sql`]).
+pub(crate) fn now_sql(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+        DbBackend::MySql => {
+            "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000)"
+        }
+        _ => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
     }
 }
 
@@ -371,20 +578,43 @@ async fn drop_incoming_index<C: ConnectionTrait>(
     Ok(())
 }
 
-/// Drops every table of `t` (the down migration).
+/// Undoes the step to `version` (the down migrations): version 2 drops the handler registry
+/// and the instance id (names keep their exact comparison), version 1 drops every table.
 #[cfg(feature = "migration")]
-pub(crate) async fn drop_all<C: ConnectionTrait>(c: &C, t: &Tables) -> Result<(), DbErr> {
-    for table in [
-        &t.dead_letters,
-        &t.cursors,
-        &t.outgoing,
-        &t.incoming,
-        &t.partitions,
-        &t.queues,
-        &t.schema_version,
-    ] {
+pub(crate) async fn revert<C: ConnectionTrait>(
+    c: &C,
+    t: &Tables,
+    version: i64,
+) -> Result<(), DbErr> {
+    let backend = c.get_database_backend();
+    let tables: Vec<&String> = match version {
+        1 => vec![
+            &t.meta,
+            &t.handlers,
+            &t.dead_letters,
+            &t.cursors,
+            &t.outgoing,
+            &t.incoming,
+            &t.partitions,
+            &t.queues,
+            &t.schema_version,
+        ],
+        _ => vec![&t.meta, &t.handlers],
+    };
+    for table in tables {
         c.execute_unprepared(&format!("DROP TABLE IF EXISTS {table}"))
             .await?;
+    }
+    if version > 1 {
+        exec(
+            c,
+            statement(
+                backend,
+                &format!("DELETE FROM {} WHERE version >= ?", t.schema_version),
+                vec![version.into()],
+            ),
+        )
+        .await?;
     }
     Ok(())
 }

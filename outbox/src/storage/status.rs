@@ -4,7 +4,7 @@ use sea_orm::{ConnectionTrait, DbErr, Value};
 
 use super::{Store, col};
 #[cfg(feature = "testing")]
-use super::{exec, now_ms};
+use super::exec;
 
 /// A registered queue.
 #[derive(Debug, Clone)]
@@ -29,6 +29,10 @@ pub(crate) struct CursorStatusRow {
     pub(crate) handler: String,
     pub(crate) partition: u32,
     pub(crate) pending: i64,
+    /// Where the handler stands: its cursor, or the vacuumed sequence if that is ahead.
+    pub(crate) processed_seq: i64,
+    /// The next message this handler handles, if one is stored.
+    pub(crate) head_seq: Option<i64>,
     pub(crate) attempts: i64,
     pub(crate) retry_at: i64,
     pub(crate) blocked: bool,
@@ -47,14 +51,27 @@ pub(crate) struct DeadRow {
     pub(crate) count: i64,
 }
 
-/// Everything the status API reads, in four statements.
+/// A registered handler and when a process last served it.
+#[derive(Debug, Clone)]
+pub(crate) struct HandlerRow {
+    pub(crate) queue: String,
+    pub(crate) handler: String,
+    pub(crate) registered_at: i64,
+    pub(crate) seen_at: Option<i64>,
+    pub(crate) heartbeat_ms: Option<i64>,
+}
+
+/// Everything the status API reads, in six statements.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct StatusRows {
+    /// The database's clock when the status was read.
+    pub(crate) now: i64,
     pub(crate) schema_version: Option<i64>,
     pub(crate) queues: Vec<QueueRow>,
     pub(crate) incoming: Vec<IncomingRow>,
     pub(crate) cursors: Vec<CursorStatusRow>,
     pub(crate) dead: Vec<DeadRow>,
+    pub(crate) handlers: Vec<HandlerRow>,
 }
 
 fn partition_of(v: i64) -> u32 {
@@ -64,8 +81,8 @@ fn partition_of(v: i64) -> u32 {
 impl Store {
     /// Reads the state of every queue (or only `queue`): queues, unsequenced messages grouped
     /// by partition, cursors joined with their partition's tail and head message, and dead
-    /// letters grouped by handler and partition. Five statements whatever the partition count;
-    /// the head lookup is a primary-key probe per cursor.
+    /// letters grouped by handler and partition, and the handler registry. Six statements
+    /// whatever the partition count; the head lookups are index probes per cursor.
     pub(crate) async fn status_rows(&self, queue: Option<&str>) -> Result<StatusRows, DbErr> {
         let filter = |alias: &str, column: &str| -> (String, Vec<Value>) {
             match queue {
@@ -76,13 +93,17 @@ impl Store {
         let version = self
             .db
             .query_one_raw(self.stmt(
-                &format!("SELECT MAX(version) FROM {}", self.t.schema_version),
+                &format!(
+                    "SELECT MAX(version), {} FROM {}",
+                    self.now_sql(),
+                    self.t.schema_version
+                ),
                 vec![],
             ))
             .await?;
-        let schema_version = match version {
-            Some(r) => col::<Option<i64>>(&r, 0)?,
-            None => None,
+        let (schema_version, now) = match version {
+            Some(r) => (col::<Option<i64>>(&r, 0)?, col::<i64>(&r, 1)?),
+            None => (None, crate::storage::now_ms()),
         };
 
         let (w, v) = filter("", "name");
@@ -133,15 +154,20 @@ impl Store {
             .db
             .query_all_raw(self.stmt(
                 &format!(
-                    "SELECT c.queue, c.handler, c.partition_no, p.last_seq - c.processed_seq, c.attempts, \
-                     c.retry_at, c.blocked, c.last_error, c.lease_owner, c.lease_expires_at, \
-                     (SELECT o.created_at FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
-                      AND o.seq = c.processed_seq + 1) \
-                     FROM {c} c JOIN {p} p ON p.queue = c.queue AND p.partition_no = c.partition_no{w} \
-                     ORDER BY c.queue, c.handler, c.partition_no",
+                    "SELECT x.queue, x.handler, x.partition_no, x.last_seq - x.at, x.attempts, x.retry_at, \
+                     x.blocked, x.last_error, x.lease_owner, x.lease_expires_at, x.at, x.head, \
+                     (SELECT o.created_at FROM {o} o WHERE o.queue = x.queue AND o.partition_no = x.partition_no \
+                      AND o.seq = x.head) \
+                     FROM (SELECT c.queue, c.handler, c.partition_no, p.last_seq, c.attempts, c.retry_at, \
+                           c.blocked, c.last_error, c.lease_owner, c.lease_expires_at, {at} AS at, \
+                           (SELECT MIN(o.seq) FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
+                            AND o.seq > {at} AND (o.target_handler IS NULL OR o.target_handler = c.handler)) AS head \
+                           FROM {c} c JOIN {p} p ON p.queue = c.queue AND p.partition_no = c.partition_no{w}) x \
+                     ORDER BY x.queue, x.handler, x.partition_no",
                     o = self.t.outgoing,
                     c = self.t.cursors,
                     p = self.t.partitions,
+                    at = self.greatest("c.processed_seq", "p.vacuumed_seq"),
                 ),
                 v,
             ))
@@ -159,7 +185,9 @@ impl Store {
                     last_error: col(r, 7)?,
                     lease_owner: col(r, 8)?,
                     lease_expires_at: col(r, 9)?,
-                    head_enqueued_at: col(r, 10)?,
+                    processed_seq: col(r, 10)?,
+                    head_seq: col(r, 11)?,
+                    head_enqueued_at: col(r, 12)?,
                 })
             })
             .collect::<Result<Vec<_>, DbErr>>()?;
@@ -187,7 +215,32 @@ impl Store {
             })
             .collect::<Result<Vec<_>, DbErr>>()?;
 
+        let (w, v) = filter("", "queue");
+        let handlers = self
+            .db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT queue, handler, registered_at, seen_at, heartbeat_ms FROM {}{w}",
+                    self.t.handlers
+                ),
+                v,
+            ))
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(HandlerRow {
+                    queue: col(r, 0)?,
+                    handler: col(r, 1)?,
+                    registered_at: col(r, 2)?,
+                    seen_at: col(r, 3)?,
+                    heartbeat_ms: col(r, 4)?,
+                })
+            })
+            .collect::<Result<Vec<_>, DbErr>>()?;
+
         Ok(StatusRows {
+            now,
+            handlers,
             schema_version,
             queues,
             incoming,
@@ -248,10 +301,11 @@ impl Store {
             c,
             self.stmt(
                 &format!(
-                    "UPDATE {} SET lease_expires_at = ? WHERE queue = ? AND handler = ? AND lease_token IS NOT NULL",
-                    self.t.cursors
+                    "UPDATE {} SET lease_expires_at = {} - 1 WHERE queue = ? AND handler = ? AND lease_expires_at IS NOT NULL",
+                    self.t.cursors,
+                    self.now_sql()
                 ),
-                vec![(now_ms() - 1).into(), queue.into(), handler.into()],
+                vec![queue.into(), handler.into()],
             ),
         )
         .await
