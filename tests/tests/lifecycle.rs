@@ -1,0 +1,245 @@
+//! A cursor's life (issue 11): a handler added after vacuum starts at the vacuumed sequence,
+//! a handler that no longer runs is marked stale in status and can be retired so vacuum moves
+//! on, and the head an operator acts on is this handler's own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox::{
+    Error, HandlerError, HandlerSpec, NewMessage, Outbox, Profile, QueueSpec, RuntimeTuning,
+};
+use outbox_tests::{Seen, TestDb, assert_invariants, eventually, on_every_backend};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn recorder(queue: &'static str, name: &'static str, seen: &Seen) -> HandlerSpec {
+    let seen = seen.clone();
+    HandlerSpec::transactional(queue, name, move |m, _txn| {
+        seen.push(name, m);
+        Box::pin(async { Ok(()) })
+    })
+}
+
+/// Vacuum right after every ack, and heartbeats every 100 ms, so a test sees both quickly.
+fn eager() -> RuntimeTuning {
+    let mut t = Profile::LowLatency.runtime();
+    t.vacuum_after_acks = 1;
+    t.vacuum_interval = Duration::from_millis(100);
+    t.heartbeat_interval = Duration::from_millis(100);
+    t
+}
+
+async fn stored(rt: &Outbox, queue: &str) -> i64 {
+    rt.depth(queue).await.expect("depth").stored
+}
+
+/// A handler added to a queue whose messages were already vacuumed starts at the vacuumed
+/// sequence: no phantom pending messages, no lag (before: the deleted messages counted as
+/// pending until new traffic arrived, a false lag alert).
+async fn a_handler_added_after_vacuum_starts_at_the_vacuumed_sequence(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let seen = Seen::default();
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .runtime_tuning(eager())
+        .queue(QueueSpec::new("late", 1))
+        .handler(recorder("late", "first", &seen))
+        .start()
+        .await
+        .expect("start");
+    let batch: Vec<_> = (0..20).map(|i| NewMessage::new("late", 0, format!("m{i}"))).collect();
+    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    seen.wait_until(WAIT, "20 deliveries", |d| d.len() == 20).await;
+    eventually(WAIT, "vacuumed", || async { stored(&rt, "late").await == 0 }).await;
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .runtime_tuning(eager())
+        .queue(QueueSpec::new("late", 1))
+        .handler(recorder("late", "first", &seen))
+        .handler(recorder("late", "second", &seen))
+        .start()
+        .await
+        .expect("start with a new handler");
+    let status = rt.queue_status("late").await.expect("status");
+    let second = status.handler("second").expect("registered");
+    assert_eq!(second.pending, 0, "no phantom pending messages");
+    assert_eq!(second.lag_ms, None, "no phantom lag");
+    assert_eq!(second.partitions[0].processed_seq, 20);
+    assert_eq!(second.partitions[0].head_seq, None);
+    let depth = rt.depth("late").await.expect("depth");
+    assert!(depth.handlers.iter().all(|h| h.pending == 0), "{depth:?}");
+
+    rt.enqueue(&db, NewMessage::new("late", 0, "after"))
+        .await
+        .expect("enqueue");
+    seen.wait_until(WAIT, "both handlers see the new message", |d| {
+        d.iter().filter(|d| d.body == "after").count() == 2
+    })
+    .await;
+    assert_eq!(seen.of("second").len(), 1, "the new handler starts after the vacuumed ones");
+    assert_eq!(seen.of("second")[0].seq, 21);
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    assert_invariants(&db, "outbox_").await;
+}
+
+/// A handler no process runs any more is marked stale in status (with how long), pins vacuum
+/// until it is retired, and cannot be retired while a process serves it.
+async fn a_stale_handler_is_shown_and_can_be_retired(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let seen = Seen::default();
+    let both = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .runtime_tuning(eager())
+        .queue(QueueSpec::new("fleet", 2))
+        .handler(recorder("fleet", "kept", &seen))
+        .handler(recorder("fleet", "removed", &seen))
+        .start()
+        .await
+        .expect("start");
+    let status = both.queue_status("fleet").await.expect("status");
+    assert!(status.handlers.iter().all(|h| !h.is_stale()), "{status:?}");
+    assert!(matches!(
+        both.retire_handler("fleet", "removed").await,
+        Err(Error::HandlerInUse { .. })
+    ));
+    both.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+
+    // The next release no longer has `removed`.
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .runtime_tuning(eager())
+        .queue(QueueSpec::new("fleet", 2))
+        .handler(recorder("fleet", "kept", &seen))
+        .start()
+        .await
+        .expect("start without the removed handler");
+    let batch: Vec<_> = (0..10).map(|i| NewMessage::new("fleet", i % 2, format!("m{i}"))).collect();
+    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    seen.wait_until(WAIT, "kept handles all", |d| {
+        d.iter().filter(|d| d.handler == "kept").count() == 10
+    })
+    .await;
+    eventually(WAIT, "removed marked stale", || async {
+        rt.queue_status("fleet").await.is_ok_and(|s| {
+            s.handler("removed").is_some_and(|h| h.is_stale())
+                && s.handler("kept").is_some_and(|h| !h.is_stale())
+        })
+    })
+    .await;
+    let status = rt.queue_status("fleet").await.expect("status");
+    let removed = status.handler("removed").expect("removed");
+    assert!(removed.stale_for_ms.is_some_and(|ms| ms >= 0));
+    assert_eq!(removed.pending, 10, "nobody handles its messages");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(stored(&rt, "fleet").await, 10, "the removed handler pins vacuum");
+
+    assert!(matches!(
+        rt.retire_handler("fleet", "kept").await,
+        Err(Error::HandlerInUse { .. })
+    ));
+    assert!(matches!(
+        rt.retire_handler("fleet", "never").await,
+        Err(Error::HandlerNotFound { .. })
+    ));
+    assert!(matches!(
+        rt.retire_handler("fleet", "removed ").await,
+        Err(Error::InvalidName(_))
+    ));
+    assert_eq!(rt.retire_handler("fleet", "removed").await.expect("retire"), 2);
+    rt.enqueue(&db, NewMessage::new("fleet", 0, "nudge")).await.expect("enqueue");
+    eventually(WAIT, "vacuum moved on", || async { stored(&rt, "fleet").await == 0 }).await;
+    let status = rt.queue_status("fleet").await.expect("status");
+    assert!(status.handler("removed").is_none());
+    assert_eq!(
+        rt.count_dead_letters(&outbox::DeadLetterFilter::all()).await.expect("count"),
+        0
+    );
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    assert_invariants(&db, "outbox_").await;
+}
+
+/// The head an operator sees and skips is this handler's own message: a replayed copy
+/// addressed to another handler in front of it is neither shown as its head nor skipped.
+async fn the_operators_head_is_the_handlers_own_message(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let seen = Seen::default();
+    let a = HandlerSpec::transactional("heads", "a", {
+        let s = seen.clone();
+        move |m, _txn| {
+            s.push("a", m);
+            let reject = m.payload() == b"poison" && m.attempt() == 1 && s.of("a").len() == 1;
+            Box::pin(async move {
+                if reject {
+                    Err(HandlerError::reject("first time"))
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    });
+    let b = HandlerSpec::transactional("heads", "b", {
+        let s = seen.clone();
+        move |m, _txn| {
+            s.push("b", m);
+            Box::pin(async { Err(HandlerError::retry("b is down")) })
+        }
+    })
+    .overrides(outbox::Overrides::NONE.max_attempts(1_000));
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("heads", 1).poison_policy(outbox::PoisonPolicy::Block))
+        .handler(a)
+        .handler(b)
+        .start()
+        .await
+        .expect("start");
+    rt.enqueue(&db, NewMessage::new("heads", 0, "poison")).await.expect("enqueue");
+    eventually(WAIT, "a blocked on its head", || async {
+        rt.queue_status("heads")
+            .await
+            .is_ok_and(|s| s.handler("a").is_some_and(|h| h.blocked_partitions == 1))
+    })
+    .await;
+    // `a` skips its poisoned head, then replays it: a copy for `a` only, at seq 2.
+    let a_head = rt.queue_status("heads").await.expect("status").handler("a").expect("a")
+        .partitions[0]
+        .head_seq
+        .expect("a head");
+    rt.skip_head("heads", 0, "a", a_head).await.expect("skip a's head");
+    let id = rt
+        .dead_letters(&outbox::DeadLetterFilter::all().handler("a"), 0, 1)
+        .await
+        .expect("list")[0]
+        .id;
+    rt.replay_dead_letter(id).await.expect("replay");
+    seen.wait_until(WAIT, "a handles the copy", |d| {
+        d.iter().filter(|d| d.handler == "a").count() == 2
+    })
+    .await;
+    // `b` is still failing on seq 1; its head is seq 1, never the copy (seq 2).
+    let status = rt.queue_status("heads").await.expect("status");
+    let b_part = &status.handler("b").expect("b").partitions[0];
+    assert_eq!(b_part.head_seq, Some(1));
+    assert_eq!(b_part.pending, 2, "seq 2 is a's copy but counts as stored after b's cursor");
+    rt.skip_head("heads", 0, "b", 1).await.expect("skip b's head");
+    // Nothing of b's is left: the copy for a is not b's head.
+    assert!(matches!(
+        rt.skip_head("heads", 0, "b", 2).await,
+        Err(Error::HeadMoved { found: None, .. })
+    ));
+    let dead = rt
+        .dead_letters(&outbox::DeadLetterFilter::all().handler("b"), 0, 10)
+        .await
+        .expect("list");
+    assert_eq!(dead.iter().map(|d| d.seq).collect::<Vec<_>>(), [1]);
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    assert_invariants(&db, "outbox_").await;
+}
+
+on_every_backend!(
+    a_handler_added_after_vacuum_starts_at_the_vacuumed_sequence,
+    a_stale_handler_is_shown_and_can_be_retired,
+    the_operators_head_is_the_handlers_own_message,
+);
