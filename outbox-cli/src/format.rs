@@ -124,8 +124,12 @@ pub(crate) fn status(s: &Status, all_partitions: bool) -> String {
                 ]
             });
             queue_row.into_iter().chain(q.handlers.iter().map(|h| {
+                let name = match h.stale_for_ms {
+                    Some(ms) => format!("{}/{} (stale {})", q.name, h.name, age(Some(ms))),
+                    None => format!("{}/{}", q.name, h.name),
+                };
                 vec![
-                    format!("{}/{}", q.name, h.name),
+                    name,
                     q.partitions.to_string(),
                     q.unsequenced.to_string(),
                     h.waiting.to_string(),
@@ -188,6 +192,7 @@ pub(crate) fn status(s: &Status, all_partitions: bool) -> String {
                 parts.push(vec![
                     format!("{}/{}", q.name, h.name),
                     p.partition.to_string(),
+                    p.head_seq.map_or_else(|| "-".to_owned(), |s| s.to_string()),
                     (p.pending + p.unsequenced).to_string(),
                     age(p.lag_ms),
                     p.attempts.to_string(),
@@ -209,6 +214,7 @@ pub(crate) fn status(s: &Status, all_partitions: bool) -> String {
             &[
                 "QUEUE/HANDLER",
                 "PARTITION",
+                "HEAD",
                 "WAITING",
                 "LAG",
                 "ATTEMPTS",
@@ -223,8 +229,28 @@ pub(crate) fn status(s: &Status, all_partitions: bool) -> String {
     if !blocked.is_empty() {
         let _ = writeln!(
             out,
-            "\n{} blocked partition(s): fix the cause, then `outbox unblock` or `outbox skip-head` them",
+            "\n{} blocked partition(s): fix the cause, then `outbox unblock` or `outbox skip-head` them \
+             with the HEAD shown (`--head-seq`)",
             blocked.len()
+        );
+    }
+    let stale: Vec<String> = s
+        .queues
+        .iter()
+        .flat_map(|q| {
+            q.handlers
+                .iter()
+                .filter(|h| h.is_stale())
+                .map(move |h| format!("{}/{}", q.name, h.name))
+        })
+        .collect();
+    if !stale.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{} stale handler(s), served by no running process: {}; if removed for good, \
+             `outbox retire QUEUE HANDLER` lets vacuum move on",
+            stale.len(),
+            stale.join(", ")
         );
     }
     out

@@ -9,8 +9,9 @@
 //!   dead-letters replay (ID... | --all [filters]) [--yes]
 //!   dead-letters discard ID... [--yes]
 //!   dead-letters purge [filters] [--yes]
-//!   unblock QUEUE PARTITION HANDLER         retry a blocked partition's head now
-//!   skip-head QUEUE PARTITION HANDLER [--yes]  dead-letter the head, let the partition go on
+//!   unblock QUEUE PARTITION HANDLER --head-seq SEQ          retry a blocked partition's head now
+//!   skip-head QUEUE PARTITION HANDLER --head-seq SEQ [--yes]  dead-letter the head, go on
+//!   retire QUEUE HANDLER [--yes]            remove a handler that no longer runs
 //! filters: --queue Q --partition P --handler H
 //! ```
 //!
@@ -28,6 +29,7 @@
 //! | 3 | not found (dead letter id, queue, partition or head) |
 //! | 4 | not confirmed (answered no, or no terminal and no `--yes`) |
 //! | 5 | `status --check`: a partition is blocked or dead letters exist |
+//! | 6 | conflict: the head is no longer `--head-seq`, is leased, or the handler still runs |
 
 // A command-line tool writes its results to standard output.
 #![allow(clippy::print_stdout)]
@@ -55,11 +57,14 @@ const NOT_FOUND: u8 = 3;
 const NOT_CONFIRMED: u8 = 4;
 /// Exit code: `status --check` found blocked partitions or dead letters.
 const UNHEALTHY: u8 = 5;
+/// Exit code: the state changed under the operator (the head moved, a lease holds it, the
+/// handler still runs); nothing was changed.
+const CONFLICT: u8 = 6;
 
 /// Operate the outbox tables of a database: migrate, inspect, handle dead letters.
 ///
 /// Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 not confirmed, 5 unhealthy
-/// (`status --check`).
+/// (`status --check`), 6 conflict (the head moved, is leased, or the handler still runs).
 #[derive(Debug, Parser)]
 #[command(name = "outbox", version)]
 struct Cli {
@@ -92,6 +97,17 @@ enum Command {
         #[arg(long, short)]
         yes: bool,
     },
+    /// Remove a handler that no longer runs (removed or renamed), so vacuum stops keeping
+    /// messages for it; its dead letters stay.
+    Retire {
+        /// Queue name.
+        queue: String,
+        /// Handler name.
+        handler: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +118,9 @@ struct Head {
     partition: u32,
     /// Handler name.
     handler: String,
+    /// The head message you saw in `status` (column HEAD); nothing happens if it moved.
+    #[arg(long)]
+    head_seq: i64,
 }
 
 #[derive(Debug, Args)]
@@ -242,7 +261,14 @@ impl Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         let code = match &e {
-            Error::DeadLetterNotFound(_) | Error::UnknownQueue(_) => NOT_FOUND,
+            Error::DeadLetterNotFound(_)
+            | Error::UnknownQueue(_)
+            | Error::CursorNotFound { .. }
+            | Error::HandlerNotFound { .. } => NOT_FOUND,
+            Error::HeadMoved { .. }
+            | Error::HeadLeased { .. }
+            | Error::NotBlocked { .. }
+            | Error::HandlerInUse { .. } => CONFLICT,
             // A bad --table-prefix or name given on the command line.
             Error::InvalidName(_) => USAGE,
             _ => FAILED,
@@ -306,42 +332,47 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Status(args) => status(&outbox, &args).await,
         Command::DeadLetters(cmd) => dead_letters(&outbox, cmd).await,
         Command::Unblock(h) => {
-            if outbox.unblock(&h.queue, h.partition, &h.handler).await? {
-                println!(
-                    "{}/{} partition {}: head will be retried now",
-                    h.queue, h.handler, h.partition
-                );
-                Ok(OK)
-            } else {
-                Err(Failure::new(
-                    NOT_FOUND,
-                    format!(
-                        "no handler `{}` of queue `{}` with partition {}",
-                        h.handler, h.queue, h.partition
-                    ),
-                ))
-            }
+            outbox
+                .unblock(&h.queue, h.partition, &h.handler, h.head_seq)
+                .await?;
+            println!(
+                "{}/{} partition {}: head {} will be retried now",
+                h.queue, h.handler, h.partition, h.head_seq
+            );
+            Ok(OK)
         }
         Command::SkipHead { head: h, yes } => {
             confirm(
                 yes,
                 &format!(
-                    "Move the head message of {}/{} partition {} to the dead letters?",
-                    h.queue, h.handler, h.partition
+                    "Move message {} (the head of {}/{} partition {}) to the dead letters?",
+                    h.head_seq, h.queue, h.handler, h.partition
                 ),
             )?;
-            if outbox.skip_head(&h.queue, h.partition, &h.handler).await? {
-                println!(
-                    "{}/{} partition {}: head moved to the dead letters",
-                    h.queue, h.handler, h.partition
-                );
-                Ok(OK)
-            } else {
-                Err(Failure::new(
-                    NOT_FOUND,
-                    "nothing to skip: no such partition, no head message, or it is leased right now",
-                ))
-            }
+            outbox
+                .skip_head(&h.queue, h.partition, &h.handler, h.head_seq)
+                .await?;
+            println!(
+                "{}/{} partition {}: message {} moved to the dead letters",
+                h.queue, h.handler, h.partition, h.head_seq
+            );
+            Ok(OK)
+        }
+        Command::Retire {
+            queue,
+            handler,
+            yes,
+        } => {
+            confirm(
+                yes,
+                &format!(
+                    "Retire handler `{handler}` of queue `{queue}` (its cursors are deleted; vacuum \
+                     stops keeping messages for it)?"
+                ),
+            )?;
+            let n = outbox.retire_handler(&queue, &handler).await?;
+            println!("{queue}/{handler}: retired ({n} partition cursors removed)");
+            Ok(OK)
         }
     }
 }

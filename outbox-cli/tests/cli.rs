@@ -96,7 +96,7 @@ async fn migrate_and_status_of_an_empty_database(t: Arc<TestDb>) {
     let (code, out, _) = outbox(&t, &["status", "--json"]).await;
     assert_eq!(code, 0);
     let s = json(&out);
-    assert_eq!(s["schema_version"], 1);
+    assert_eq!(s["schema_version"], 2);
     assert_eq!(s["queues"], serde_json::json!([]));
     let (code, out, _) = outbox(&t, &["status"]).await;
     assert_eq!((code, out.as_str()), (0, "no queues registered\n"));
@@ -147,8 +147,8 @@ async fn status_shows_lag_blocked_partitions_and_dead_letters(t: Arc<TestDb>) {
     assert_eq!(s["queues"].as_array().map(Vec::len), Some(1));
     let p = &s["queues"][0]["handlers"][0]["partitions"][0];
     assert_eq!(
-        (p["blocked"].as_bool(), p["attempts"].as_i64()),
-        (Some(true), Some(1))
+        (p["blocked"].as_bool(), p["attempts"].as_i64(), p["head_seq"].as_i64()),
+        (Some(true), Some(1), Some(1))
     );
 
     let (code, _, err) = outbox(&t, &["status", "--queue", "nope"]).await;
@@ -156,8 +156,14 @@ async fn status_shows_lag_blocked_partitions_and_dead_letters(t: Arc<TestDb>) {
     let (code, _, _) = outbox(&t, &["status", "--check"]).await;
     assert_eq!(code, 5, "blocked partitions and dead letters are unhealthy");
 
+    // Unblocking names the head the operator saw: another one changes nothing (6, conflict).
+    let (code, _, err) = outbox(&t, &["unblock", "held", "0", "picky", "--head-seq", "2"]).await;
+    assert_eq!(code, 6, "a head that is not the head: {err}");
+    assert!(err.contains("no longer seq 2"), "{err}");
+    let (code, _, err) = outbox(&t, &["unblock", "held", "0", "picky"]).await;
+    assert_eq!(code, 2, "the head is required: {err}");
     // Unblocking retries the head at once (no handler runs here, so it stays at the head).
-    let (code, out, err) = outbox(&t, &["unblock", "held", "0", "picky"]).await;
+    let (code, out, err) = outbox(&t, &["unblock", "held", "0", "picky", "--head-seq", "1"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("retried now"), "{out}");
     let (_, out, _) = outbox(&t, &["status", "--json", "--queue", "held"]).await;
@@ -292,15 +298,16 @@ async fn dead_letter_workflow(t: Arc<TestDb>) {
     assert!(err.contains("not found: 424242"), "{err}");
 
     // Purge what is left (the blocked queue's head is not a dead letter until skipped).
-    let (code, _, _) = outbox(&t, &["skip-head", "held", "0", "picky"]).await;
+    let skip = ["skip-head", "held", "0", "picky", "--head-seq", "1"];
+    let (code, _, _) = outbox(&t, &skip).await;
     assert_eq!(code, 4, "skip-head asks first");
-    let (code, _, _) = outbox(&t, &["unblock", "held", "7", "picky"]).await;
+    let (code, _, _) = outbox(&t, &["unblock", "held", "7", "picky", "--head-seq", "1"]).await;
     assert_eq!(code, 3, "no such partition");
-    let (code, out, err) = outbox(&t, &["skip-head", "held", "0", "picky", "--yes"]).await;
+    let (code, out, err) = outbox(&t, &[&skip[..], &["--yes"]].concat()).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("head moved to the dead letters"), "{out}");
-    let (code, _, _) = outbox(&t, &["skip-head", "held", "0", "picky", "--yes"]).await;
-    assert_eq!(code, 3, "nothing left to skip");
+    assert!(out.contains("message 1 moved to the dead letters"), "{out}");
+    let (code, _, err) = outbox(&t, &[&skip[..], &["--yes"]].concat()).await;
+    assert_eq!(code, 6, "the head moved: nothing is skipped twice: {err}");
     let (code, out, err) = outbox(&t, &["dead-letters", "purge", "--queue", "held", "-y"]).await;
     assert_eq!(
         (code, out.as_str()),
@@ -313,10 +320,36 @@ async fn dead_letter_workflow(t: Arc<TestDb>) {
     assert_eq!(code, 0, "healthy again");
 }
 
+/// A handler no process runs shows as stale; `retire` asks, removes its cursors, and then
+/// knows it no more.
+async fn retire_a_stale_handler(t: Arc<TestDb>) {
+    let db = t.pool(4).await;
+    Outbox::builder(db.clone())
+        .queue(QueueSpec::new("gone", 3))
+        .handler(picky("gone"))
+        .connect()
+        .await
+        .expect("register a handler that no process runs");
+    let (code, out, _) = outbox(&t, &["status", "--all-partitions"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("gone/picky (stale"), "{out}");
+    assert!(out.contains("1 stale handler(s)"), "{out}");
+    let (code, _, _) = outbox(&t, &["retire", "gone", "picky"]).await;
+    assert_eq!(code, 4, "retire asks first");
+    let (code, out, err) = outbox(&t, &["retire", "gone", "picky", "--yes"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("retired (3 partition cursors removed)"), "{out}");
+    let (code, _, err) = outbox(&t, &["retire", "gone", "picky", "--yes"]).await;
+    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = outbox(&t, &["retire", "gone", "Picky ", "--yes"]).await;
+    assert_eq!(code, 2, "an invalid name is a usage error: {err}");
+}
+
 on_every_backend!(
     migrate_and_status_of_an_empty_database,
     status_shows_lag_blocked_partitions_and_dead_letters,
     dead_letter_workflow,
+    retire_a_stale_handler,
 );
 
 #[test]

@@ -11,9 +11,7 @@ struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(
-            outbox::migration::Migration::with_table_prefix("app_outbox_").expect("prefix"),
-        )]
+        outbox::migration::migrations_with_table_prefix("app_outbox_").expect("prefix")
     }
 }
 
