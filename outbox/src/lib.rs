@@ -10,6 +10,7 @@ pub mod migration;
 mod profile;
 mod queue;
 mod runtime;
+pub mod sqlite;
 pub mod status;
 pub(crate) mod storage;
 #[cfg(feature = "testing")]

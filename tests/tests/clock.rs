@@ -30,7 +30,13 @@ impl Drop for Worker {
 }
 
 /// Starts a lease worker whose clock is `skew` off (`"+30s"`, `"-30s"` or `""`).
-fn spawn(url: &str, skew: &str, work_ms: u64, partitions: u32, tx: &Sender<(u32, String)>) -> Worker {
+fn spawn(
+    url: &str,
+    skew: &str,
+    work_ms: u64,
+    partitions: u32,
+    tx: &Sender<(u32, String)>,
+) -> Worker {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-lease-worker"));
     cmd.args([
         "--url",
@@ -58,7 +64,10 @@ fn spawn(url: &str, skew: &str, work_ms: u64, partitions: u32, tx: &Sender<(u32,
     let tx = tx.clone();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send((pid, line)).is_err() {
                 break;
             }
@@ -95,9 +104,11 @@ async fn setup(t: &TestDb, partitions: u32) -> (DatabaseConnection, Outbox) {
         db.execute_unprepared(&sql).await.expect("table");
     }
     for p in 0..partitions {
-        db.execute_unprepared(&format!("INSERT INTO occupancy (partition_no) VALUES ({p})"))
-            .await
-            .expect("occupancy row");
+        db.execute_unprepared(&format!(
+            "INSERT INTO occupancy (partition_no) VALUES ({p})"
+        ))
+        .await
+        .expect("occupancy row");
     }
     let producer = Outbox::builder(db.clone())
         .queue(QueueSpec::new("clock", partitions))
@@ -116,23 +127,48 @@ async fn a_process_ahead_never_takes_over_a_live_lease(t: Arc<TestDb>) {
     let (db, producer) = setup(&t, partitions).await;
     let (tx, rx) = channel();
     let normal = spawn(&t.url, "", 1_500, partitions, &tx);
-    assert!(wait_line(&rx, Some(normal.pid), Duration::from_secs(60), |l| l == "ready").is_some());
+    assert!(
+        wait_line(&rx, Some(normal.pid), Duration::from_secs(60), |l| l
+            == "ready")
+        .is_some()
+    );
     let batch: Vec<_> = (0..partitions * per_partition)
         .map(|i| NewMessage::new("clock", i % partitions, format!("{i}")))
         .collect();
     producer.enqueue_batch(&db, &batch).await.expect("enqueue");
     // The skewed process joins while the normal one holds leases.
-    assert!(wait_line(&rx, Some(normal.pid), Duration::from_secs(30), |l| l.starts_with("inside")).is_some());
+    assert!(
+        wait_line(&rx, Some(normal.pid), Duration::from_secs(30), |l| l
+            .starts_with("inside"))
+        .is_some()
+    );
     let ahead = spawn(&t.url, "+30s", 1_500, partitions, &tx);
-    assert!(wait_line(&rx, Some(ahead.pid), Duration::from_secs(60), |l| l == "ready").is_some());
+    assert!(
+        wait_line(&rx, Some(ahead.pid), Duration::from_secs(60), |l| l
+            == "ready")
+        .is_some()
+    );
     let total = i64::from(partitions * per_partition);
     eventually(Duration::from_secs(120), "every message run", || async {
-        scalar(&db, "SELECT COUNT(DISTINCT partition_no * 1000 + seq) FROM runs").await == total
+        scalar(
+            &db,
+            "SELECT COUNT(DISTINCT partition_no * 1000 + seq) FROM runs",
+        )
+        .await
+            == total
     })
     .await;
     drop((normal, ahead));
-    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM overlap_log").await, 0, "two processes ran one partition at once");
-    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM runs").await, total, "a message ran twice");
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) FROM overlap_log").await,
+        0,
+        "two processes ran one partition at once"
+    );
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) FROM runs").await,
+        total,
+        "a message ran twice"
+    );
 }
 
 /// A worker crashes holding a lease; the survivor's clock runs 30 s behind. Judged by the
@@ -141,24 +177,41 @@ async fn a_process_behind_recovers_a_crashed_lease_on_time(t: Arc<TestDb>) {
     let (db, producer) = setup(&t, 1).await;
     let (tx, rx) = channel();
     let mut doomed = spawn(&t.url, "", 60_000, 1, &tx);
-    assert!(wait_line(&rx, Some(doomed.pid), Duration::from_secs(60), |l| l == "ready").is_some());
+    assert!(
+        wait_line(&rx, Some(doomed.pid), Duration::from_secs(60), |l| l
+            == "ready")
+        .is_some()
+    );
     producer
         .enqueue(&db, NewMessage::new("clock", 0, "m"))
         .await
         .expect("enqueue");
     assert!(
-        wait_line(&rx, Some(doomed.pid), Duration::from_secs(30), |l| l == "inside 0 1").is_some(),
+        wait_line(&rx, Some(doomed.pid), Duration::from_secs(30), |l| l
+            == "inside 0 1")
+        .is_some(),
         "the first worker holds the lease"
     );
     let behind = spawn(&t.url, "-30s", 200, 1, &tx);
-    assert!(wait_line(&rx, Some(behind.pid), Duration::from_secs(60), |l| l == "ready").is_some());
+    assert!(
+        wait_line(&rx, Some(behind.pid), Duration::from_secs(60), |l| l
+            == "ready")
+        .is_some()
+    );
     let survivor_pid = behind.pid;
     doomed.child.kill().expect("SIGKILL the holder");
     let killed_at = Instant::now();
-    db.execute_unprepared("UPDATE occupancy SET holder = NULL").await.expect("free the partition");
-    let taken = wait_line(&rx, Some(survivor_pid), Duration::from_secs(25), |l| l == "inside 0 1");
+    db.execute_unprepared("UPDATE occupancy SET holder = NULL")
+        .await
+        .expect("free the partition");
+    let taken = wait_line(&rx, Some(survivor_pid), Duration::from_secs(25), |l| {
+        l == "inside 0 1"
+    });
     let waited = killed_at.elapsed();
-    assert!(taken.is_some(), "the survivor did not take the lease over within 25 s");
+    assert!(
+        taken.is_some(),
+        "the survivor did not take the lease over within 25 s"
+    );
     assert!(
         waited < Duration::from_millis(LEASE_MS) + Duration::from_secs(10),
         "recovery waited {waited:?}: the lease was judged by the survivor's clock"
@@ -168,17 +221,31 @@ async fn a_process_behind_recovers_a_crashed_lease_on_time(t: Arc<TestDb>) {
 
 mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[cfg_attr(outbox_no_postgres, ignore = "skipped: OUTBOX_TEST_POSTGRES_URL is not set")]
+    #[cfg_attr(
+        outbox_no_postgres,
+        ignore = "skipped: OUTBOX_TEST_POSTGRES_URL is not set"
+    )]
     #[cfg_attr(outbox_no_faketime, ignore = "skipped: libfaketime is not installed")]
     async fn a_process_ahead_never_takes_over_a_live_lease() {
-        outbox_tests::run(super::Kind::Postgres, super::a_process_ahead_never_takes_over_a_live_lease).await
+        outbox_tests::run(
+            super::Kind::Postgres,
+            super::a_process_ahead_never_takes_over_a_live_lease,
+        )
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[cfg_attr(outbox_no_postgres, ignore = "skipped: OUTBOX_TEST_POSTGRES_URL is not set")]
+    #[cfg_attr(
+        outbox_no_postgres,
+        ignore = "skipped: OUTBOX_TEST_POSTGRES_URL is not set"
+    )]
     #[cfg_attr(outbox_no_faketime, ignore = "skipped: libfaketime is not installed")]
     async fn a_process_behind_recovers_a_crashed_lease_on_time() {
-        outbox_tests::run(super::Kind::Postgres, super::a_process_behind_recovers_a_crashed_lease_on_time).await
+        outbox_tests::run(
+            super::Kind::Postgres,
+            super::a_process_behind_recovers_a_crashed_lease_on_time,
+        )
+        .await
     }
 }
 
@@ -187,14 +254,22 @@ mod mysql {
     #[cfg_attr(outbox_no_mysql, ignore = "skipped: OUTBOX_TEST_MYSQL_URL is not set")]
     #[cfg_attr(outbox_no_faketime, ignore = "skipped: libfaketime is not installed")]
     async fn a_process_ahead_never_takes_over_a_live_lease() {
-        outbox_tests::run(super::Kind::Mysql, super::a_process_ahead_never_takes_over_a_live_lease).await
+        outbox_tests::run(
+            super::Kind::Mysql,
+            super::a_process_ahead_never_takes_over_a_live_lease,
+        )
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[cfg_attr(outbox_no_mysql, ignore = "skipped: OUTBOX_TEST_MYSQL_URL is not set")]
     #[cfg_attr(outbox_no_faketime, ignore = "skipped: libfaketime is not installed")]
     async fn a_process_behind_recovers_a_crashed_lease_on_time() {
-        outbox_tests::run(super::Kind::Mysql, super::a_process_behind_recovers_a_crashed_lease_on_time).await
+        outbox_tests::run(
+            super::Kind::Mysql,
+            super::a_process_behind_recovers_a_crashed_lease_on_time,
+        )
+        .await
     }
 }
 

@@ -55,13 +55,25 @@ async fn exec(db: &DatabaseConnection, sql: &str, values: Vec<outbox::sea_orm::V
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let url = arg("--url").expect("--url");
-    let partitions: u32 = arg("--partitions").and_then(|p| p.parse().ok()).unwrap_or(1);
-    let work = Duration::from_millis(arg("--work-ms").and_then(|p| p.parse().ok()).unwrap_or(1_000));
-    let lease = Duration::from_millis(arg("--lease-ms").and_then(|p| p.parse().ok()).unwrap_or(3_000));
+    let partitions: u32 = arg("--partitions")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1);
+    let work = Duration::from_millis(
+        arg("--work-ms")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(1_000),
+    );
+    let lease = Duration::from_millis(
+        arg("--lease-ms")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(3_000),
+    );
     let me = i64::from(std::process::id());
     let mut o = outbox::sea_orm::ConnectOptions::new(url);
     o.max_connections(8).sqlx_logging(false);
-    let db = outbox::sea_orm::Database::connect(o).await.expect("connect");
+    let db = outbox::sea_orm::Database::connect(o)
+        .await
+        .expect("connect");
     let knobs = Overrides::NONE
         .batch_size(1)
         .lease(lease)
