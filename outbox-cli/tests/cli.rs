@@ -147,7 +147,11 @@ async fn status_shows_lag_blocked_partitions_and_dead_letters(t: Arc<TestDb>) {
     assert_eq!(s["queues"].as_array().map(Vec::len), Some(1));
     let p = &s["queues"][0]["handlers"][0]["partitions"][0];
     assert_eq!(
-        (p["blocked"].as_bool(), p["attempts"].as_i64(), p["head_seq"].as_i64()),
+        (
+            p["blocked"].as_bool(),
+            p["attempts"].as_i64(),
+            p["head_seq"].as_i64()
+        ),
         (Some(true), Some(1), Some(1))
     );
 
@@ -338,7 +342,10 @@ async fn retire_a_stale_handler(t: Arc<TestDb>) {
     assert_eq!(code, 4, "retire asks first");
     let (code, out, err) = outbox(&t, &["retire", "gone", "picky", "--yes"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("retired (3 partition cursors removed)"), "{out}");
+    assert!(
+        out.contains("retired (3 partition cursors removed)"),
+        "{out}"
+    );
     let (code, _, err) = outbox(&t, &["retire", "gone", "picky", "--yes"]).await;
     assert_eq!(code, 3, "{err}");
     let (code, _, err) = outbox(&t, &["retire", "gone", "Picky ", "--yes"]).await;

@@ -50,7 +50,9 @@ pub enum Error {
         found: Option<i64>,
     },
     /// The head is held by a live lease: a worker is handling it right now.
-    #[error("the head of queue `{queue}` partition {partition} for handler `{handler}` is leased by a running worker; try again when the lease ends")]
+    #[error(
+        "the head of queue `{queue}` partition {partition} for handler `{handler}` is leased by a running worker; try again when the lease ends"
+    )]
     HeadLeased {
         /// Queue name.
         queue: String,
@@ -88,7 +90,9 @@ pub enum Error {
         handler: String,
     },
     /// The handler cannot be retired: a running process served it recently.
-    #[error("handler `{handler}` of queue `{queue}` was served by a running process {seen_ms_ago} ms ago; stop the processes that run it first")]
+    #[error(
+        "handler `{handler}` of queue `{queue}` was served by a running process {seen_ms_ago} ms ago; stop the processes that run it first"
+    )]
     HandlerInUse {
         /// Queue name.
         queue: String,
@@ -190,11 +194,15 @@ pub enum EnqueueError {
     NotConnected,
     /// The connection is not connected to any database (for example
     /// `DatabaseConnection::default()`).
-    #[error("the connection is disconnected; pass a connected `DatabaseConnection` or a transaction")]
+    #[error(
+        "the connection is disconnected; pass a connected `DatabaseConnection` or a transaction"
+    )]
     Disconnected,
     /// The database server refuses statements this large (MySQL/MariaDB `max_allowed_packet`).
     /// Raise the server setting or lower the payload limit.
-    #[error("the server refused a payload of {size} bytes for queue `{queue}`: it exceeds the server's `{setting}`")]
+    #[error(
+        "the server refused a payload of {size} bytes for queue `{queue}`: it exceeds the server's `{setting}`"
+    )]
     PayloadTooLargeForServer {
         /// Queue name.
         queue: String,
@@ -342,7 +350,9 @@ pub enum StartError {
     },
     /// The configured payload limit is above what the database server accepts in one
     /// statement, so an enqueue near the limit would fail.
-    #[error("the payload limit of {limit} bytes is above the server's `{setting}` of {server} bytes (less {margin} bytes for the statement); raise `{setting}` or lower `Builder::max_payload_bytes`")]
+    #[error(
+        "the payload limit of {limit} bytes is above the server's `{setting}` of {server} bytes (less {margin} bytes for the statement); raise `{setting}` or lower `Builder::max_payload_bytes`"
+    )]
     PayloadLimitAboveServer {
         /// The configured limit.
         limit: usize,

@@ -140,11 +140,15 @@ async fn shutdown_returns_while_a_database_call_hangs(t: Arc<TestDb>) {
         h
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let bound = Duration::from_millis(500) + outbox::SHUTDOWN_RELEASE_WINDOW + Duration::from_secs(10);
+    let bound =
+        Duration::from_millis(500) + outbox::SHUTDOWN_RELEASE_WINDOW + Duration::from_secs(10);
     let result = tokio::time::timeout(bound, rt.shutdown(Duration::from_millis(500)))
         .await
         .expect("shutdown returned while the database call still hangs");
-    assert!(matches!(result, Err(Error::ShutdownTimedOut(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(Error::ShutdownTimedOut(_))),
+        "{result:?}"
+    );
     holder.rollback().await.expect("release");
 }
 
@@ -169,7 +173,13 @@ async fn the_listener_is_counted_in_the_pool(t: Arc<TestDb>) {
         .await
         .expect_err("four connections are one short");
     assert!(
-        matches!(err, StartError::PoolTooSmall { needed: 5, available: 4 }),
+        matches!(
+            err,
+            StartError::PoolTooSmall {
+                needed: 5,
+                available: 4
+            }
+        ),
         "{err:?}"
     );
     let db = t.pool(5).await;
@@ -180,7 +190,9 @@ async fn the_listener_is_counted_in_the_pool(t: Arc<TestDb>) {
         .start()
         .await
         .expect("five connections");
-    let batch: Vec<_> = (0..200).map(|i| NewMessage::new("pool", i % 4, format!("{i}"))).collect();
+    let batch: Vec<_> = (0..200)
+        .map(|i| NewMessage::new("pool", i % 4, format!("{i}")))
+        .collect();
     rt.enqueue_batch(&db, &batch).await.expect("enqueue");
     wait_drained(rt.outbox(), "pool", WAIT).await;
     assert_eq!(seen.all().len(), 200);

@@ -878,7 +878,11 @@ async fn block_policy_holds_the_head_until_an_operator_acts(t: Arc<TestDb>) {
     assert_eq!(head, 1, "the operator sees the poisoned head");
     assert!(matches!(
         rt.unblock("blocky", 0, "h", head + 1).await,
-        Err(Error::HeadMoved { expected: 2, found: Some(1), .. })
+        Err(Error::HeadMoved {
+            expected: 2,
+            found: Some(1),
+            ..
+        })
     ));
     assert!(matches!(
         rt.unblock("blocky", 1, "h", 1).await,

@@ -10,8 +10,8 @@ use outbox::sea_orm::{
 };
 use outbox::{HandlerSpec, NewMessage, Outbox, Profile, QueueSpec, StartError};
 use outbox_tests::{
-    Seen, TestDb, assert_invariants, create_effects_table, effects, eventually,
-    on_every_backend, write_effect,
+    Seen, TestDb, assert_invariants, create_effects_table, effects, eventually, on_every_backend,
+    write_effect,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -117,7 +117,11 @@ async fn pool_too_small_fails_fast(t: Arc<TestDb>) {
         .await
         .expect_err("pool of one connection");
     // Two handlers of concurrency 2, the sequencer, the scans; PostgreSQL's listener too.
-    let needed = if t.kind == outbox_tests::Kind::Postgres { 7 } else { 6 };
+    let needed = if t.kind == outbox_tests::Kind::Postgres {
+        7
+    } else {
+        6
+    };
     assert!(
         matches!(err, StartError::PoolTooSmall { needed: n, available: 1 } if n == needed),
         "{err:?}"

@@ -47,10 +47,16 @@ async fn a_handler_added_after_vacuum_starts_at_the_vacuumed_sequence(t: Arc<Tes
         .start()
         .await
         .expect("start");
-    let batch: Vec<_> = (0..20).map(|i| NewMessage::new("late", 0, format!("m{i}"))).collect();
+    let batch: Vec<_> = (0..20)
+        .map(|i| NewMessage::new("late", 0, format!("m{i}")))
+        .collect();
     rt.enqueue_batch(&db, &batch).await.expect("enqueue");
-    seen.wait_until(WAIT, "20 deliveries", |d| d.len() == 20).await;
-    eventually(WAIT, "vacuumed", || async { stored(&rt, "late").await == 0 }).await;
+    seen.wait_until(WAIT, "20 deliveries", |d| d.len() == 20)
+        .await;
+    eventually(WAIT, "vacuumed", || async {
+        stored(&rt, "late").await == 0
+    })
+    .await;
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
 
     let rt = Outbox::builder(db.clone())
@@ -78,7 +84,11 @@ async fn a_handler_added_after_vacuum_starts_at_the_vacuumed_sequence(t: Arc<Tes
         d.iter().filter(|d| d.body == "after").count() == 2
     })
     .await;
-    assert_eq!(seen.of("second").len(), 1, "the new handler starts after the vacuumed ones");
+    assert_eq!(
+        seen.of("second").len(),
+        1,
+        "the new handler starts after the vacuumed ones"
+    );
     assert_eq!(seen.of("second")[0].seq, 21);
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
     assert_invariants(&db, "outbox_").await;
@@ -104,7 +114,9 @@ async fn a_stale_handler_is_shown_and_can_be_retired(t: Arc<TestDb>) {
         both.retire_handler("fleet", "removed").await,
         Err(Error::HandlerInUse { .. })
     ));
-    both.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    both.shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown");
 
     // The next release no longer has `removed`.
     let rt = Outbox::builder(db.clone())
@@ -115,7 +127,9 @@ async fn a_stale_handler_is_shown_and_can_be_retired(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start without the removed handler");
-    let batch: Vec<_> = (0..10).map(|i| NewMessage::new("fleet", i % 2, format!("m{i}"))).collect();
+    let batch: Vec<_> = (0..10)
+        .map(|i| NewMessage::new("fleet", i % 2, format!("m{i}")))
+        .collect();
     rt.enqueue_batch(&db, &batch).await.expect("enqueue");
     seen.wait_until(WAIT, "kept handles all", |d| {
         d.iter().filter(|d| d.handler == "kept").count() == 10
@@ -133,7 +147,11 @@ async fn a_stale_handler_is_shown_and_can_be_retired(t: Arc<TestDb>) {
     assert!(removed.stale_for_ms.is_some_and(|ms| ms >= 0));
     assert_eq!(removed.pending, 10, "nobody handles its messages");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stored(&rt, "fleet").await, 10, "the removed handler pins vacuum");
+    assert_eq!(
+        stored(&rt, "fleet").await,
+        10,
+        "the removed handler pins vacuum"
+    );
 
     assert!(matches!(
         rt.retire_handler("fleet", "kept").await,
@@ -147,13 +165,23 @@ async fn a_stale_handler_is_shown_and_can_be_retired(t: Arc<TestDb>) {
         rt.retire_handler("fleet", "removed ").await,
         Err(Error::InvalidName(_))
     ));
-    assert_eq!(rt.retire_handler("fleet", "removed").await.expect("retire"), 2);
-    rt.enqueue(&db, NewMessage::new("fleet", 0, "nudge")).await.expect("enqueue");
-    eventually(WAIT, "vacuum moved on", || async { stored(&rt, "fleet").await == 0 }).await;
+    assert_eq!(
+        rt.retire_handler("fleet", "removed").await.expect("retire"),
+        2
+    );
+    rt.enqueue(&db, NewMessage::new("fleet", 0, "nudge"))
+        .await
+        .expect("enqueue");
+    eventually(WAIT, "vacuum moved on", || async {
+        stored(&rt, "fleet").await == 0
+    })
+    .await;
     let status = rt.queue_status("fleet").await.expect("status");
     assert!(status.handler("removed").is_none());
     assert_eq!(
-        rt.count_dead_letters(&outbox::DeadLetterFilter::all()).await.expect("count"),
+        rt.count_dead_letters(&outbox::DeadLetterFilter::all())
+            .await
+            .expect("count"),
         0
     );
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
@@ -195,7 +223,9 @@ async fn the_operators_head_is_the_handlers_own_message(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    rt.enqueue(&db, NewMessage::new("heads", 0, "poison")).await.expect("enqueue");
+    rt.enqueue(&db, NewMessage::new("heads", 0, "poison"))
+        .await
+        .expect("enqueue");
     eventually(WAIT, "a blocked on its head", || async {
         rt.queue_status("heads")
             .await
@@ -203,11 +233,18 @@ async fn the_operators_head_is_the_handlers_own_message(t: Arc<TestDb>) {
     })
     .await;
     // `a` skips its poisoned head, then replays it: a copy for `a` only, at seq 2.
-    let a_head = rt.queue_status("heads").await.expect("status").handler("a").expect("a")
+    let a_head = rt
+        .queue_status("heads")
+        .await
+        .expect("status")
+        .handler("a")
+        .expect("a")
         .partitions[0]
         .head_seq
         .expect("a head");
-    rt.skip_head("heads", 0, "a", a_head).await.expect("skip a's head");
+    rt.skip_head("heads", 0, "a", a_head)
+        .await
+        .expect("skip a's head");
     let id = rt
         .dead_letters(&outbox::DeadLetterFilter::all().handler("a"), 0, 1)
         .await
@@ -222,8 +259,13 @@ async fn the_operators_head_is_the_handlers_own_message(t: Arc<TestDb>) {
     let status = rt.queue_status("heads").await.expect("status");
     let b_part = &status.handler("b").expect("b").partitions[0];
     assert_eq!(b_part.head_seq, Some(1));
-    assert_eq!(b_part.pending, 2, "seq 2 is a's copy but counts as stored after b's cursor");
-    rt.skip_head("heads", 0, "b", 1).await.expect("skip b's head");
+    assert_eq!(
+        b_part.pending, 2,
+        "seq 2 is a's copy but counts as stored after b's cursor"
+    );
+    rt.skip_head("heads", 0, "b", 1)
+        .await
+        .expect("skip b's head");
     // Nothing of b's is left: the copy for a is not b's head.
     assert!(matches!(
         rt.skip_head("heads", 0, "b", 2).await,

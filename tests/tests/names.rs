@@ -16,7 +16,12 @@ use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn recorder(queue: &'static str, name: &'static str, tag: &'static str, seen: &Seen) -> HandlerSpec {
+fn recorder(
+    queue: &'static str,
+    name: &'static str,
+    tag: &'static str,
+    seen: &Seen,
+) -> HandlerSpec {
     let seen = seen.clone();
     HandlerSpec::transactional(queue, name, move |m, _txn| {
         seen.push(tag, m);
@@ -105,9 +110,24 @@ async fn name_filters_match_exactly(t: Arc<TestDb>) {
         let rt = rt.outbox().clone();
         async move { rt.count_dead_letters(&f).await }
     };
-    assert_eq!(count(DeadLetterFilter::all().queue("orders")).await.expect("count"), 1);
-    assert_eq!(count(DeadLetterFilter::all().queue("ORDERS")).await.expect("count"), 0);
-    assert_eq!(count(DeadLetterFilter::all().handler("SEND")).await.expect("count"), 0);
+    assert_eq!(
+        count(DeadLetterFilter::all().queue("orders"))
+            .await
+            .expect("count"),
+        1
+    );
+    assert_eq!(
+        count(DeadLetterFilter::all().queue("ORDERS"))
+            .await
+            .expect("count"),
+        0
+    );
+    assert_eq!(
+        count(DeadLetterFilter::all().handler("SEND"))
+            .await
+            .expect("count"),
+        0
+    );
     for bad in [
         DeadLetterFilter::all().queue("orders "),
         DeadLetterFilter::all().handler("send "),
@@ -139,7 +159,10 @@ struct FirstVersionOnly;
 
 impl MigratorTrait for FirstVersionOnly {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        outbox::migration::migrations().into_iter().take(1).collect()
+        outbox::migration::migrations()
+            .into_iter()
+            .take(1)
+            .collect()
     }
 }
 
@@ -149,7 +172,10 @@ impl MigratorTrait for FirstVersionOnly {
 async fn an_existing_database_is_upgraded_to_exact_names(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     FirstVersionOnly::up(&db, None).await.expect("version 1");
-    assert_eq!(scalar(&db, "SELECT MAX(version) FROM outbox_schema_version").await, 1);
+    assert_eq!(
+        scalar(&db, "SELECT MAX(version) FROM outbox_schema_version").await,
+        1
+    );
     // What the first schema's runtime wrote: a queue, its partition, a waiting message.
     for sql in [
         "INSERT INTO outbox_queues (name, partitions, created_at) VALUES ('legacy', 1, 0)",
@@ -179,7 +205,10 @@ async fn an_existing_database_is_upgraded_to_exact_names(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start upgrades");
-    assert_eq!(scalar(&db, "SELECT MAX(version) FROM outbox_schema_version").await, 2);
+    assert_eq!(
+        scalar(&db, "SELECT MAX(version) FROM outbox_schema_version").await,
+        2
+    );
     assert_eq!(rt.instance_id().await.expect("instance id").len(), 32);
     if db.get_database_backend() == DbBackend::MySql {
         let not_binary = scalar(

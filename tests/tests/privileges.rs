@@ -23,10 +23,15 @@ async fn rows_only_user(t: &TestDb, admin: &DatabaseConnection) -> DatabaseConne
                 format!("GRANT CONNECT ON DATABASE {db_name} TO {user}"),
                 format!("GRANT USAGE ON SCHEMA public TO {user}"),
                 format!("REVOKE CREATE ON SCHEMA public FROM PUBLIC"),
-                format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {user}"),
+                format!(
+                    "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {user}"
+                ),
                 format!("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {user}"),
             ] {
-                admin.execute_unprepared(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+                admin
+                    .execute_unprepared(&sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
             }
             let host = head.rsplit_once('@').map_or(head, |(_, h)| h);
             format!("postgres://{user}:pw@{host}/{db_name}")
@@ -36,9 +41,14 @@ async fn rows_only_user(t: &TestDb, admin: &DatabaseConnection) -> DatabaseConne
                 format!("CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'"),
                 format!("CREATE USER '{user}'@'localhost' IDENTIFIED BY 'pw'"),
                 format!("GRANT SELECT, INSERT, UPDATE, DELETE ON `{db_name}`.* TO '{user}'@'%'"),
-                format!("GRANT SELECT, INSERT, UPDATE, DELETE ON `{db_name}`.* TO '{user}'@'localhost'"),
+                format!(
+                    "GRANT SELECT, INSERT, UPDATE, DELETE ON `{db_name}`.* TO '{user}'@'localhost'"
+                ),
             ] {
-                admin.execute_unprepared(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+                admin
+                    .execute_unprepared(&sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
             }
             let host = head.rsplit_once('@').map_or(head, |(_, h)| h);
             format!("mysql://{user}:pw@{host}/{db_name}")
@@ -46,7 +56,9 @@ async fn rows_only_user(t: &TestDb, admin: &DatabaseConnection) -> DatabaseConne
     };
     let mut o = outbox::sea_orm::ConnectOptions::new(url);
     o.max_connections(8).sqlx_logging(false);
-    outbox::sea_orm::Database::connect(o).await.expect("connect as the rows-only user")
+    outbox::sea_orm::Database::connect(o)
+        .await
+        .expect("connect as the rows-only user")
 }
 
 async fn drop_user(t: &TestDb, admin: &DatabaseConnection, rw: &DatabaseConnection) {
@@ -74,7 +86,10 @@ async fn scalar_text(c: &DatabaseConnection, kind: Kind) -> String {
         "SELECT SUBSTRING_INDEX(CURRENT_USER(), '@', 1)"
     };
     let row = c
-        .query_one_raw(outbox::sea_orm::Statement::from_string(c.get_database_backend(), sql))
+        .query_one_raw(outbox::sea_orm::Statement::from_string(
+            c.get_database_backend(),
+            sql,
+        ))
         .await
         .expect("user")
         .expect("a row");
@@ -100,7 +115,10 @@ async fn a_rows_only_user_runs_on_a_current_schema(t: Arc<TestDb>) {
 
     // An empty database: the rows-only user cannot create the tables.
     let rw = rows_only_user(&t, &admin).await;
-    let err = builder(rw.clone(), &seen).start().await.expect_err("no tables, no DDL right");
+    let err = builder(rw.clone(), &seen)
+        .start()
+        .await
+        .expect_err("no tables, no DDL right");
     assert!(
         matches!(&err, StartError::Migration { from: None, to: 2, migration, .. } if migration.contains("v1")),
         "{err:?}"
@@ -111,7 +129,17 @@ async fn a_rows_only_user_runs_on_a_current_schema(t: Arc<TestDb>) {
         .start()
         .await
         .expect_err("no tables");
-    assert!(matches!(err, StartError::SchemaOutdated { found: None, expected: 2, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            StartError::SchemaOutdated {
+                found: None,
+                expected: 2,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     drop_user(&t, &admin, &rw).await;
 
     // The migrate step, run by a user that may change the schema.
@@ -121,8 +149,13 @@ async fn a_rows_only_user_runs_on_a_current_schema(t: Arc<TestDb>) {
         .await
         .expect("migrate");
     let rw = rows_only_user(&t, &admin).await;
-    let rt = builder(rw.clone(), &seen).start().await.expect("start on a current schema");
-    let batch: Vec<_> = (0..20).map(|i| NewMessage::new("least", i % 2, format!("{i}"))).collect();
+    let rt = builder(rw.clone(), &seen)
+        .start()
+        .await
+        .expect("start on a current schema");
+    let batch: Vec<_> = (0..20)
+        .map(|i| NewMessage::new("least", i % 2, format!("{i}")))
+        .collect();
     rt.enqueue_batch(&rw, &batch).await.expect("enqueue");
     wait_drained(rt.outbox(), "least", WAIT).await;
     assert_eq!(seen.all().len(), 20);
@@ -142,9 +175,25 @@ async fn a_rows_only_user_runs_on_a_current_schema(t: Arc<TestDb>) {
         matches!(&err, StartError::SchemaOutdated { found: Some(1), expected: 2, migration } if migration.contains("exact_names")),
         "{err:?}"
     );
-    let err = builder(rw.clone(), &seen).start().await.expect_err("outdated, no DDL right");
-    assert!(matches!(err, StartError::Migration { from: Some(1), to: 2, .. }), "{err:?}");
-    assert_eq!(scalar(&admin, "SELECT MAX(version) FROM outbox_schema_version").await, 1);
+    let err = builder(rw.clone(), &seen)
+        .start()
+        .await
+        .expect_err("outdated, no DDL right");
+    assert!(
+        matches!(
+            err,
+            StartError::Migration {
+                from: Some(1),
+                to: 2,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        scalar(&admin, "SELECT MAX(version) FROM outbox_schema_version").await,
+        1
+    );
     drop_user(&t, &admin, &rw).await;
 }
 

@@ -111,8 +111,7 @@ mod tests {
     fn a_failure_with_attempts_left_is_retried_after_a_growing_backoff() {
         let t = tuning(5);
         for attempts in 1..5 {
-            let Verdict::Retry(d) = decide(attempts, &retry(), &t, PoisonPolicy::DeadLetter)
-            else {
+            let Verdict::Retry(d) = decide(attempts, &retry(), &t, PoisonPolicy::DeadLetter) else {
                 panic!("attempt {attempts} must be retried");
             };
             let raw = Duration::from_millis(100)
@@ -129,10 +128,7 @@ mod tests {
             decide(3, &retry(), &t, PoisonPolicy::DeadLetter),
             Verdict::DeadLetter
         );
-        assert_eq!(
-            decide(3, &retry(), &t, PoisonPolicy::Block),
-            Verdict::Block
-        );
+        assert_eq!(decide(3, &retry(), &t, PoisonPolicy::Block), Verdict::Block);
         assert_eq!(
             decide(i64::MAX, &retry(), &t, PoisonPolicy::DeadLetter),
             Verdict::DeadLetter,
@@ -164,7 +160,11 @@ mod tests {
         let short = "disk full";
         assert_eq!(error_text(short), short);
         let exact = "x".repeat(MAX_ERROR_BYTES);
-        assert_eq!(error_text(&exact), exact, "exactly at the limit is kept whole");
+        assert_eq!(
+            error_text(&exact),
+            exact,
+            "exactly at the limit is kept whole"
+        );
         for pad in 0..4 {
             // Four-byte characters straddle the cut at every offset.
             let long = format!("{}{}", "y".repeat(pad), "🦀".repeat(MAX_ERROR_BYTES));

@@ -188,10 +188,9 @@ impl Outbox {
     ) -> Result<(), EnqueueError> {
         let store = &self.shared.store;
         // sea-orm panics when asked the backend of a disconnected `DatabaseConnection`.
-        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            conn.get_database_backend()
-        }))
-        .map_err(|_| EnqueueError::Disconnected)?;
+        let found =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conn.get_database_backend()))
+                .map_err(|_| EnqueueError::Disconnected)?;
         if found != store.backend {
             return Err(EnqueueError::BackendMismatch {
                 expected: store.backend,
@@ -860,15 +859,19 @@ impl Builder {
                 .iter()
                 .map(|h| (h.queue.to_string(), h.name.to_string()))
                 .collect();
-            let pairs: Vec<(&str, &str)> =
-                served.iter().map(|(q, h)| (q.as_str(), h.as_str())).collect();
+            let pairs: Vec<(&str, &str)> = served
+                .iter()
+                .map(|(q, h)| (q.as_str(), h.as_str()))
+                .collect();
             let every = rt.heartbeat_interval;
             shared.store.heartbeat(&pairs, every).await?;
             let s = shared.clone();
             let c = cancel.child_token();
             spawn(Box::pin(async move {
-                let pairs: Vec<(&str, &str)> =
-                    served.iter().map(|(q, h)| (q.as_str(), h.as_str())).collect();
+                let pairs: Vec<(&str, &str)> = served
+                    .iter()
+                    .map(|(q, h)| (q.as_str(), h.as_str()))
+                    .collect();
                 while !pairs.is_empty() {
                     tokio::select! {
                         () = c.cancelled() => return,
@@ -883,7 +886,9 @@ impl Builder {
         {
             let o = outbox.clone();
             let c = cancel.child_token();
-            spawn(Box::pin(async move { crate::metrics::run_gauges(&o, c).await }));
+            spawn(Box::pin(
+                async move { crate::metrics::run_gauges(&o, c).await },
+            ));
         }
         if let sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) =
             &shared.store.db.inner

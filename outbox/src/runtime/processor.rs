@@ -81,7 +81,10 @@ enum CallError {
     Handler(HandlerError),
     /// The call ran past its time limit (`budget`: the SQLite write-lock budget, not the
     /// handler's own timeout).
-    Limit { budget: bool, what: String },
+    Limit {
+        budget: bool,
+        what: String,
+    },
     /// Hard shutdown cancelled the call.
     Interrupted,
 }
@@ -296,7 +299,12 @@ impl Processor {
 
     /// The messages of `batch` this handler should see, with their attempt numbers (the first
     /// of them carries the cursor's failed attempts).
-    fn messages(&self, batch: &[StoredMessage], partition: u32, head_attempts: i64) -> Vec<Message> {
+    fn messages(
+        &self,
+        batch: &[StoredMessage],
+        partition: u32,
+        head_attempts: i64,
+    ) -> Vec<Message> {
         batch
             .iter()
             .filter(|m| self.mine(m))
@@ -363,7 +371,10 @@ impl Processor {
             attempts: cur.attempts,
         };
         let txn = store.begin_write().await?;
-        if store.settle(&*txn, self.key(partition), outcome, fence).await? {
+        if store
+            .settle(&*txn, self.key(partition), outcome, fence)
+            .await?
+        {
             txn.commit().await?;
             self.log_failure(partition, message, attempts, verdict, failed);
         } else {
@@ -456,7 +467,11 @@ impl Processor {
                             stopped_early = true;
                             break;
                         }
-                        let attempt = if handled == 0 { cur.attempts as u64 + 1 } else { 1 };
+                        let attempt = if handled == 0 {
+                            cur.attempts as u64 + 1
+                        } else {
+                            1
+                        };
                         let msg = m.clone().into_message(&self.queue, partition, attempt);
                         let call = self.call(f(&msg, &txn), limit, budget);
                         match metrics::timed(&self.queue, &self.handler, &msg, call).await {
@@ -492,10 +507,16 @@ impl Processor {
             }
             let Some((i, err)) = failure else {
                 let step = self
-                    .commit_batch(partition, txn, &cur, &marker, &batch, processed, handled, carried, drain)
+                    .commit_batch(
+                        partition, txn, &cur, &marker, &batch, processed, handled, carried, drain,
+                    )
                     .await?;
                 let full = batch.len() == limit as usize || stopped_early;
-                return Ok(if step == Step::Done && full { Step::More } else { step });
+                return Ok(if step == Step::Done && full {
+                    Step::More
+                } else {
+                    step
+                });
             };
             // A failed rollback (lost connection) still releases the locks server-side.
             let _ = txn.rollback().await;
@@ -510,14 +531,28 @@ impl Processor {
                 (Call::Many(_), err) => {
                     if let Some(m) = mine.first() {
                         let before = seq_before(&batch, m.seq, cur.processed_seq);
-                        self.record_failure(partition, &cur, before, m, cur.attempts + 1, &err.failed())
-                            .await?;
+                        self.record_failure(
+                            partition,
+                            &cur,
+                            before,
+                            m,
+                            cur.attempts + 1,
+                            &err.failed(),
+                        )
+                        .await?;
                     }
                     Ok(Step::More)
                 }
                 (Call::One(_), err) if handled == 0 => {
-                    self.record_failure(partition, &cur, processed, &batch[i], cur.attempts + 1, &err.failed())
-                        .await?;
+                    self.record_failure(
+                        partition,
+                        &cur,
+                        processed,
+                        &batch[i],
+                        cur.attempts + 1,
+                        &err.failed(),
+                    )
+                    .await?;
                     Ok(Step::More)
                 }
                 (Call::One(_), CallError::Limit { budget: true, .. }) => {
@@ -597,16 +632,23 @@ impl Processor {
             .settle(&*txn, self.key(partition), outcome, Fence::Claim(marker))
             .await
         {
-            Ok(true) => txn.commit().await.map_err(|e| format!("commit failed: {e}")),
+            Ok(true) => txn
+                .commit()
+                .await
+                .map_err(|e| format!("commit failed: {e}")),
             Ok(false) => {
                 let _ = txn.rollback().await;
-                Err("the database rolled the transaction back while the handler ran \
+                Err(
+                    "the database rolled the transaction back while the handler ran \
                      (a deadlock, busy or I/O error the handler swallowed?)"
-                    .to_owned())
+                        .to_owned(),
+                )
             }
             Err(e) => {
                 let _ = txn.rollback().await;
-                Err(format!("the transaction failed after the handler returned: {e}"))
+                Err(format!(
+                    "the transaction failed after the handler returned: {e}"
+                ))
             }
         };
         let reason = match settled {
@@ -627,8 +669,15 @@ impl Processor {
             [] => Err(DbErr::Custom(reason)),
             [m] => {
                 let before = seq_before(batch, m.seq, cur.processed_seq);
-                self.record_failure(partition, cur, before, m, cur.attempts + 1, &Failed::retry(reason))
-                    .await?;
+                self.record_failure(
+                    partition,
+                    cur,
+                    before,
+                    m,
+                    cur.attempts + 1,
+                    &Failed::retry(reason),
+                )
+                .await?;
                 Ok(Step::More)
             }
             _ => {
@@ -683,7 +732,8 @@ impl Processor {
                 return Ok(Step::More);
             };
             attempts += 1;
-            let failed = Failed::retry("lease expired without an ack (the worker crashed or stalled)");
+            let failed =
+                Failed::retry("lease expired without an ack (the worker crashed or stalled)");
             let verdict = failure::decide(attempts, &failed, &self.tuning, self.policy);
             if !matches!(verdict, Verdict::Retry(_)) {
                 let outcome = Outcome::Failed {
@@ -710,7 +760,14 @@ impl Processor {
         let token = new_token();
         let started = Instant::now();
         store
-            .take_lease(&*claim_txn, key, &token, &self.owner, self.tuning.lease, attempts)
+            .take_lease(
+                &*claim_txn,
+                key,
+                &token,
+                &self.owner,
+                self.tuning.lease,
+                attempts,
+            )
             .await?;
         claim_txn.commit().await?;
 
@@ -774,7 +831,8 @@ impl Processor {
                         let result = if lease.deadline() <= Instant::now() {
                             Err(CallError::Limit {
                                 budget: false,
-                                what: "lease deadline reached before the handler started".to_owned(),
+                                what: "lease deadline reached before the handler started"
+                                    .to_owned(),
                             })
                         } else {
                             let call = self.call_leased(one(&msg, &ctx), &lease);
@@ -836,7 +894,13 @@ impl Processor {
                     attempts: progress.1,
                 },
             };
-            let acked = if matches!(outcome, Outcome::Failed { verdict: Verdict::DeadLetter, .. }) {
+            let acked = if matches!(
+                outcome,
+                Outcome::Failed {
+                    verdict: Verdict::DeadLetter,
+                    ..
+                }
+            ) {
                 let txn = store.begin_write().await?;
                 let ok = store.settle(&*txn, key, outcome, fence).await?;
                 txn.commit().await?;

@@ -281,10 +281,7 @@ impl Store {
         exec(
             c,
             self.stmt(
-                &format!(
-                    "UPDATE {} SET lease_token = ? WHERE {KEY}",
-                    self.t.cursors
-                ),
+                &format!("UPDATE {} SET lease_token = ? WHERE {KEY}", self.t.cursors),
                 values,
             ),
         )

@@ -9,8 +9,7 @@ mod sequence;
 pub(crate) mod status;
 
 pub(crate) use cursor::{
-    CursorKey, CursorRow, Fence, Outcome, Refused, RetireRefused,
-    STALE_AFTER_HEARTBEATS, Verdict,
+    CursorKey, CursorRow, Fence, Outcome, Refused, RetireRefused, STALE_AFTER_HEARTBEATS, Verdict,
 };
 pub(crate) use ops::StoredMessage;
 pub use ops::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};

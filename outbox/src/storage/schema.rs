@@ -401,7 +401,10 @@ impl Store {
         let row = self
             .db
             .query_one_raw(self.stmt(
-                &format!("SELECT value FROM {} WHERE name = 'instance_id'", self.t.meta),
+                &format!(
+                    "SELECT value FROM {} WHERE name = 'instance_id'",
+                    self.t.meta
+                ),
                 vec![],
             ))
             .await?;
@@ -511,7 +514,12 @@ async fn apply_step<C: ConnectionTrait>(
                 c,
                 statement(
                     backend,
-                    &insert_ignore_sql(backend, &t.meta, "name, value", "VALUES ('instance_id', ?)"),
+                    &insert_ignore_sql(
+                        backend,
+                        &t.meta,
+                        "name, value",
+                        "VALUES ('instance_id', ?)",
+                    ),
                     vec![id.into()],
                 ),
             )

@@ -2,9 +2,9 @@
 
 use sea_orm::{ConnectionTrait, DbErr, Value};
 
-use super::{Store, col};
 #[cfg(feature = "testing")]
 use super::exec;
+use super::{Store, col};
 
 /// A registered queue.
 #[derive(Debug, Clone)]
