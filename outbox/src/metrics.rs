@@ -12,7 +12,7 @@
 //! | `outbox_dead_lettered_total` | counter | `queue`, `handler` | Messages moved to the dead letters (attempts exhausted or rejected). |
 //! | `outbox_blocked_total` | counter | `queue`, `handler` | Times a poisoned head blocked a partition (block policy). |
 //! | `outbox_handler_duration_seconds` | histogram | `queue`, `handler` | Duration of one handler call that succeeded. |
-//! | `outbox_delivery_latency_seconds` | histogram | `queue`, `handler` | From enqueue (`Message::enqueued_at_ms`, the producer's clock at insert; commit follows it) to the successful end of the handler call. |
+//! | `outbox_delivery_latency_seconds` | histogram | `queue`, `handler` | From enqueue (`Message::enqueued_at_ms`, the database's clock at insert; commit follows it) to the successful end of the handler call, by this process's clock (skew between it and the database shows here). |
 //! | `outbox_waiting` | gauge | `queue`, `handler` | Messages the handler has not handled yet, sequenced or not (depth). |
 //! | `outbox_lag_seconds` | gauge | `queue`, `handler` | Age of the oldest message the handler has not handled (0 when nothing waits). |
 //! | `outbox_unsequenced` | gauge | `queue` | Committed messages waiting for the sequencer. |

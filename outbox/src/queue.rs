@@ -173,7 +173,8 @@ impl Message {
         &self.payload
     }
 
-    /// When it was enqueued, in milliseconds since the Unix epoch (producer's clock).
+    /// When it was enqueued, in milliseconds since the Unix epoch, by the database's clock at
+    /// insert (the transaction commits after it).
     pub fn enqueued_at_ms(&self) -> i64 {
         self.enqueued_at_ms
     }
