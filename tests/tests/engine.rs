@@ -1157,7 +1157,7 @@ async fn one_batch_per_partition_at_a_time_across_runtimes(t: Arc<TestDb>) {
     };
     let mut runtimes = Vec::new();
     for _ in 0..2 {
-        let db = t.pool(10).await;
+        let db = t.pool(12).await;
         let (tx, leased) = (guard("tx"), guard("leased"));
         runtimes.push(
             Outbox::builder(db)

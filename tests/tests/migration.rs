@@ -51,16 +51,23 @@ async fn application_migrator_creates_and_drops_the_schema(t: Arc<TestDb>) {
     assert!(gone, "down left the tables");
 }
 
+struct FirstVersionOnly;
+
+impl MigratorTrait for FirstVersionOnly {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        outbox::migration::migrations()
+            .into_iter()
+            .take(1)
+            .collect()
+    }
+}
+
 /// A database created before the sequencer read `incoming` by primary key has a secondary
-/// index there; starting drops it (producers no longer pay for it), and messages waiting in
-/// `incoming` at the upgrade are delivered.
+/// index there (at schema version 1: that change kept the version); the upgrade at start drops
+/// it (producers no longer pay for it), and messages waiting in `incoming` are delivered.
 async fn upgrade_drops_the_old_incoming_index(t: Arc<TestDb>) {
     let db = t.pool(8).await;
-    let producer = Outbox::builder(db.clone())
-        .queue(QueueSpec::new("upgraded", 2))
-        .connect()
-        .await
-        .expect("connect");
+    FirstVersionOnly::up(&db, None).await.expect("version 1");
     let mysql = db.get_database_backend() == DbBackend::MySql;
     let create = if mysql {
         "CREATE INDEX outbox_incoming_partition ON outbox_incoming (queue, partition_no, id)"
@@ -68,11 +75,36 @@ async fn upgrade_drops_the_old_incoming_index(t: Arc<TestDb>) {
         "CREATE INDEX outbox_incoming_partition ON outbox_incoming (queue, partition_no)"
     };
     db.execute_unprepared(create).await.expect("old index");
+    // What the old runtime wrote: the queue, its partitions, four waiting messages.
+    db.execute_unprepared(
+        "INSERT INTO outbox_queues (name, partitions, created_at) VALUES ('upgraded', 2, 0)",
+    )
+    .await
+    .expect("queue");
+    for p in 0..2 {
+        db.execute_unprepared(&format!(
+            "INSERT INTO outbox_partitions (queue, partition_no) VALUES ('upgraded', {p})"
+        ))
+        .await
+        .expect("partition");
+    }
     for i in 0..4u32 {
-        producer
-            .enqueue(&db, NewMessage::new("upgraded", i % 2, format!("m{i}")))
-            .await
-            .expect("enqueue");
+        let hex: String = format!("m{i}")
+            .bytes()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let payload = if db.get_database_backend() == DbBackend::Postgres {
+            format!("'\\x{hex}'::bytea")
+        } else {
+            format!("X'{hex}'")
+        };
+        db.execute_unprepared(&format!(
+            "INSERT INTO outbox_incoming (queue, partition_no, payload, created_at) \
+             VALUES ('upgraded', {}, {payload}, 0)",
+            i % 2
+        ))
+        .await
+        .expect("waiting message");
     }
     let indexes = |db: DatabaseConnection| async move {
         let sql = match db.get_database_backend() {

@@ -500,6 +500,9 @@ async fn apply_step<C: ConnectionTrait>(
     match version {
         1 => drop_incoming_index(c, backend, t).await?,
         2 => {
+            // Version-1 databases made before the sequencer read `incoming` by primary key
+            // still carry its old index (that change kept the version number).
+            drop_incoming_index(c, backend, t).await?;
             // Handlers registered before the registry existed: listed, never seen yet.
             let now = now_sql(backend);
             c.execute_unprepared(&insert_ignore_sql(
