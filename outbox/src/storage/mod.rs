@@ -4,6 +4,7 @@
 mod cursor;
 pub(crate) mod notify;
 mod ops;
+mod scheduled;
 pub(crate) mod schema;
 mod sequence;
 pub(crate) mod status;
@@ -11,8 +12,9 @@ pub(crate) mod status;
 pub(crate) use cursor::{
     CursorKey, CursorRow, Fence, Outcome, Refused, RetireRefused, STALE_AFTER_HEARTBEATS, Verdict,
 };
-pub(crate) use ops::StoredMessage;
 pub use ops::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
+pub(crate) use ops::{InsertRow, StoredMessage};
+pub(crate) use scheduled::{DueAt, ScheduledCount};
 pub(crate) use schema::Registered;
 
 use std::sync::Arc;
@@ -46,6 +48,10 @@ pub(crate) struct Tables {
     pub(crate) handlers: String,
     /// Facts about this outbox (its instance id).
     pub(crate) meta: String,
+    /// Deduplication keys in use, per queue.
+    pub(crate) dedup: String,
+    /// Messages waiting for their delivery time.
+    pub(crate) scheduled: String,
     /// PostgreSQL NOTIFY channel.
     pub(crate) channel: String,
 }
@@ -64,6 +70,8 @@ impl Tables {
             dead_letters: t("dead_letters"),
             handlers: t("handlers"),
             meta: t("meta"),
+            dedup: t("dedup"),
+            scheduled: t("scheduled"),
             channel: t("wake"),
         }
     }

@@ -155,13 +155,24 @@ pub struct QueueDepth {
 
 /// Rows per INSERT statement: at most 500, and at most about 4 MiB of payload (MySQL's
 /// `max_allowed_packet` defaults to 16 or 64 MiB), but always at least one row.
-fn statement_rows(rows: &[(&str, u32, &[u8], Option<&str>)]) -> usize {
+/// One message for `incoming`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InsertRow<'a> {
+    pub(crate) queue: &'a str,
+    pub(crate) partition: u32,
+    pub(crate) payload: &'a [u8],
+    /// A replayed dead letter goes to this handler only.
+    pub(crate) target: Option<&'a str>,
+    pub(crate) dedup_key: Option<&'a str>,
+}
+
+fn statement_rows(rows: &[InsertRow<'_>]) -> usize {
     const MAX_ROWS: usize = 500;
     const MAX_BYTES: usize = 4 << 20;
     let mut bytes = 0;
     let mut n = 0;
-    for (_, _, payload, _) in rows.iter().take(MAX_ROWS) {
-        bytes += payload.len();
+    for r in rows.iter().take(MAX_ROWS) {
+        bytes += r.payload.len();
         if n > 0 && bytes > MAX_BYTES {
             break;
         }
@@ -197,24 +208,25 @@ impl Store {
     pub(crate) async fn insert_incoming<C: ConnectionTrait>(
         &self,
         c: &C,
-        rows: &[(&str, u32, &[u8], Option<&str>)],
+        rows: &[InsertRow<'_>],
     ) -> Result<(), DbErr> {
         let now = self.now_sql();
-        let row_sql = format!("(?, ?, ?, ?, {now})");
+        let row_sql = format!("(?, ?, ?, ?, ?, {now})");
         let mut rest = rows;
         while !rest.is_empty() {
             let take = statement_rows(rest);
             let (chunk, tail) = rest.split_at(take);
             rest = tail;
-            let mut values = Vec::with_capacity(chunk.len() * 4 + 2);
-            for (queue, partition, payload, target) in chunk {
-                values.push((*queue).into());
-                values.push(i64::from(*partition).into());
-                values.push(payload.to_vec().into());
-                values.push(target.map(str::to_owned).into());
+            let mut values = Vec::with_capacity(chunk.len() * 5 + 2);
+            for r in chunk {
+                values.push(r.queue.into());
+                values.push(i64::from(r.partition).into());
+                values.push(r.payload.to_vec().into());
+                values.push(r.target.map(str::to_owned).into());
+                values.push(r.dedup_key.map(str::to_owned).into());
             }
             let insert = format!(
-                "INSERT INTO {} (queue, partition_no, payload, target_handler, created_at) VALUES {}",
+                "INSERT INTO {} (queue, partition_no, payload, target_handler, dedup_key, created_at) VALUES {}",
                 self.t.incoming,
                 vec![row_sql.as_str(); chunk.len()].join(", ")
             );
@@ -316,7 +328,13 @@ impl Store {
         }
         self.insert_incoming(
             &*txn,
-            &[(&dl.queue, dl.partition, &dl.payload, Some(&dl.handler))],
+            &[InsertRow {
+                queue: &dl.queue,
+                partition: dl.partition,
+                payload: &dl.payload,
+                target: Some(&dl.handler),
+                dedup_key: None,
+            }],
         )
         .await?;
         txn.commit().await?;
@@ -375,6 +393,8 @@ impl Store {
             let upto = min_processed.min(vacuumed + i64::from(chunk));
             more |= upto < min_processed;
             let txn = self.begin_write().await?;
+            self.release_dedup_keys(&*txn, &queue, partition, vacuumed, upto)
+                .await?;
             deleted += exec(
                 &*txn,
                 self.stmt(
@@ -485,7 +505,18 @@ mod tests {
     fn insert_statements_are_bounded_by_rows_and_bytes() {
         let small = vec![0u8; 10];
         let big = vec![0u8; 3 << 20];
-        let rows = |p: &'static [u8], n: usize| vec![("q", 0u32, p, None::<&str>); n];
+        let rows = |p: &'static [u8], n: usize| {
+            vec![
+                InsertRow {
+                    queue: "q",
+                    partition: 0,
+                    payload: p,
+                    target: None,
+                    dedup_key: None,
+                };
+                n
+            ]
+        };
         let small: &'static [u8] = small.leak();
         let big: &'static [u8] = big.leak();
         assert_eq!(statement_rows(&rows(small, 1200)), 500);

@@ -12,13 +12,14 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr};
 use super::{Store, Tables, col, exec, statement};
 
 /// Version of the schema this build writes and needs.
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
 
 /// The migration of each version, by name (also the names of the sea-orm-migration
 /// migrations in [`crate::migration`]).
-pub(crate) const MIGRATIONS: [(i64, &str); 2] = [
+pub(crate) const MIGRATIONS: [(i64, &str); 3] = [
     (1, "m20261124_000001_outbox_schema_v1"),
     (2, "m20261202_000002_outbox_exact_names_and_handlers"),
+    (3, "m20261206_000003_outbox_dedup_and_scheduled"),
 ];
 
 /// The name of the migration that brings the schema to `version`.
@@ -202,6 +203,166 @@ fn step_2(backend: DbBackend, t: &Tables) -> Vec<String> {
     out
 }
 
+/// Version 3: deduplication keys and scheduled delivery.
+///
+/// `dedup` holds one row per (queue, key) in use: inserted in the producer's transaction (its
+/// primary key is what makes a second enqueue a duplicate, also under concurrent producers),
+/// released by vacuum when the message is gone, deleted a retention window later. The key
+/// travels with the message (`incoming.dedup_key`, `outgoing.dedup_key`) so vacuum knows which
+/// keys it releases. `scheduled` holds messages until they are due; its `(due_at, id)` index
+/// lets the scheduler find the due ones without reading the future ones.
+fn step_3(backend: DbBackend, t: &Tables) -> Vec<String> {
+    let p = &t.prefix;
+    let name = name_type(backend);
+    let key = key_type(backend);
+    let (big, blob, id, engine) = match backend {
+        DbBackend::Sqlite => ("INTEGER", "BLOB", "id INTEGER PRIMARY KEY", ""),
+        DbBackend::MySql => (
+            "BIGINT",
+            "LONGBLOB",
+            "id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY",
+            " ENGINE=InnoDB",
+        ),
+        _ => (
+            "BIGINT",
+            "BYTEA",
+            "id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+            "",
+        ),
+    };
+    let mut out = vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (queue {name} NOT NULL, dedup_key {key} NOT NULL, \
+             created_at {big} NOT NULL, released_at {big}, PRIMARY KEY (queue, dedup_key)){engine}",
+            t.dedup
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} ({id}, queue {name} NOT NULL, partition_no {big} NOT NULL, \
+             payload {blob} NOT NULL, dedup_key {key}, due_at {big} NOT NULL, created_at {big} NOT NULL){engine}",
+            t.scheduled
+        ),
+    ];
+    if backend == DbBackend::MySql {
+        // MySQL has no CREATE INDEX IF NOT EXISTS; `add_missing_index` checks the catalog.
+    } else {
+        out.extend([
+            format!(
+                "CREATE INDEX IF NOT EXISTS {p}dedup_released ON {} (released_at)",
+                t.dedup
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {p}scheduled_due ON {} (due_at, id)",
+                t.scheduled
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {p}scheduled_key ON {} (queue, dedup_key)",
+                t.scheduled
+            ),
+        ]);
+    }
+    out
+}
+
+/// The column type of a deduplication key: up to 255 characters, compared exactly.
+fn key_type(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::MySql => "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+        DbBackend::Sqlite => "TEXT",
+        _ => "VARCHAR(255)",
+    }
+}
+
+/// Adds `column` to `table` unless it is there (MySQL has no `ADD COLUMN IF NOT EXISTS`,
+/// SQLite neither).
+async fn add_missing_column<C: ConnectionTrait>(
+    c: &C,
+    backend: DbBackend,
+    table: &str,
+    column: &str,
+    ty: &str,
+) -> Result<(), DbErr> {
+    let check = match backend {
+        DbBackend::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?"
+        }
+        DbBackend::MySql => {
+            "SELECT COUNT(*) FROM information_schema.columns \
+             WHERE table_schema = DATABASE() AND table_name = ? AND column_name = ?"
+        }
+        _ => "SELECT COUNT(*) FROM pragma_table_info(?) WHERE name = ?",
+    };
+    let row = c
+        .query_one_raw(statement(backend, check, vec![table.into(), column.into()]))
+        .await?;
+    let present = match row {
+        Some(r) => col::<i64>(&r, 0)? > 0,
+        None => false,
+    };
+    if !present {
+        c.execute_unprepared(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Drops `column` from `table` if it is there.
+#[cfg(feature = "migration")]
+async fn drop_present_column<C: ConnectionTrait>(
+    c: &C,
+    backend: DbBackend,
+    table: &str,
+    column: &str,
+) -> Result<(), DbErr> {
+    let check = match backend {
+        DbBackend::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?"
+        }
+        DbBackend::MySql => {
+            "SELECT COUNT(*) FROM information_schema.columns \
+             WHERE table_schema = DATABASE() AND table_name = ? AND column_name = ?"
+        }
+        _ => "SELECT COUNT(*) FROM pragma_table_info(?) WHERE name = ?",
+    };
+    let row = c
+        .query_one_raw(statement(backend, check, vec![table.into(), column.into()]))
+        .await?;
+    if let Some(r) = row
+        && col::<i64>(&r, 0)? > 0
+    {
+        c.execute_unprepared(&format!("ALTER TABLE {table} DROP COLUMN {column}"))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Creates index `name` on `table (cols)` on MySQL/MariaDB unless it exists.
+async fn add_missing_index<C: ConnectionTrait>(
+    c: &C,
+    table: &str,
+    name: &str,
+    cols: &str,
+) -> Result<(), DbErr> {
+    let row = c
+        .query_one_raw(statement(
+            DbBackend::MySql,
+            "SELECT COUNT(*) FROM information_schema.statistics \
+             WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
+            vec![table.into(), name.into()],
+        ))
+        .await?;
+    let present = match row {
+        Some(r) => col::<i64>(&r, 0)? > 0,
+        None => false,
+    };
+    if !present {
+        c.execute_unprepared(&format!("CREATE INDEX {name} ON {table} ({cols})"))
+            .await?;
+    }
+    Ok(())
+}
+
 /// The column type of a queue or handler name.
 fn name_type(backend: DbBackend) -> &'static str {
     match backend {
@@ -212,7 +373,12 @@ fn name_type(backend: DbBackend) -> &'static str {
 }
 
 /// `INSERT` of one row that does nothing when the primary key exists.
-fn insert_ignore_sql(backend: DbBackend, table: &str, cols: &str, values: &str) -> String {
+pub(crate) fn insert_ignore_sql(
+    backend: DbBackend,
+    table: &str,
+    cols: &str,
+    values: &str,
+) -> String {
     match backend {
         DbBackend::MySql => format!("INSERT IGNORE INTO {table} ({cols}) {values}"),
         DbBackend::Sqlite => format!("INSERT OR IGNORE INTO {table} ({cols}) {values}"),
@@ -492,6 +658,7 @@ async fn apply_step<C: ConnectionTrait>(
     let sql = match version {
         1 => step_1(backend, t),
         2 => step_2(backend, t),
+        3 => step_3(backend, t),
         _ => return Err(too_new(version)),
     };
     for s in sql {
@@ -527,6 +694,25 @@ async fn apply_step<C: ConnectionTrait>(
                 ),
             )
             .await?;
+        }
+        3 => {
+            let key = key_type(backend);
+            add_missing_column(c, backend, &t.incoming, "dedup_key", key).await?;
+            add_missing_column(c, backend, &t.outgoing, "dedup_key", key).await?;
+            if backend == DbBackend::MySql {
+                let p = &t.prefix;
+                add_missing_index(c, &t.dedup, &format!("{p}dedup_released"), "released_at")
+                    .await?;
+                add_missing_index(c, &t.scheduled, &format!("{p}scheduled_due"), "due_at, id")
+                    .await?;
+                add_missing_index(
+                    c,
+                    &t.scheduled,
+                    &format!("{p}scheduled_key"),
+                    "queue, dedup_key",
+                )
+                .await?;
+            }
         }
         _ => {}
     }
@@ -600,6 +786,8 @@ pub(crate) async fn revert<C: ConnectionTrait>(
     let backend = c.get_database_backend();
     let tables: Vec<&String> = match version {
         1 => vec![
+            &t.scheduled,
+            &t.dedup,
             &t.meta,
             &t.handlers,
             &t.dead_letters,
@@ -610,7 +798,12 @@ pub(crate) async fn revert<C: ConnectionTrait>(
             &t.queues,
             &t.schema_version,
         ],
-        _ => vec![&t.meta, &t.handlers],
+        2 => vec![&t.meta, &t.handlers],
+        _ => {
+            drop_present_column(c, backend, &t.incoming, "dedup_key").await?;
+            drop_present_column(c, backend, &t.outgoing, "dedup_key").await?;
+            vec![&t.scheduled, &t.dedup]
+        }
     };
     for table in tables {
         c.execute_unprepared(&format!("DROP TABLE IF EXISTS {table}"))

@@ -61,7 +61,7 @@ pub(crate) struct HandlerRow {
     pub(crate) heartbeat_ms: Option<i64>,
 }
 
-/// Everything the status API reads, in six statements.
+/// Everything the status API reads, in seven statements.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct StatusRows {
     /// The database's clock when the status was read.
@@ -72,6 +72,7 @@ pub(crate) struct StatusRows {
     pub(crate) cursors: Vec<CursorStatusRow>,
     pub(crate) dead: Vec<DeadRow>,
     pub(crate) handlers: Vec<HandlerRow>,
+    pub(crate) scheduled: Vec<super::ScheduledCount>,
 }
 
 fn partition_of(v: i64) -> u32 {
@@ -81,7 +82,8 @@ fn partition_of(v: i64) -> u32 {
 impl Store {
     /// Reads the state of every queue (or only `queue`): queues, unsequenced messages grouped
     /// by partition, cursors joined with their partition's tail and head message, and dead
-    /// letters grouped by handler and partition, and the handler registry. Six statements
+    /// letters grouped by handler and partition, the handler registry, and scheduled messages per
+    /// queue. Seven statements
     /// whatever the partition count; the head lookups are index probes per cursor.
     pub(crate) async fn status_rows(&self, queue: Option<&str>) -> Result<StatusRows, DbErr> {
         let filter = |alias: &str, column: &str| -> (String, Vec<Value>) {
@@ -90,6 +92,13 @@ impl Store {
                 None => (String::new(), Vec::new()),
             }
         };
+        // Read upstream first (scheduled, then incoming, then the cursors over outgoing): a
+        // message that moves on between two reads is then seen twice at worst, never missed,
+        // so "nothing waits" is never reported while something does.
+        let mut scheduled = self.scheduled_counts().await?;
+        if let Some(q) = queue {
+            scheduled.retain(|s| s.queue == q);
+        }
         let version = self
             .db
             .query_one_raw(self.stmt(
@@ -241,6 +250,7 @@ impl Store {
         Ok(StatusRows {
             now,
             handlers,
+            scheduled,
             schema_version,
             queues,
             incoming,
