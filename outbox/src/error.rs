@@ -211,6 +211,24 @@ pub enum EnqueueError {
         /// The server setting that limits it.
         setting: &'static str,
     },
+    /// A deduplication key is empty, longer than
+    /// [`MAX_DEDUP_KEY_BYTES`](crate::MAX_DEDUP_KEY_BYTES), or contains a NUL character.
+    #[error("invalid deduplication key for queue `{queue}`: {reason}")]
+    InvalidDedupKey {
+        /// Queue name.
+        queue: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A delivery time before 1970 or a delay beyond what the database can count (about 290
+    /// million years in milliseconds).
+    #[error("invalid delivery time for queue `{queue}`: {reason}")]
+    InvalidDeliveryTime {
+        /// Queue name.
+        queue: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// The database reported an error; the caller's transaction should be rolled back.
     #[error("database error")]
     Database(#[source] sea_orm::DbErr),

@@ -24,8 +24,8 @@ pub use error::{
 pub use handler::{HandlerFuture, HandlerSpec, LeaseContext};
 pub use profile::{Overrides, Profile, RuntimeTuning, Tuning};
 pub use queue::{
-    DEFAULT_MAX_PAYLOAD, MAX_PARTITIONS, Message, NewMessage, PoisonPolicy, QueueSpec,
-    validate_name,
+    DEFAULT_DEDUP_RETENTION, DEFAULT_MAX_PAYLOAD, Enqueued, MAX_DEDUP_KEY_BYTES, MAX_PARTITIONS,
+    Message, NewMessage, PoisonPolicy, QueueSpec, validate_name,
 };
 pub use runtime::failure::MAX_ERROR_BYTES;
 pub use runtime::{Builder, DEFAULT_TABLE_PREFIX, Outbox, Running, SHUTDOWN_RELEASE_WINDOW};

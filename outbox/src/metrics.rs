@@ -7,6 +7,7 @@
 //! | Name | Kind | Labels | Meaning |
 //! |---|---|---|---|
 //! | `outbox_enqueued_total` | counter | `queue` | Messages enqueued through this process (counted when the insert succeeds, so a rolled-back caller transaction still counts). |
+//! | `outbox_duplicates_total` | counter | `queue` | Enqueues that wrote nothing because their deduplication key was taken. |
 //! | `outbox_handled_total` | counter | `queue`, `handler` | Messages acked by the handler (the cursor moved past them). |
 //! | `outbox_retried_total` | counter | `queue`, `handler` | Failed attempts that will be retried after a backoff. |
 //! | `outbox_dead_lettered_total` | counter | `queue`, `handler` | Messages moved to the dead letters (attempts exhausted or rejected). |
@@ -18,14 +19,15 @@
 //! | `outbox_unsequenced` | gauge | `queue` | Committed messages waiting for the sequencer. |
 //! | `outbox_blocked_partitions` | gauge | `queue`, `handler` | Partitions blocked by a poisoned head (needs an operator). |
 //! | `outbox_dead_letters` | gauge | `queue`, `handler` | Dead letters stored for the handler. |
+//! | `outbox_scheduled` | gauge | `queue` | Scheduled messages not due yet. |
 //!
 //! Labels never include the partition, so the number of series does not grow with the
 //! partition count.
 //!
 //! Counters and histograms are recorded where the event happens. Gauges are read from the
-//! database: a running outbox refreshes them every [`GAUGE_INTERVAL`] (one status read, five
-//! statements, whatever the partition count), and every call of
-//! [`Outbox::status`](crate::Outbox::status) refreshes them too. With several processes on one
+//! database: a running outbox refreshes them every [`GAUGE_INTERVAL`] (one status read, a fixed
+//! number of statements whatever the partition count; [`Outbox::status`](crate::Outbox::status)
+//! itself only reads). With several processes on one
 //! database every process reports the same gauge values: aggregate them with `max`, not `sum`.
 
 use std::future::Future;
@@ -44,6 +46,8 @@ pub const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Name of the counter of enqueued messages.
 pub const ENQUEUED: &str = "outbox_enqueued_total";
+/// Name of the counter of enqueues that were duplicates of a deduplication key.
+pub const DUPLICATES: &str = "outbox_duplicates_total";
 /// Name of the counter of handled (acked) messages.
 pub const HANDLED: &str = "outbox_handled_total";
 /// Name of the counter of failed attempts that will be retried.
@@ -66,14 +70,30 @@ pub const UNSEQUENCED: &str = "outbox_unsequenced";
 pub const BLOCKED_PARTITIONS: &str = "outbox_blocked_partitions";
 /// Name of the gauge of stored dead letters.
 pub const DEAD_LETTERS: &str = "outbox_dead_letters";
+/// Name of the gauge of scheduled messages not due yet.
+pub const SCHEDULED: &str = "outbox_scheduled";
 
-pub(crate) fn enqueued(messages: &[NewMessage]) {
-    let mut rest = messages;
-    while let Some(first) = rest.first() {
-        let n = rest.iter().take_while(|m| m.queue == first.queue).count();
-        counter!(ENQUEUED, "queue" => first.queue.to_string()).increment(n as u64);
-        rest = &rest[n..];
+pub(crate) fn enqueued<'a>(messages: impl IntoIterator<Item = &'a NewMessage>) {
+    let mut run: Option<(&str, u64)> = None;
+    for m in messages {
+        match &mut run {
+            Some((q, n)) if *q == &*m.queue => *n += 1,
+            _ => {
+                if let Some((q, n)) = run.take() {
+                    counter!(ENQUEUED, "queue" => q.to_owned()).increment(n);
+                }
+                run = Some((&m.queue, 1));
+            }
+        }
     }
+    if let Some((q, n)) = run {
+        counter!(ENQUEUED, "queue" => q.to_owned()).increment(n);
+    }
+}
+
+/// Counts an enqueue that wrote nothing because its deduplication key was taken.
+pub(crate) fn duplicate(queue: &str) {
+    counter!(DUPLICATES, "queue" => queue.to_owned()).increment(1);
 }
 
 pub(crate) fn handled(queue: &str, handler: &str, n: u64) {
@@ -118,6 +138,7 @@ pub(crate) async fn timed<T, E>(
 pub fn record_status(status: &Status) {
     for q in &status.queues {
         gauge!(UNSEQUENCED, "queue" => q.name.clone()).set(q.unsequenced as f64);
+        gauge!(SCHEDULED, "queue" => q.name.clone()).set(q.scheduled as f64);
         for h in &q.handlers {
             let labels = [("queue", q.name.clone()), ("handler", h.name.clone())];
             gauge!(WAITING, &labels).set(h.waiting as f64);
@@ -128,7 +149,6 @@ pub fn record_status(status: &Status) {
     }
 }
 
-/// Refreshes the gauges every [`GAUGE_INTERVAL`] until `cancel` fires.
 /// Refreshes the gauges from a status read every [`GAUGE_INTERVAL`] until `cancel` fires. The
 /// only writer of the gauges: reading the status elsewhere changes nothing.
 pub(crate) async fn run_gauges(outbox: &Outbox, cancel: CancellationToken) {

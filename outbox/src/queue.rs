@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use crate::error::InvalidName;
 use crate::profile::Overrides;
@@ -12,6 +13,13 @@ pub const MAX_PARTITIONS: u32 = 4096;
 /// Default limit of a payload, in bytes (1 MiB). Change it with
 /// [`Builder::max_payload_bytes`](crate::Builder::max_payload_bytes).
 pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+
+/// How long a deduplication key stays taken after its message was handled by every handler
+/// (24 hours), unless the queue sets another window with [`QueueSpec::dedup_retention`].
+pub const DEFAULT_DEDUP_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Longest deduplication key, in bytes.
+pub const MAX_DEDUP_KEY_BYTES: usize = 255;
 
 /// What happens when a message exhausts its attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,6 +43,7 @@ pub struct QueueSpec {
     pub(crate) partitions: u32,
     pub(crate) policy: PoisonPolicy,
     pub(crate) overrides: Overrides,
+    pub(crate) dedup_retention: Duration,
 }
 
 impl QueueSpec {
@@ -45,7 +54,16 @@ impl QueueSpec {
             partitions,
             policy: PoisonPolicy::DeadLetter,
             overrides: Overrides::NONE,
+            dedup_retention: DEFAULT_DEDUP_RETENTION,
         }
+    }
+
+    /// How long a deduplication key stays taken after its message was handled by every
+    /// handler of the queue (default [`DEFAULT_DEDUP_RETENTION`]). While the message waits,
+    /// is scheduled or is being handled, its key is always taken.
+    pub fn dedup_retention(mut self, window: Duration) -> Self {
+        self.dedup_retention = window;
+        self
     }
 
     /// What to do with a message that exhausted its attempts.
@@ -124,6 +142,41 @@ pub struct NewMessage {
     pub(crate) queue: Cow<'static, str>,
     pub(crate) partition: u32,
     pub(crate) payload: Vec<u8>,
+    pub(crate) dedup_key: Option<String>,
+    pub(crate) delivery: Option<Delivery>,
+}
+
+/// When a scheduled message becomes due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// At this time (the caller's `SystemTime`, compared with the database's clock).
+    At(SystemTime),
+    /// This long after the enqueue, by the database's clock.
+    After(Duration),
+}
+
+/// What an enqueue did with one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Enqueued {
+    /// Stored: it is delivered once its transaction commits.
+    Stored,
+    /// Stored for later: it is delivered when due. `id` cancels it until then
+    /// ([`Outbox::cancel_scheduled`](crate::Outbox::cancel_scheduled)).
+    Scheduled {
+        /// The scheduled message's id.
+        id: i64,
+    },
+    /// Nothing was written: a message with the same deduplication key is waiting, scheduled,
+    /// being handled, or was handled within the queue's retention window.
+    Duplicate,
+}
+
+impl Enqueued {
+    /// Whether the message was written (stored or scheduled).
+    pub fn is_new(&self) -> bool {
+        !matches!(self, Enqueued::Duplicate)
+    }
 }
 
 impl NewMessage {
@@ -137,7 +190,45 @@ impl NewMessage {
             queue: queue.into(),
             partition,
             payload: payload.into(),
+            dedup_key: None,
+            delivery: None,
         }
+    }
+
+    /// Deduplicates on `key` (1 to [`MAX_DEDUP_KEY_BYTES`] bytes, compared exactly): while a
+    /// message with this key on this queue waits, is scheduled, or was handled within the
+    /// queue's [retention window](QueueSpec::dedup_retention), enqueueing another one writes
+    /// nothing and returns [`Enqueued::Duplicate`]. Enforced by a unique index in the
+    /// caller's transaction, so two racing transactions store exactly one message (if the
+    /// first rolls back, the second's stands).
+    pub fn dedup_key(mut self, key: impl Into<String>) -> Self {
+        self.dedup_key = Some(key.into());
+        self
+    }
+
+    /// Delivers the message at `at`, compared with the database's clock (never before). Until
+    /// then it waits outside its partition; when due it takes its place at the tail of the
+    /// partition, after the messages committed before that moment.
+    pub fn deliver_at(mut self, at: SystemTime) -> Self {
+        self.delivery = Some(Delivery::At(at));
+        self
+    }
+
+    /// Delivers the message `delay` after the enqueue, by the database's clock (see
+    /// [`deliver_at`](NewMessage::deliver_at)).
+    pub fn deliver_after(mut self, delay: Duration) -> Self {
+        self.delivery = Some(Delivery::After(delay));
+        self
+    }
+
+    /// The queue name.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The deduplication key, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.dedup_key.as_deref()
     }
 }
 

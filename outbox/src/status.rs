@@ -21,7 +21,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Reading the status costs six statements whatever the partition count (one per table,
+//! Reading the status costs seven statements whatever the partition count (one per table,
 //! grouped; the head message of each cursor is an index probe). Times are the database's
 //! clock.
 
@@ -85,6 +85,11 @@ pub struct QueueStatus {
     pub unsequenced: i64,
     /// Dead letters of this queue (every handler, including handlers no longer registered).
     pub dead_letters: i64,
+    /// Scheduled messages not due yet (they count nowhere else until due).
+    pub scheduled: i64,
+    /// When the next scheduled message is due, in milliseconds since the Unix epoch by the
+    /// database's clock.
+    pub next_due_at_ms: Option<i64>,
     /// One entry per registered handler, by name.
     pub handlers: Vec<HandlerStatus>,
 }
@@ -283,6 +288,16 @@ fn build(rows: &StatusRows) -> Status {
                 .filter(|r| r.queue == q.name)
                 .map(|r| r.count)
                 .sum(),
+            scheduled: rows
+                .scheduled
+                .iter()
+                .find(|s| s.queue == q.name)
+                .map_or(0, |s| s.count),
+            next_due_at_ms: rows
+                .scheduled
+                .iter()
+                .find(|s| s.queue == q.name)
+                .and_then(|s| s.next_due_at),
             handlers: Vec::new(),
         })
         .collect();

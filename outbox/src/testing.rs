@@ -532,6 +532,20 @@ impl TestKit {
             .unwrap_or(0)
     }
 
+    /// Advances time for scheduled messages by `by`: every message scheduled to become due
+    /// within `by` from now is due at once, and the next [`run_until_idle`](TestKit::run_until_idle)
+    /// delivers it (in due order, as it would have been). Nothing else is affected: retries and
+    /// leases keep their own times.
+    pub async fn advance(&self, by: Duration) -> Result<(), TestError> {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX / 2);
+        self.outbox
+            .store()
+            .advance_scheduled(ms)
+            .await
+            .map_err(Error::from)?;
+        Ok(())
+    }
+
     /// Runs every handler until nothing is left for them (every partition drained, or blocked
     /// by a poisoned head), then stops the runtime. Returns the final status.
     pub async fn run_until_idle(&self) -> Result<Status, TestError> {
@@ -602,6 +616,14 @@ impl TestKit {
             let status = outbox.status().await?;
             let mut waiting = Vec::new();
             for q in &status.queues {
+                // A scheduled message that is due is on its way into a partition.
+                if q.next_due_at_ms.is_some_and(|d| d <= status.taken_at_ms)
+                    && q.handlers
+                        .iter()
+                        .any(|h| watched.contains(&(q.name.clone(), h.name.clone())))
+                {
+                    waiting.push(format!("{}: scheduled messages due", q.name));
+                }
                 for h in &q.handlers {
                     if !watched.contains(&(q.name.clone(), h.name.clone())) {
                         continue;

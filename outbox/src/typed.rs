@@ -7,6 +7,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction};
 use serde::Serialize;
@@ -15,7 +16,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{EnqueueError, HandlerError, StartError};
 use crate::handler::{HandlerFuture, HandlerSpec, LeaseContext};
 use crate::profile::{Overrides, Profile};
-use crate::queue::{Message, NewMessage, PoisonPolicy, QueueSpec};
+use crate::queue::{Enqueued, Message, NewMessage, PoisonPolicy, QueueSpec};
 use crate::runtime::{Builder, Outbox, Running};
 
 /// A message type with its own durable queue, usually declared with `#[outbox::queue]`.
@@ -48,13 +49,25 @@ pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The partition of this message, below [`PARTITIONS`](Queue::PARTITIONS).
     fn partition(&self) -> u32;
 
-    /// This message as untyped bytes: JSON payload, routed by [`partition`](Queue::partition).
+    /// The deduplication key of this message ([`NewMessage::dedup_key`]): with a
+    /// `#[outbox(dedup)]` field, that field's `Display` text; `None` otherwise.
+    fn dedup_key(&self) -> Option<String> {
+        None
+    }
+
+    /// This message as untyped bytes: JSON payload, routed by [`partition`](Queue::partition),
+    /// with its [`dedup_key`](Queue::dedup_key). Add a delivery time with
+    /// [`NewMessage::deliver_at`] or [`NewMessage::deliver_after`].
     fn to_message(&self) -> Result<NewMessage, EnqueueError> {
         let payload = serde_json::to_vec(self).map_err(|source| EnqueueError::Serialize {
             queue: Self::NAME.to_owned(),
             source,
         })?;
-        Ok(NewMessage::new(Self::NAME, self.partition(), payload))
+        let message = NewMessage::new(Self::NAME, self.partition(), payload);
+        Ok(match self.dedup_key() {
+            Some(key) => message.dedup_key(key),
+            None => message,
+        })
     }
 
     /// Enqueues this message through `conn` (a transaction: the message exists if and only if
@@ -63,11 +76,39 @@ pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn enqueue<C: ConnectionTrait>(
         &self,
         conn: &C,
-    ) -> impl Future<Output = Result<(), EnqueueError>> + Send {
+    ) -> impl Future<Output = Result<Enqueued, EnqueueError>> + Send {
         let message = self.to_message();
         async move {
             let outbox = global().ok_or(EnqueueError::NotConnected)?;
             outbox.enqueue(conn, message?).await
+        }
+    }
+
+    /// Like [`enqueue`](Queue::enqueue), delivered at `at` by the database's clock (see
+    /// [`NewMessage::deliver_at`]).
+    fn enqueue_at<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        at: SystemTime,
+    ) -> impl Future<Output = Result<Enqueued, EnqueueError>> + Send {
+        let message = self.to_message();
+        async move {
+            let outbox = global().ok_or(EnqueueError::NotConnected)?;
+            outbox.enqueue(conn, message?.deliver_at(at)).await
+        }
+    }
+
+    /// Like [`enqueue`](Queue::enqueue), delivered `delay` after the enqueue by the database's
+    /// clock (see [`NewMessage::deliver_after`]).
+    fn enqueue_after<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        delay: Duration,
+    ) -> impl Future<Output = Result<Enqueued, EnqueueError>> + Send {
+        let message = self.to_message();
+        async move {
+            let outbox = global().ok_or(EnqueueError::NotConnected)?;
+            outbox.enqueue(conn, message?.deliver_after(delay)).await
         }
     }
 
@@ -76,7 +117,7 @@ pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn enqueue_batch<C: ConnectionTrait>(
         items: &[Self],
         conn: &C,
-    ) -> impl Future<Output = Result<(), EnqueueError>> + Send {
+    ) -> impl Future<Output = Result<Vec<Enqueued>, EnqueueError>> + Send {
         let messages: Result<Vec<_>, _> = items.iter().map(Self::to_message).collect();
         async move {
             let outbox = global().ok_or(EnqueueError::NotConnected)?;
@@ -90,7 +131,7 @@ pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
         &self,
         outbox: &Outbox,
         conn: &C,
-    ) -> impl Future<Output = Result<(), EnqueueError>> + Send {
+    ) -> impl Future<Output = Result<Enqueued, EnqueueError>> + Send {
         let message = self.to_message();
         async move { outbox.enqueue(conn, message?).await }
     }

@@ -3,6 +3,7 @@
 
 pub(crate) mod failure;
 mod processor;
+mod scheduler;
 mod sequencer;
 mod vacuum;
 mod wake;
@@ -24,12 +25,52 @@ use crate::error::{EnqueueError, Error, RegistryProblem, StartError};
 use crate::handler::HandlerSpec;
 use crate::profile::{Profile, RuntimeTuning};
 use crate::queue::{
-    DEFAULT_MAX_PAYLOAD, MAX_PARTITIONS, NewMessage, QueueSpec, validate_name, validate_prefix,
+    DEFAULT_MAX_PAYLOAD, Delivery, Enqueued, MAX_DEDUP_KEY_BYTES, MAX_PARTITIONS, NewMessage,
+    QueueSpec, validate_name, validate_prefix,
 };
 use crate::storage::schema::{SCHEMA_VERSION, migration_name};
 use crate::storage::{
-    CursorKey, DeadLetter, DeadLetterFilter, QueueDepth, Refused, Registered, RetireRefused, Store,
+    CursorKey, DeadLetter, DeadLetterFilter, DueAt, InsertRow, QueueDepth, Refused, Registered,
+    RetireRefused, Store,
 };
+
+/// A message as the storage layer writes it.
+fn row(m: &NewMessage) -> InsertRow<'_> {
+    InsertRow {
+        queue: &m.queue,
+        partition: m.partition,
+        payload: &m.payload,
+        target: None,
+        dedup_key: m.dedup_key.as_deref(),
+    }
+}
+
+/// When `m` becomes due, as stored: `None` for a message delivered at once.
+fn due_at(m: &NewMessage) -> Result<Option<DueAt>, EnqueueError> {
+    let invalid = |reason| EnqueueError::InvalidDeliveryTime {
+        queue: m.queue.to_string(),
+        reason,
+    };
+    match m.delivery {
+        None => Ok(None),
+        Some(Delivery::At(at)) => {
+            let since = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| invalid("before 1970"))?;
+            let ms = i64::try_from(since.as_millis()).map_err(|_| invalid("too far ahead"))?;
+            Ok(Some(DueAt::At(ms)))
+        }
+        Some(Delivery::After(delay)) => {
+            // Far below i64::MAX, so `now + delay` cannot overflow in SQL.
+            const MAX_DELAY_MS: u128 = 1 << 60;
+            let ms = delay.as_millis();
+            if ms > MAX_DELAY_MS {
+                return Err(invalid("delay too long"));
+            }
+            Ok(Some(DueAt::After(ms as i64)))
+        }
+    }
+}
 use wake::Wake;
 use worker::Pacing;
 
@@ -165,27 +206,50 @@ impl Outbox {
                 limit: self.shared.max_payload,
             });
         }
+        if let Some(key) = &m.dedup_key {
+            let reason = if key.is_empty() {
+                Some("must not be empty")
+            } else if key.len() > MAX_DEDUP_KEY_BYTES {
+                Some("must be at most 255 bytes")
+            } else if key.contains('\0') {
+                Some("must not contain NUL characters")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(EnqueueError::InvalidDedupKey {
+                    queue: m.queue.to_string(),
+                    reason,
+                });
+            }
+        }
+        due_at(m)?;
         Ok(())
     }
 
     /// Enqueues one message through `conn`: a transaction (the message exists if and only if
-    /// it commits) or a plain connection (durable when this returns).
+    /// it commits) or a plain connection (durable when this returns). Says whether it was
+    /// stored, scheduled, or a duplicate of a message with the same
+    /// [deduplication key](NewMessage::dedup_key) (then nothing was written).
     pub async fn enqueue<C: ConnectionTrait>(
         &self,
         conn: &C,
         message: NewMessage,
-    ) -> Result<(), EnqueueError> {
-        self.enqueue_batch(conn, std::slice::from_ref(&message))
-            .await
+    ) -> Result<Enqueued, EnqueueError> {
+        let mut done = self
+            .enqueue_batch(conn, std::slice::from_ref(&message))
+            .await?;
+        Ok(done.pop().unwrap_or(Enqueued::Duplicate))
     }
 
-    /// Enqueues several messages in call order through `conn`. Every message is validated
-    /// first: if one is invalid nothing is written.
+    /// Enqueues several messages in call order through `conn`, and says what happened to each
+    /// (in the same order). Every message is validated first: if one is invalid nothing is
+    /// written. A deduplication key used twice in one batch stores the first message only.
     pub async fn enqueue_batch<C: ConnectionTrait>(
         &self,
         conn: &C,
         messages: &[NewMessage],
-    ) -> Result<(), EnqueueError> {
+    ) -> Result<Vec<Enqueued>, EnqueueError> {
         let store = &self.shared.store;
         // sea-orm panics when asked the backend of a disconnected `DatabaseConnection`.
         let found =
@@ -201,27 +265,111 @@ impl Outbox {
             self.validate(conn, m).await?;
         }
         if messages.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        let rows: Vec<_> = messages
+        let too_large = |e: sea_orm::DbErr| match messages.iter().max_by_key(|m| m.payload.len()) {
+            Some(m) if store.is_mysql() && e.to_string().contains("max_allowed_packet") => {
+                EnqueueError::PayloadTooLargeForServer {
+                    queue: m.queue.to_string(),
+                    size: m.payload.len(),
+                    setting: "max_allowed_packet",
+                }
+            }
+            _ => EnqueueError::Database(e),
+        };
+        // Plain messages without a key go in one multi-row insert, as before; a key is taken
+        // first, in the caller's transaction, and decides whether its message is written.
+        let plain = messages
             .iter()
-            .map(|m| (&*m.queue, m.partition, m.payload.as_slice(), None))
-            .collect();
-        if let Err(e) = store.insert_incoming(conn, &rows).await {
-            return Err(match messages.iter().max_by_key(|m| m.payload.len()) {
-                Some(m) if store.is_mysql() && e.to_string().contains("max_allowed_packet") => {
-                    EnqueueError::PayloadTooLargeForServer {
-                        queue: m.queue.to_string(),
-                        size: m.payload.len(),
-                        setting: "max_allowed_packet",
+            .all(|m| m.dedup_key.is_none() && m.delivery.is_none());
+        if plain {
+            let rows: Vec<_> = messages.iter().map(row).collect();
+            store
+                .insert_incoming(conn, &rows)
+                .await
+                .map_err(too_large)?;
+            crate::metrics::enqueued(messages.iter());
+            self.shared.wake.enqueued();
+            return Ok(vec![Enqueued::Stored; messages.len()]);
+        }
+        let mut done = Vec::with_capacity(messages.len());
+        let mut taken: Vec<(&str, &str)> = Vec::new();
+        let mut now: Vec<InsertRow<'_>> = Vec::new();
+        let written = async {
+            for m in messages {
+                if let Some(key) = &m.dedup_key {
+                    if !store.claim_dedup_key(conn, &m.queue, key).await? {
+                        done.push(Enqueued::Duplicate);
+                        continue;
+                    }
+                    taken.push((&m.queue, key));
+                }
+                match due_at(m)? {
+                    Some(due) => {
+                        let id = store
+                            .insert_scheduled(conn, row(m), due)
+                            .await
+                            .map_err(too_large)?;
+                        done.push(Enqueued::Scheduled { id });
+                    }
+                    None => {
+                        now.push(row(m));
+                        done.push(Enqueued::Stored);
                     }
                 }
-                _ => EnqueueError::Database(e),
-            });
+            }
+            if !now.is_empty() {
+                store.insert_incoming(conn, &now).await.map_err(too_large)?;
+            }
+            Ok::<(), EnqueueError>(())
         }
-        crate::metrics::enqueued(messages);
-        self.shared.wake.enqueued();
-        Ok(())
+        .await;
+        if let Err(e) = written {
+            // On a plain connection the keys taken so far are committed already: give them
+            // back, so no key stays taken without its message. (In a transaction the caller
+            // rolls back anyway; this is harmless there.)
+            for (queue, key) in taken {
+                let _ = store.unclaim_dedup_key(conn, queue, key).await;
+            }
+            return Err(e);
+        }
+        let duplicates = done.iter().filter(|d| !d.is_new()).count();
+        if duplicates > 0 {
+            for (m, d) in messages.iter().zip(&done) {
+                if !d.is_new() {
+                    crate::metrics::duplicate(&m.queue);
+                }
+            }
+        }
+        crate::metrics::enqueued(
+            messages
+                .iter()
+                .zip(&done)
+                .filter(|(_, d)| d.is_new())
+                .map(|(m, _)| m),
+        );
+        if done.iter().any(|d| matches!(d, Enqueued::Scheduled { .. })) {
+            self.shared.wake.scheduled();
+        }
+        if !now.is_empty() {
+            self.shared.wake.enqueued();
+        }
+        Ok(done)
+    }
+
+    /// Cancels the scheduled message `id` (from [`Enqueued::Scheduled`]) before it is due,
+    /// and frees its deduplication key. `Ok(false)`: it is not scheduled (any more): already
+    /// due and on its way, cancelled, or never scheduled.
+    pub async fn cancel_scheduled(&self, id: i64) -> Result<bool, Error> {
+        let store = &self.shared.store;
+        Ok(store.cancel_scheduled(id).await?)
+    }
+
+    /// Cancels the scheduled message of `queue` with deduplication key `key` before it is due,
+    /// and frees the key. `Ok(false)`: none is scheduled.
+    pub async fn cancel_scheduled_by_key(&self, queue: &str, key: &str) -> Result<bool, Error> {
+        validate_name("queue", queue)?;
+        Ok(self.shared.store.cancel_scheduled_key(queue, key).await?)
     }
 
     /// Dead letters matching `filter` with an id above `after_id`, oldest first, at most
@@ -839,12 +987,36 @@ impl Builder {
         }
         {
             let s = shared.clone();
+            let wake = shared.wake.scheduler.clone();
+            let c = cancel.child_token();
+            let batch = rt.sequencer_batch.min(1_000);
+            spawn(Box::pin(async move {
+                worker::run(
+                    "scheduler",
+                    || scheduler::step(&s, batch),
+                    wake,
+                    pacing(poll),
+                    c,
+                )
+                .await;
+            }));
+        }
+        {
+            let s = shared.clone();
             let wake = shared.wake.vacuum.clone();
             let c = cancel.child_token();
+            let retention: Vec<(String, i64)> = builder
+                .queues
+                .iter()
+                .map(|q| {
+                    let ms = i64::try_from(q.dedup_retention.as_millis()).unwrap_or(i64::MAX);
+                    (q.name.to_string(), ms)
+                })
+                .collect();
             spawn(Box::pin(async move {
                 worker::run(
                     "vacuum",
-                    || vacuum::step(&s, rt.vacuum_chunk),
+                    || vacuum::step(&s, rt.vacuum_chunk, &retention),
                     wake,
                     pacing(rt.vacuum_interval),
                     c,

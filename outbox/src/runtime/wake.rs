@@ -29,6 +29,7 @@ pub(crate) struct Wake {
     notified_on_commit: bool,
     pub(crate) sequencer: Arc<Notify>,
     pub(crate) vacuum: Arc<Notify>,
+    pub(crate) scheduler: Arc<Notify>,
     eager: Mutex<Eager>,
     handlers: RwLock<HashMap<String, Vec<Arc<Notify>>>>,
 }
@@ -41,6 +42,7 @@ impl Wake {
             notified_on_commit,
             sequencer: Arc::new(Notify::new()),
             vacuum: Arc::new(Notify::new()),
+            scheduler: Arc::new(Notify::new()),
             eager: Mutex::new(Eager {
                 until: None,
                 next_delay: EAGER_FIRST,
@@ -59,6 +61,12 @@ impl Wake {
             e.next_delay = EAGER_FIRST;
         }
         self.sequencer.notify_one();
+    }
+
+    /// A scheduled message was enqueued in this process: its due time may come before the
+    /// scheduler's next look.
+    pub(crate) fn scheduled(&self) {
+        self.scheduler.notify_one();
     }
 
     /// A producer coalesced its notifications and one of its transactions may commit later
@@ -111,6 +119,7 @@ impl Wake {
     /// Everything may have changed (start-up, a lost notification connection).
     pub(crate) fn all(&self) {
         self.sequencer.notify_one();
+        self.scheduler.notify_one();
         if let Ok(h) = self.handlers.read() {
             for n in h.values().flatten() {
                 n.notify_one();
