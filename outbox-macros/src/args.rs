@@ -23,6 +23,7 @@ pub(crate) mod sym {
     pub(crate) const LEASED: &str = "leased";
     pub(crate) const BATCH: &str = "batch";
     pub(crate) const KEY: &str = "key";
+    pub(crate) const DEDUP: &str = "dedup";
 }
 
 /// One argument's value and where it was written.

@@ -42,25 +42,25 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             return out;
         }
     };
-    let (ident, key) = match &mut parsed {
+    let (ident, keys) = match &mut parsed {
         syn::Item::Struct(s) => {
             let plain = check_generics(&s.generics, &mut errors);
-            let key = take_keys(s.fields.iter_mut(), true, &mut errors);
-            (plain.then(|| s.ident.clone()), key)
+            let keys = take_keys(s.fields.iter_mut(), true, &mut errors);
+            (plain.then(|| s.ident.clone()), keys)
         }
         syn::Item::Enum(e) => {
             let plain = check_generics(&e.generics, &mut errors);
             for v in &mut e.variants {
                 take_keys(v.fields.iter_mut(), false, &mut errors);
             }
-            (plain.then(|| e.ident.clone()), None)
+            (plain.then(|| e.ident.clone()), Keys::default())
         }
         other => {
             errors.at(
                 item_keyword_span(other),
                 "`#[outbox::queue]` goes on a struct or an enum, the message type of the queue",
             );
-            (None, None)
+            (None, Keys::default())
         }
     };
     if !args.partitions_written {
@@ -81,7 +81,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     if let Some(ident) = ident {
         // Expand with defaults even after an error: the type stays a queue, so its uses
         // elsewhere do not add secondary errors.
-        out.extend(impl_queue(&args, &ident, key.as_ref()));
+        out.extend(impl_queue(&args, &ident, &keys));
     }
     out
 }
@@ -107,13 +107,23 @@ fn check_generics(generics: &syn::Generics, errors: &mut Errors) -> bool {
     plain
 }
 
-/// Removes every `#[outbox(…)]` helper attribute from `fields` and returns the key field.
+/// The fields that `#[outbox(key)]` and `#[outbox(dedup)]` name.
+#[derive(Default)]
+struct Keys {
+    /// The routing key.
+    key: Option<Key>,
+    /// The deduplication key.
+    dedup: Option<Key>,
+}
+
+/// Removes every `#[outbox(…)]` helper attribute from `fields` and returns the key fields.
 fn take_keys<'a>(
     fields: impl Iterator<Item = &'a mut syn::Field>,
     allowed: bool,
     errors: &mut Errors,
-) -> Option<Key> {
+) -> Keys {
     let mut key: Option<(Key, syn::Attribute)> = None;
+    let mut dedup: Option<(Key, syn::Attribute)> = None;
     for (index, field) in fields.enumerate() {
         let mut keep = Vec::with_capacity(field.attrs.len());
         for attr in std::mem::take(&mut field.attrs) {
@@ -121,15 +131,19 @@ fn take_keys<'a>(
                 keep.push(attr);
                 continue;
             }
-            let mut is_key = false;
+            let (mut is_key, mut is_dedup) = (false, false);
             let parsed = attr.parse_nested_meta(|meta| {
                 if meta.path.is_ident(sym::KEY) {
                     is_key = true;
+                } else if meta.path.is_ident(sym::DEDUP) {
+                    is_dedup = true;
                 } else {
                     let name = meta.path.to_token_stream().to_string();
                     errors.at(
                         meta.path.span(),
-                        format_args!("unknown `outbox` field attribute `{name}`; expected `key`"),
+                        format_args!(
+                            "unknown `outbox` field attribute `{name}`; expected `key` or `dedup`"
+                        ),
                     );
                 }
                 Ok(())
@@ -137,38 +151,58 @@ fn take_keys<'a>(
             if let Err(e) = parsed {
                 errors.push(e);
             }
-            if !is_key {
-                continue;
-            }
-            if !allowed {
-                errors.spanned(
-                    &attr,
-                    "`#[outbox(key)]` is supported on struct fields only; an enum queue spreads its messages over the partitions",
-                );
-            } else if let Some((_, first)) = &key {
-                let mut e = syn::Error::new_spanned(
-                    &attr,
-                    "`#[outbox(key)]` on more than one field; a queue has one routing key (combine the parts in one field)",
-                );
-                e.combine(syn::Error::new_spanned(
-                    first,
-                    "first `#[outbox(key)]` here",
-                ));
-                errors.push(e);
-            } else {
-                let access = match &field.ident {
-                    Some(i) => Key::Named(i.clone()),
-                    None => Key::Index(syn::Index {
-                        index: index as u32,
-                        span: field.ty.span(),
-                    }),
-                };
-                key = Some((access, attr.clone()));
+            for (wanted, word, slot, what) in [
+                (
+                    is_key,
+                    sym::KEY,
+                    &mut key,
+                    "a queue has one routing key (combine the parts in one field)",
+                ),
+                (
+                    is_dedup,
+                    sym::DEDUP,
+                    &mut dedup,
+                    "a message has one deduplication key (combine the parts in one field)",
+                ),
+            ] {
+                if !wanted {
+                    continue;
+                }
+                if !allowed {
+                    errors.spanned(
+                        &attr,
+                        format_args!(
+                            "`#[outbox({word})]` is supported on struct fields only; an enum queue spreads its messages over the partitions"
+                        ),
+                    );
+                } else if let Some((_, first)) = slot.as_ref() {
+                    let mut e = syn::Error::new_spanned(
+                        &attr,
+                        format!("`#[outbox({word})]` on more than one field; {what}"),
+                    );
+                    e.combine(syn::Error::new_spanned(
+                        first,
+                        format!("first `#[outbox({word})]` here"),
+                    ));
+                    errors.push(e);
+                } else {
+                    let access = match &field.ident {
+                        Some(i) => Key::Named(i.clone()),
+                        None => Key::Index(syn::Index {
+                            index: index as u32,
+                            span: field.ty.span(),
+                        }),
+                    };
+                    *slot = Some((access, attr.clone()));
+                }
             }
         }
         field.attrs = keep;
     }
-    key.map(|(k, _)| k)
+    Keys {
+        key: key.map(|(k, _)| k),
+        dedup: dedup.map(|(k, _)| k),
+    }
 }
 
 pub(crate) fn overrides(private: &TokenStream, knobs: &Knobs) -> TokenStream {
@@ -192,7 +226,7 @@ pub(crate) fn overrides(private: &TokenStream, knobs: &Knobs) -> TokenStream {
     quote!(#private::Overrides::NONE #calls)
 }
 
-fn impl_queue(args: &QueueArgs, ident: &syn::Ident, key: Option<&Key>) -> TokenStream {
+fn impl_queue(args: &QueueArgs, ident: &syn::Ident, keys: &Keys) -> TokenStream {
     let private = paths::private(args.krate.as_ref());
     let type_name = ident.to_string();
     let type_name = type_name.strip_prefix("r#").unwrap_or(&type_name);
@@ -201,10 +235,24 @@ fn impl_queue(args: &QueueArgs, ident: &syn::Ident, key: Option<&Key>) -> TokenS
         None => check::snake_case(type_name),
     };
     let partitions = args.partitions.as_ref().map_or(1, |p| p.value);
-    let partition = match key {
+    let partition = match &keys.key {
         Some(key) => quote!(#private::partition_for_key(&self.#key, #partitions)),
         None => quote!(#private::spread(#partitions)),
     };
+    // `Display` of the field, spanned there so a field without it is reported at the field.
+    let dedup = keys.dedup.as_ref().map(|field| {
+        let span = match field {
+            Key::Named(i) => i.span(),
+            Key::Index(i) => i.span,
+        };
+        let text = quote_spanned!(span=> ::std::string::ToString::to_string(&self.#field));
+        quote! {
+            #[inline]
+            fn dedup_key(&self) -> #private::Option<::std::string::String> {
+                #private::Option::Some(#text)
+            }
+        }
+    });
     let policy = match args.poison.as_ref().map(|p| p.value) {
         Some(Poison::Block) => quote!(#private::PoisonPolicy::Block),
         Some(Poison::DeadLetter) | None => quote!(#private::PoisonPolicy::DeadLetter),
@@ -223,6 +271,7 @@ fn impl_queue(args: &QueueArgs, ident: &syn::Ident, key: Option<&Key>) -> TokenS
                 fn partition(&self) -> ::core::primitive::u32 {
                     #partition
                 }
+                #dedup
             }
             const #decl: #private::QueueDecl = #private::QueueDecl::new(
                 #name,
