@@ -234,6 +234,20 @@ pub(crate) fn status(s: &Status, all_partitions: bool) -> String {
             blocked.len()
         );
     }
+    for q in s.queues.iter().filter(|q| q.scheduled > 0) {
+        let next = q.next_due_at_ms.map_or_else(String::new, |d| {
+            if d <= s.taken_at_ms {
+                ", next due now".to_owned()
+            } else {
+                format!(", next due in {}", age(Some(d - s.taken_at_ms)))
+            }
+        });
+        let _ = writeln!(
+            out,
+            "\n{}: {} scheduled message(s){next} (cancel with `Outbox::cancel_scheduled`)",
+            q.name, q.scheduled
+        );
+    }
     let stale: Vec<String> = s
         .queues
         .iter()

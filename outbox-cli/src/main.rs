@@ -108,6 +108,19 @@ enum Command {
         #[arg(long, short)]
         yes: bool,
     },
+    /// Cancel a scheduled message before it is due, by id or by deduplication key (its key
+    /// becomes free).
+    CancelScheduled {
+        /// The id returned when it was scheduled.
+        #[arg(required_unless_present = "key", conflicts_with = "key")]
+        id: Option<i64>,
+        /// The deduplication key instead (with `--queue`).
+        #[arg(long, requires = "queue")]
+        key: Option<String>,
+        /// The queue of `--key`.
+        #[arg(long)]
+        queue: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -373,6 +386,27 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let n = outbox.retire_handler(&queue, &handler).await?;
             println!("{queue}/{handler}: retired ({n} partition cursors removed)");
             Ok(OK)
+        }
+        Command::CancelScheduled { id, key, queue } => {
+            let (cancelled, what) = match (id, key, queue) {
+                (Some(id), _, _) => (outbox.cancel_scheduled(id).await?, format!("id {id}")),
+                (None, Some(key), Some(queue)) => (
+                    outbox.cancel_scheduled_by_key(&queue, &key).await?,
+                    format!("key `{key}` of queue `{queue}`"),
+                ),
+                _ => return Err(Failure::new(USAGE, "give an id, or --queue and --key")),
+            };
+            if cancelled {
+                println!("scheduled message with {what}: cancelled");
+                Ok(OK)
+            } else {
+                Err(Failure::new(
+                    NOT_FOUND,
+                    format!(
+                        "no scheduled message with {what} (already due, cancelled, or never scheduled)"
+                    ),
+                ))
+            }
         }
     }
 }

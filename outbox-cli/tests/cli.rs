@@ -96,7 +96,7 @@ async fn migrate_and_status_of_an_empty_database(t: Arc<TestDb>) {
     let (code, out, _) = outbox(&t, &["status", "--json"]).await;
     assert_eq!(code, 0);
     let s = json(&out);
-    assert_eq!(s["schema_version"], 2);
+    assert_eq!(s["schema_version"], 3);
     assert_eq!(s["queues"], serde_json::json!([]));
     let (code, out, _) = outbox(&t, &["status"]).await;
     assert_eq!((code, out.as_str()), (0, "no queues registered\n"));
@@ -352,11 +352,59 @@ async fn retire_a_stale_handler(t: Arc<TestDb>) {
     assert_eq!(code, 2, "an invalid name is a usage error: {err}");
 }
 
+/// Scheduled messages show in status and can be cancelled by id or key.
+async fn scheduled_messages_are_shown_and_cancelled(t: Arc<TestDb>) {
+    let db = t.pool(4).await;
+    let rt = Outbox::builder(db.clone())
+        .queue(QueueSpec::new("later", 2))
+        .connect()
+        .await
+        .expect("connect");
+    let hour = std::time::Duration::from_secs(3600);
+    let Ok(outbox::Enqueued::Scheduled { id }) = rt
+        .enqueue(&db, NewMessage::new("later", 0, "a").deliver_after(hour))
+        .await
+    else {
+        panic!("not scheduled");
+    };
+    rt.enqueue(
+        &db,
+        NewMessage::new("later", 1, "b")
+            .deliver_after(hour)
+            .dedup_key("remind-7"),
+    )
+    .await
+    .expect("enqueue");
+    let (code, out, _) = outbox(&t, &["status"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("later: 2 scheduled message(s), next due in 59m"),
+        "{out}"
+    );
+    let (code, out, err) = outbox(&t, &["cancel-scheduled", &id.to_string()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cancelled"), "{out}");
+    let (code, _, err) = outbox(&t, &["cancel-scheduled", &id.to_string()]).await;
+    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = outbox(&t, &["cancel-scheduled", "--key", "remind-7"]).await;
+    assert_eq!(code, 2, "--key needs --queue: {err}");
+    let (code, _, err) = outbox(
+        &t,
+        &["cancel-scheduled", "--queue", "later", "--key", "remind-7"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = outbox(&t, &["status"]).await;
+    assert_eq!(code, 0);
+    assert!(!out.contains("scheduled message(s)"), "{out}");
+}
+
 on_every_backend!(
     migrate_and_status_of_an_empty_database,
     status_shows_lag_blocked_partitions_and_dead_letters,
     dead_letter_workflow,
     retire_a_stale_handler,
+    scheduled_messages_are_shown_and_cancelled,
 );
 
 #[test]
