@@ -137,3 +137,33 @@ async fn only_the_chosen_queues_run_and_a_stuck_handler_times_out() {
         other => panic!("expected NotIdle, got {other:?}"),
     }
 }
+
+/// The kit's clock for scheduled messages: a message due in an hour is not delivered by a run,
+/// and is after `advance` past its time; one due later still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advance_delivers_scheduled_messages_that_fall_due() {
+    let log = Log::default();
+    let kit = kit(vec![leased(&log)], vec![QueueSpec::new("mail", 2)]).await;
+    for (body, hours) in [("in-1h", 1), ("in-3h", 3)] {
+        kit.outbox()
+            .enqueue(
+                kit.db(),
+                NewMessage::new("mail", 0, body).deliver_after(Duration::from_secs(hours * 3600)),
+            )
+            .await
+            .expect("enqueue");
+    }
+    kit.run_until_idle().await.expect("idle");
+    assert!(log.lock().expect("log").is_empty(), "nothing is due yet");
+    kit.advance(Duration::from_secs(2 * 3600))
+        .await
+        .expect("advance");
+    let status = kit.run_until_idle().await.expect("idle");
+    assert_eq!(*log.lock().expect("log"), [("in-1h".to_owned(), 1)]);
+    assert_eq!(status.queue("mail").map(|q| q.scheduled), Some(1));
+    kit.advance(Duration::from_secs(2 * 3600))
+        .await
+        .expect("advance");
+    kit.run_until_idle().await.expect("idle");
+    assert_eq!(log.lock().expect("log").len(), 2);
+}
