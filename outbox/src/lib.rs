@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod migration;
 mod profile;
 mod queue;
+pub mod relay;
 mod runtime;
 pub mod status;
 pub(crate) mod storage;
