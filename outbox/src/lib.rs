@@ -3,6 +3,7 @@
 
 mod error;
 mod handler;
+pub mod inbox;
 pub mod metrics;
 #[cfg(feature = "migration")]
 #[cfg_attr(docsrs, doc(cfg(feature = "migration")))]
