@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use outbox::relay::nats::async_nats;
 use outbox::relay::nats::async_nats::jetstream;
+use outbox::relay::rabbitmq::lapin;
 
 /// URL of the shared broker named by `var`, or a panic when `OUTBOX_TEST_REQUIRE` names it
 /// and it is not set (the test is compiled as ignored when it is neither set nor required).
@@ -208,4 +209,73 @@ pub fn check_delivery(received: &[String], committed: &[String]) -> Result<(), S
         }
     }
     Ok(())
+}
+
+/// One message as a RabbitMQ queue delivered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// AMQP `message_id`.
+    pub id: String,
+    /// AMQP `delivery_mode` (2: persistent).
+    pub delivery_mode: u8,
+    /// The routing key.
+    pub routing_key: String,
+    /// The payload as text.
+    pub body: String,
+}
+
+/// Takes every message now in the RabbitMQ queue `queue` (auto-ack), in queue order.
+pub async fn drain_queue(ch: &lapin::Channel, queue: &str) -> Vec<Delivered> {
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+    {
+        let d = m.delivery;
+        out.push(Delivered {
+            id: d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
+            delivery_mode: d.properties.delivery_mode().unwrap_or(0),
+            routing_key: d.routing_key.as_str().to_owned(),
+            body: String::from_utf8_lossy(&d.data).into_owned(),
+        });
+    }
+    out
+}
+
+/// Checks an at-least-once delivery: every copy of a body carries the same id, and the
+/// first copies alone pass [`check_delivery`]. Returns the first copies and how many
+/// duplicates there were.
+pub fn check_at_least_once(
+    received: &[Delivered],
+    committed: &[String],
+) -> Result<(Vec<Delivered>, usize), String> {
+    let mut ids: HashMap<&str, &str> = HashMap::new();
+    let mut firsts = Vec::new();
+    for d in received {
+        match ids.get(d.body.as_str()) {
+            Some(id) if *id != d.id => {
+                return Err(format!(
+                    "body {} arrived with ids {id} and {}",
+                    d.body, d.id
+                ));
+            }
+            Some(_) => {}
+            None => {
+                ids.insert(&d.body, &d.id);
+                firsts.push(d.clone());
+            }
+        }
+    }
+    let bodies: Vec<String> = firsts.iter().map(|d| d.body.clone()).collect();
+    check_delivery(&bodies, committed)?;
+    Ok((firsts, received.len() - bodies.len()))
 }

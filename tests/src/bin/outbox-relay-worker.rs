@@ -1,6 +1,7 @@
 //! A relay process for the kill tests: relays queue `relay` of the database at `--url` into
-//! the JetStream stream `--stream` (subjects `<--prefix>.<partition>`) until stdin closes or it
-//! is killed. Prints `ready` once started.
+//! the JetStream stream `--stream` (subjects `<--prefix>.<partition>`), or with
+//! `--amqp <url> --routing <key>` into RabbitMQ's default exchange, until stdin closes or it is
+//! killed. Prints `ready` once started.
 //!
 //! `--ack-delay-ms N` holds each batch for up to N ms (random) after the broker acked it and
 //! before the relay moves the cursor: a kill then often lands between publish and ack, the
@@ -10,6 +11,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use outbox::relay::nats::{JetStream, async_nats};
+use outbox::relay::rabbitmq::RabbitMq;
 use outbox::relay::{BoxFuture, Broker, Outgoing, PublishError, RelaySpec};
 use outbox::{Outbox, Overrides, Profile, QueueSpec};
 
@@ -23,15 +25,15 @@ fn arg(name: &str) -> Option<String> {
     None
 }
 
-/// JetStream, with a pause after each acked batch.
-struct SlowAck {
-    inner: JetStream,
+/// A broker, with a pause after each acked batch.
+struct SlowAck<B> {
+    inner: B,
     max_delay_ms: u64,
 }
 
-impl Broker for SlowAck {
+impl<B: Broker> Broker for SlowAck<B> {
     fn kind(&self) -> &'static str {
-        "nats"
+        self.inner.kind()
     }
 
     fn prepare(&self) -> BoxFuture<'_, Result<(), outbox::BoxDynError>> {
@@ -53,9 +55,6 @@ impl Broker for SlowAck {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let url = arg("--url").expect("--url");
-    let nats = arg("--nats").expect("--nats");
-    let stream = arg("--stream").expect("--stream");
-    let prefix = arg("--prefix").expect("--prefix");
     let partitions: u32 = arg("--partitions")
         .and_then(|p| p.parse().ok())
         .unwrap_or(4);
@@ -64,13 +63,38 @@ async fn main() {
     let db = outbox::sea_orm::Database::connect(o)
         .await
         .expect("connect");
-    let client = async_nats::connect(nats).await.expect("connect to NATS");
     let max_delay_ms = arg("--ack-delay-ms")
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
-    let broker = SlowAck {
-        inner: JetStream::new(client).check_stream(stream),
-        max_delay_ms,
+    let spec = match arg("--amqp") {
+        Some(amqp) => {
+            let routing = arg("--routing").expect("--routing");
+            let inner = RabbitMq::new(amqp, "");
+            RelaySpec::new(
+                "relay",
+                SlowAck {
+                    inner,
+                    max_delay_ms,
+                },
+                routing,
+            )
+        }
+        None => {
+            let nats = arg("--nats").expect("--nats");
+            let stream = arg("--stream").expect("--stream");
+            let prefix = arg("--prefix").expect("--prefix");
+            let client = async_nats::connect(nats).await.expect("connect to NATS");
+            let inner = JetStream::new(client).check_stream(stream);
+            let subject = format!("{prefix}.{{partition}}");
+            RelaySpec::new(
+                "relay",
+                SlowAck {
+                    inner,
+                    max_delay_ms,
+                },
+                subject,
+            )
+        }
     };
     let knobs = Overrides::NONE
         .batch_size(8)
@@ -80,7 +104,7 @@ async fn main() {
     let running = Outbox::builder(db)
         .profile(Profile::LowLatency)
         .queue(QueueSpec::new("relay", partitions))
-        .relay(RelaySpec::new("relay", broker, format!("{prefix}.{{partition}}")).overrides(knobs))
+        .relay(spec.overrides(knobs))
         .start()
         .await
         .expect("start");
