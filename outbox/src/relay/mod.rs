@@ -391,8 +391,23 @@ impl Core {
             .collect();
         let mut from = 0;
         let mut delay = Duration::from_millis(100);
+        // The lease is renewed whenever less than half of it is left, so an outage of any
+        // length never reaches the lease deadline (which would count as a failed attempt).
+        let half = ctx.remaining() / 2;
         loop {
-            match self.broker.publish(&out[from..]).await {
+            if ctx.remaining() < half {
+                ctx.renew().await.map_err(HandlerError::retry)?;
+            }
+            let budget = ctx.remaining().saturating_sub(Duration::from_millis(20));
+            let published =
+                match tokio::time::timeout(budget, self.broker.publish(&out[from..])).await {
+                    Ok(r) => r,
+                    Err(_) => Err(PublishError::Unavailable {
+                        acked: 0,
+                        source: "the broker did not ack the batch before the lease deadline".into(),
+                    }),
+                };
+            match published {
                 Ok(()) => return Ok(()),
                 Err(PublishError::Refused { index, reason }) => {
                     // A batch of several: the runtime splits it until the refused message is
@@ -407,11 +422,11 @@ impl Core {
                     tracing::warn!(queue = %ctx.queue(), relay = %ctx.handler(), partition = ctx.partition(),
                         error = %crate::error::full_chain(source.as_ref()), retry_in = ?delay,
                         "broker unavailable; publishing again from the first unacked message");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_BACKOFF);
                     // Keep the partition while waiting; a lost lease means another worker took
                     // over, and this one must stop.
                     ctx.renew().await.map_err(HandlerError::retry)?;
+                    tokio::time::sleep(delay.min(ctx.remaining() / 2)).await;
+                    delay = (delay * 2).min(MAX_BACKOFF);
                 }
             }
         }
