@@ -117,6 +117,27 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
 }
 
+impl Outgoing {
+    /// A message of `queue` for `destination` with partition, sequence and enqueue time 0 (set
+    /// the fields after): for a broker's own tests and raw publish loops.
+    pub fn new(
+        id: impl Into<String>,
+        destination: impl Into<String>,
+        queue: &str,
+        payload: Vec<u8>,
+    ) -> Self {
+        Self {
+            id: id.into(),
+            destination: destination.into(),
+            queue: Arc::from(queue),
+            partition: 0,
+            seq: 0,
+            enqueued_at_ms: 0,
+            payload,
+        }
+    }
+}
+
 /// Why a broker did not take a batch.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
