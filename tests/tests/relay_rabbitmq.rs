@@ -313,3 +313,45 @@ outbox_tests::on_every_backend_with_broker!(
     reconnects_after_the_broker_closes_its_connections,
     relay_process_killed_in_a_loop,
 );
+
+/// A broker that does not answer, or an exchange that does not exist, fails start with a
+/// typed error naming the relay; nothing runs.
+#[tokio::test]
+#[cfg_attr(
+    outbox_no_rabbitmq,
+    ignore = "skipped: OUTBOX_TEST_RABBITMQ_URL is not set"
+)]
+async fn unreachable_broker_or_missing_exchange_fails_start() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let cases = [
+        RabbitMq::new(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"), "")
+            .connect_timeout(Duration::from_secs(2)),
+        RabbitMq::new(brokers::rabbitmq_url(), brokers::unique("outboxt_missing_")),
+    ];
+    for broker in cases {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("o.db").display());
+        let db = outbox::sea_orm::Database::connect(url.as_str())
+            .await
+            .expect("sqlite");
+        let err = Outbox::builder(db)
+            .queue(QueueSpec::new("relay", 1))
+            .relay(RelaySpec::new("relay", broker, "q"))
+            .start()
+            .await
+            .expect_err("start must fail");
+        match &err {
+            outbox::StartError::Relay { queue, relay, .. } => {
+                assert_eq!(
+                    (queue.as_str(), relay.as_str()),
+                    ("relay", "relay-rabbitmq")
+                );
+            }
+            other => panic!("expected StartError::Relay, got {other:?}"),
+        }
+    }
+}

@@ -52,7 +52,8 @@ impl RabbitMq {
         }
     }
 
-    /// At start, declare the exchange (durable) with this kind if it does not exist.
+    /// At start, declare the exchange (durable) with this kind if it does not exist. Without
+    /// it, start only checks that the exchange exists (the default exchange `""` always does).
     pub fn declare_exchange(mut self, kind: ExchangeKind) -> Self {
         self.declare = Some(kind);
         self
@@ -70,13 +71,20 @@ impl RabbitMq {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        if let Some(kind) = &self.declare {
+        if !self.exchange.is_empty() {
+            // Declared if so configured; otherwise only checked (passive), so a missing
+            // exchange fails start instead of closing the channel at every publish.
+            let (kind, passive) = match &self.declare {
+                Some(kind) => (kind.clone(), false),
+                None => (ExchangeKind::Direct, true),
+            };
             channel
                 .exchange_declare(
                     self.exchange.as_str().into(),
-                    kind.clone(),
+                    kind,
                     ExchangeDeclareOptions {
                         durable: true,
+                        passive,
                         ..ExchangeDeclareOptions::default()
                     },
                     FieldTable::default(),
