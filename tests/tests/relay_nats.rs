@@ -217,6 +217,66 @@ async fn refused_message_is_dead_lettered_with_the_brokers_reason(db: Arc<TestDb
     let _ = js.delete_stream(&stream).await;
 }
 
+async fn a_full_stream_is_waited_for_not_dead_lettered(db: Arc<TestDb>) {
+    use async_nats::jetstream::stream::{Config, DiscardPolicy};
+    let client = brokers::nats(&brokers::nats_url()).await;
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = brokers::unique("OUTBOXT");
+    let prefix = brokers::unique("outboxt");
+    let config = Config {
+        name: stream.clone(),
+        subjects: vec![format!("{prefix}.>")],
+        max_messages: 2,
+        discard: DiscardPolicy::New,
+        ..Default::default()
+    };
+    js.create_stream(config.clone())
+        .await
+        .expect("create stream");
+    let running = Outbox::builder(db.pool(10).await)
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("relay", PARTITIONS))
+        .relay(
+            RelaySpec::new(
+                "relay",
+                JetStream::new(client).check_stream(&stream),
+                format!("{prefix}.{{partition}}"),
+            )
+            .overrides(knobs().max_attempts(2)),
+        )
+        .start()
+        .await
+        .expect("start");
+    let committed = enqueue(&running, 0, 3, 3).await;
+    wait_for(&js, &stream, 2, Duration::from_secs(30)).await;
+    // JetStream answers "maximum messages exceeded" for the third: a full stream is not the
+    // message's fault, so the relay keeps trying instead of dead-lettering it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dead = running
+        .dead_letters(&DeadLetterFilter::all(), 0, 10)
+        .await
+        .expect("dead letters");
+    assert!(
+        dead.is_empty(),
+        "a full stream dead-letters nothing: {dead:?}"
+    );
+    assert_eq!(stream_len(&js, &stream).await, 2);
+    js.update_stream(Config {
+        max_messages: -1,
+        ..config
+    })
+    .await
+    .expect("raise the limit");
+    wait_for(&js, &stream, 3, Duration::from_secs(30)).await;
+    let stored = stream_messages(&js, &stream).await;
+    check_delivery(&bodies(&stored), &committed).expect("delivery once there is room");
+    running
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    let _ = js.delete_stream(&stream).await;
+}
+
 async fn broker_killed_and_restarted_mid_stream(db: Arc<TestDb>) {
     let mut server = NatsServer::start().await;
     let client = brokers::nats(&server.url()).await;
@@ -338,6 +398,7 @@ outbox_tests::on_every_backend_with_broker!(
     outbox_no_nats, "skipped: OUTBOX_TEST_NATS_URL is not set";
     relays_exactly_what_was_committed,
     refused_message_is_dead_lettered_with_the_brokers_reason,
+    a_full_stream_is_waited_for_not_dead_lettered,
     broker_killed_and_restarted_mid_stream,
     relay_process_killed_in_a_loop,
 );

@@ -97,12 +97,29 @@ impl JetStream {
     }
 }
 
-/// Whether JetStream said no to this message for good, rather than being out of reach.
+/// Whether JetStream said no to this message for good, rather than being out of reach: the
+/// message exceeds the server's `max_payload` or the stream's message or header size limit,
+/// or its subject is invalid (refused by the client before sending). Any other answer of the
+/// server (no space, too many messages, a leader election) is retried.
 fn refused(e: &jetstream::context::PublishError) -> bool {
-    matches!(
-        e.kind(),
-        PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::Other
-    )
+    use jetstream::ErrorCode;
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => true,
+        PublishErrorKind::Other => match std::error::Error::source(e) {
+            Some(source) => match source.downcast_ref::<jetstream::Error>() {
+                Some(js) => matches!(
+                    js.error_code(),
+                    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                        | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+                ),
+                // Not an answer of the server: the client refused the subject, or could not
+                // parse the ack (then the server may have stored it; publishing again is safe).
+                None => source.downcast_ref::<serde_json::Error>().is_none(),
+            },
+            None => false,
+        },
+        _ => false,
+    }
 }
 
 impl Broker for JetStream {
