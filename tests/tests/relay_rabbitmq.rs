@@ -179,6 +179,92 @@ async fn relays_persistent_confirmed_messages_in_order(db: Arc<TestDb>) {
         .await;
 }
 
+/// Sets RabbitMQ's `max_message_size` for as long as it lives (new channels see it).
+struct MaxMessageSize;
+
+impl MaxMessageSize {
+    fn set(bytes: u64) -> MaxMessageSize {
+        rabbitmqctl_max_message_size(bytes);
+        MaxMessageSize
+    }
+}
+
+impl Drop for MaxMessageSize {
+    fn drop(&mut self) {
+        rabbitmqctl_max_message_size(134_217_728);
+    }
+}
+
+fn rabbitmqctl_max_message_size(bytes: u64) {
+    let status = Command::new("rabbitmqctl")
+        .args([
+            "eval",
+            &format!("application:set_env(rabbit, max_message_size, {bytes})."),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run rabbitmqctl");
+    assert!(
+        status.success(),
+        "rabbitmqctl eval set_env max_message_size"
+    );
+}
+
+async fn refused_message_is_dead_lettered_with_the_brokers_reason(db: Arc<TestDb>) {
+    // The limit is the broker's, for every client: this test runs alone.
+    let _alone = BROKER.write().await;
+    let (_conn, ch, queue) = fresh_queue().await;
+    let limit = MaxMessageSize::set(2_048);
+    let running = Outbox::builder(db.pool(10).await)
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("relay", 1))
+        .relay(
+            RelaySpec::new(
+                "relay",
+                RabbitMq::new(brokers::rabbitmq_url(), ""),
+                queue.clone(),
+            )
+            .overrides(knobs()),
+        )
+        .start()
+        .await
+        .expect("start");
+    let txn = running.db().begin().await.expect("begin");
+    let msgs = [
+        NewMessage::new("relay", 0, "k0:1"),
+        NewMessage::new("relay", 0, vec![b'x'; 8_192]),
+        NewMessage::new("relay", 0, "k0:3"),
+    ];
+    running.enqueue_batch(&txn, &msgs).await.expect("enqueue");
+    txn.commit().await.expect("commit");
+    let got = receive(&ch, &queue, 2, Duration::from_secs(30)).await;
+    let committed = ["k0:1".to_owned(), "k0:3".to_owned()];
+    check_at_least_once(&got, &committed).expect("the two small messages arrive");
+    let dead = running
+        .dead_letters(&outbox::DeadLetterFilter::all(), 0, 10)
+        .await
+        .expect("dead letters");
+    drop(limit);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        (dead[0].seq, dead[0].handler.as_str()),
+        (2, "relay-rabbitmq")
+    );
+    assert!(
+        dead[0].last_error.contains("PRECONDITION_FAILED"),
+        "the broker's reason is kept: {}",
+        dead[0].last_error
+    );
+    running
+        .shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    let _ = ch
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+}
+
 async fn reconnects_after_the_broker_closes_its_connections(db: Arc<TestDb>) {
     let _alone = BROKER.write().await;
     let (_conn, ch, queue) = fresh_queue().await;
@@ -310,6 +396,7 @@ async fn relay_process_killed_in_a_loop(db: Arc<TestDb>) {
 outbox_tests::on_every_backend_with_broker!(
     outbox_no_rabbitmq, "skipped: OUTBOX_TEST_RABBITMQ_URL is not set";
     relays_persistent_confirmed_messages_in_order,
+    refused_message_is_dead_lettered_with_the_brokers_reason,
     reconnects_after_the_broker_closes_its_connections,
     relay_process_killed_in_a_loop,
 );

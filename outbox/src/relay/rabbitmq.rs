@@ -154,10 +154,18 @@ enum Miss {
     Nacked,
 }
 
-/// Whether the broker closed the channel over this message (a soft AMQP error such as
-/// `PRECONDITION_FAILED` for a message above `max_message_size`) rather than being out of reach.
+/// Whether the broker closed the channel over this message for good: `PRECONDITION_FAILED`
+/// (a message above `max_message_size`) or `CONTENT_TOO_LARGE`. Any other error (a closed
+/// connection, an exchange deleted meanwhile, a refused login) is retried.
 fn refused(e: &lapin::Error) -> bool {
-    e.is_amqp_soft_error()
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if matches!(
+            amqp.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::CONTENTTOOLARGE)
+        )
+    )
 }
 
 impl Broker for RabbitMq {
