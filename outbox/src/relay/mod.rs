@@ -45,8 +45,11 @@
 //!
 //! # Failures
 //!
-//! * The broker refuses a message (too large, an invalid subject): it is dead-lettered with the
-//!   broker's reason, and the relay goes on with the next one.
+//! * The broker refuses a message for good (JetStream: above the stream's message or header
+//!   size limit or the server's `max_payload`, or an invalid subject; RabbitMQ: above
+//!   `max_message_size`): it is dead-lettered with the broker's reason, and the relay goes on
+//!   with the next one. Every other broker answer (a full stream, a deleted exchange) is
+//!   retried like an outage.
 //! * The broker is unreachable mid-stream: the relay keeps its lease, renews it, and retries
 //!   from the first unacknowledged message with a backoff (up to 5 s), for as long as it takes;
 //!   nothing is dead-lettered for an outage.
