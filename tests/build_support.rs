@@ -1,6 +1,6 @@
 // Shared by `tests/build.rs` and `outbox-cli/build.rs`.
 
-/// Marks the server backends that this test build cannot reach, so their tests show as
+/// Marks the server backends (and brokers: `nats`, `rabbitmq`) that this test build cannot reach, so their tests show as
 /// `ignored` (with the reason) instead of passing without running. A backend is reachable when
 /// its URL variable is set; one named in `OUTBOX_TEST_REQUIRE` is never ignored (its tests then
 /// fail loudly if the URL is missing).
@@ -8,6 +8,8 @@ pub(crate) fn mark_unreachable_backends() {
     for (backend, var) in [
         ("postgres", "OUTBOX_TEST_POSTGRES_URL"),
         ("mysql", "OUTBOX_TEST_MYSQL_URL"),
+        ("nats", "OUTBOX_TEST_NATS_URL"),
+        ("rabbitmq", "OUTBOX_TEST_RABBITMQ_URL"),
     ] {
         println!("cargo::rerun-if-env-changed={var}");
         println!("cargo::rustc-check-cfg=cfg(outbox_no_{backend})");

@@ -17,6 +17,7 @@ mod cell;
 mod check;
 mod db;
 mod ours;
+mod relay;
 mod report;
 mod sys;
 
@@ -160,6 +161,36 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// S5: relay throughput into NATS JetStream and RabbitMQ beside a raw publish loop of the
+    /// same client, and commit-to-broker latency (see BENCHMARKS.md).
+    Relay {
+        /// Backends to run on.
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,mysql")]
+        backends: Vec<Backend>,
+        /// Brokers.
+        #[arg(long, value_delimiter = ',', default_value = "nats,rabbitmq")]
+        brokers: Vec<relay::BrokerKind>,
+        /// Messages pre-filled per throughput cell.
+        #[arg(long, default_value_t = 20_000)]
+        messages: u64,
+        /// Messages of the latency cell (one every 2 ms).
+        #[arg(long, default_value_t = 1_000)]
+        latency_messages: u64,
+        /// NATS server with JetStream.
+        #[arg(
+            long,
+            env = "OUTBOX_BENCH_NATS_URL",
+            default_value = "nats://127.0.0.1:4222"
+        )]
+        nats_url: String,
+        /// RabbitMQ.
+        #[arg(
+            long,
+            env = "OUTBOX_BENCH_RABBITMQ_URL",
+            default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        )]
+        amqp_url: String,
+    },
     /// The producer of the cross-process S3 variant (internal).
     #[command(hide = true)]
     Produce {
@@ -396,6 +427,35 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             }
             Err(e) => {
                 eprintln!("producer: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Cmd::Relay {
+        backends,
+        brokers,
+        messages,
+        latency_messages,
+        nats_url,
+        amqp_url,
+    }) = &args.cmd
+    {
+        let o = relay::Options {
+            backends: backends.clone(),
+            brokers: brokers.clone(),
+            messages: *messages,
+            latency_messages: *latency_messages,
+            nats_url: nats_url.clone(),
+            amqp_url: amqp_url.clone(),
+            servers: Servers {
+                postgres: args.postgres_url.clone(),
+                mysql: args.mysql_url.clone(),
+            },
+        };
+        return match relay::run(&o).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("relay benchmark failed: {e}");
                 std::process::ExitCode::FAILURE
             }
         };

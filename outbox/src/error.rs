@@ -281,6 +281,15 @@ pub enum RegistryProblem {
     },
     /// A knob of a profile, queue or handler is out of range.
     InvalidTuning(String),
+    /// A relay's destination template cannot be parsed.
+    InvalidRelay {
+        /// Queue name.
+        queue: String,
+        /// Relay name.
+        relay: String,
+        /// What is wrong.
+        error: crate::relay::TemplateError,
+    },
 }
 
 impl fmt::Display for RegistryProblem {
@@ -314,6 +323,11 @@ impl fmt::Display for RegistryProblem {
                 crate::queue::MAX_PARTITIONS
             ),
             Self::InvalidTuning(why) => f.write_str(why),
+            Self::InvalidRelay {
+                queue,
+                relay,
+                error,
+            } => write!(f, "relay `{relay}` of queue `{queue}`: {error}"),
         }
     }
 }
@@ -384,6 +398,20 @@ pub enum StartError {
     /// The database reported an error while migrating or registering.
     #[error("database error during start-up")]
     Database(#[source] sea_orm::DbErr),
+    /// A relay's broker could not be reached at start, or its destination (a JetStream stream,
+    /// a RabbitMQ exchange) is missing and could not be created. Nothing was started.
+    #[error(
+        "relay `{relay}` of queue `{queue}` cannot start: its broker is unreachable or not ready"
+    )]
+    Relay {
+        /// Queue name.
+        queue: String,
+        /// Relay name.
+        relay: String,
+        /// What the broker client reported.
+        #[source]
+        source: BoxDynError,
+    },
 }
 
 impl From<sea_orm::DbErr> for StartError {

@@ -3,12 +3,14 @@
 
 mod error;
 mod handler;
+pub mod inbox;
 pub mod metrics;
 #[cfg(feature = "migration")]
 #[cfg_attr(docsrs, doc(cfg(feature = "migration")))]
 pub mod migration;
 mod profile;
 mod queue;
+pub mod relay;
 mod runtime;
 pub mod sqlite;
 pub mod status;

@@ -583,6 +583,14 @@ impl Discover {
         self
     }
 
+    /// Declares a relay of a queue to a broker, started with the handlers (see
+    /// [`Builder::relay`] and [`crate::relay`]):
+    /// `outbox::discover(db).relay(RelaySpec::of::<OrderPlaced>(broker, "orders.{key}"))`.
+    pub fn relay(mut self, relay: crate::relay::RelaySpec) -> Self {
+        self.builder = self.builder.relay(relay);
+        self
+    }
+
     /// Runs only these handlers (`name` or `queue/name`); may be called several times.
     pub fn only_handlers<I, S>(mut self, names: I) -> Self
     where

@@ -200,6 +200,52 @@ macro_rules! on_every_backend {
     };
 }
 
+/// Like [`on_every_backend!`], for tests that also need a broker: `$no` is the broker's cfg
+/// (`outbox_no_nats`, `outbox_no_rabbitmq`, set by `build.rs` when its URL is neither set nor
+/// required), and the tests show as ignored with `$why` when it is set.
+///
+/// ```ignore
+/// on_every_backend_with_broker!(outbox_no_nats, "skipped: OUTBOX_TEST_NATS_URL is not set"; relays, chaos);
+/// ```
+#[macro_export]
+macro_rules! on_every_backend_with_broker {
+    ($no:ident, $why:literal; $( $name:ident ),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[cfg_attr($no, ignore = $why)]
+                async fn $name() {
+                    $crate::run($crate::Kind::Sqlite, super::$name).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[cfg_attr(
+                    any(outbox_no_postgres, $no),
+                    ignore = "skipped: OUTBOX_TEST_POSTGRES_URL or the broker's URL is not set"
+                )]
+                async fn $name() {
+                    $crate::run($crate::Kind::Postgres, super::$name).await
+                }
+            )*
+        }
+        mod mysql {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[cfg_attr(
+                    any(outbox_no_mysql, $no),
+                    ignore = "skipped: OUTBOX_TEST_MYSQL_URL or the broker's URL is not set"
+                )]
+                async fn $name() {
+                    $crate::run($crate::Kind::Mysql, super::$name).await
+                }
+            )*
+        }
+    };
+}
+
 /// One backend's test of [`on_every_backend!`]: skipped when listed, else run.
 #[doc(hidden)]
 #[macro_export]
@@ -548,3 +594,5 @@ pub async fn wait_drained(outbox: &outbox::Outbox, queue: &str, timeout: Duratio
     })
     .await;
 }
+
+pub mod brokers;

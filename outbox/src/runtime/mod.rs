@@ -28,6 +28,7 @@ use crate::queue::{
     DEFAULT_MAX_PAYLOAD, Delivery, Enqueued, MAX_DEDUP_KEY_BYTES, MAX_PARTITIONS, NewMessage,
     QueueSpec, validate_name, validate_prefix,
 };
+use crate::relay::RelaySpec;
 use crate::storage::schema::{SCHEMA_VERSION, migration_name};
 use crate::storage::{
     CursorKey, DeadLetter, DeadLetterFilter, DueAt, InsertRow, QueueDepth, Refused, Registered,
@@ -592,6 +593,7 @@ pub struct Builder {
     runtime: Option<RuntimeTuning>,
     queues: Vec<QueueSpec>,
     handlers: Vec<HandlerSpec>,
+    relays: Vec<RelaySpec>,
     max_payload: usize,
     migrate_on_start: bool,
 }
@@ -603,6 +605,7 @@ impl fmt::Debug for Builder {
             .field("profile", &self.profile)
             .field("queues", &self.queues)
             .field("handlers", &self.handlers)
+            .field("relays", &self.relays)
             .field("max_payload", &self.max_payload)
             .field("migrate_on_start", &self.migrate_on_start)
             .finish_non_exhaustive()
@@ -618,6 +621,7 @@ impl Builder {
             runtime: None,
             queues: Vec::new(),
             handlers: Vec::new(),
+            relays: Vec::new(),
             max_payload: DEFAULT_MAX_PAYLOAD,
             migrate_on_start: true,
         }
@@ -653,6 +657,15 @@ impl Builder {
         self
     }
 
+    /// Declares a relay: a handler of its queue, with its own cursor, that publishes the
+    /// queue's messages to a broker in order per partition (see [`crate::relay`]). Its queue
+    /// must be declared too. [`start`](Builder::start) checks the broker before anything
+    /// starts.
+    pub fn relay(mut self, relay: RelaySpec) -> Self {
+        self.relays.push(relay);
+        self
+    }
+
     /// Largest payload accepted by enqueue, in bytes (default 1 MiB). On MySQL/MariaDB it
     /// must fit the server's `max_allowed_packet`; start checks it.
     pub fn max_payload_bytes(mut self, limit: usize) -> Self {
@@ -669,6 +682,23 @@ impl Builder {
     pub fn migrate_on_start(mut self, migrate: bool) -> Self {
         self.migrate_on_start = migrate;
         self
+    }
+
+    /// Turns the declared relays into the leased batch handlers that run them.
+    fn take_relays(&mut self) -> Vec<RegistryProblem> {
+        let mut problems = Vec::new();
+        for r in std::mem::take(&mut self.relays) {
+            let (queue, relay) = (r.queue.to_string(), r.name.to_string());
+            match r.into_handler() {
+                Ok(h) => self.handlers.push(h),
+                Err(error) => problems.push(RegistryProblem::InvalidRelay {
+                    queue,
+                    relay,
+                    error,
+                }),
+            }
+        }
+        problems
     }
 
     fn check(&self) -> Vec<RegistryProblem> {
@@ -732,11 +762,12 @@ impl Builder {
         Ok(self.prepare().await?.0)
     }
 
-    async fn prepare(self) -> Result<(Outbox, Self), StartError> {
+    async fn prepare(mut self) -> Result<(Outbox, Self), StartError> {
         if disconnected(&self.db) {
             return Err(StartError::Database(disconnected_error()));
         }
-        let problems = self.check();
+        let mut problems = self.take_relays();
+        problems.extend(self.check());
         if !problems.is_empty() {
             return Err(StartError::Registry(problems));
         }
@@ -863,6 +894,23 @@ impl Builder {
         per_handler + 2 + listener
     }
 
+    /// Connections the relays' handlers need (see [`connections_needed`](Builder::connections_needed)).
+    fn relays_concurrency(&self) -> u32 {
+        if self.db.get_database_backend() == DbBackend::Sqlite {
+            return 0;
+        }
+        self.relays
+            .iter()
+            .map(|r| {
+                let mut t = self.profile.tuning();
+                if let Some(q) = self.queues.iter().find(|q| q.name == r.queue) {
+                    t = t.with(&q.overrides);
+                }
+                t.with(r.overrides_ref()).concurrency
+            })
+            .sum()
+    }
+
     fn pool_size(&self) -> Option<u32> {
         use sea_orm::DatabaseConnectionType as T;
         match &self.db.inner {
@@ -894,7 +942,18 @@ impl Builder {
         if disconnected(&self.db) {
             return Err(StartError::Database(disconnected_error()));
         }
-        let needed = self.connections_needed();
+        // Relays count as handlers for the pool; their brokers must answer before anything runs.
+        for r in &self.relays {
+            r.broker
+                .prepare()
+                .await
+                .map_err(|source| StartError::Relay {
+                    queue: r.queue.to_string(),
+                    relay: r.name.to_string(),
+                    source,
+                })?;
+        }
+        let needed = self.connections_needed() + self.relays_concurrency();
         if let Some(available) = self.pool_size()
             && available < needed
         {
