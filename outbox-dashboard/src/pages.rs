@@ -223,7 +223,7 @@ pub(crate) fn overview_body(d: &Dashboard, status: &Status, acting: bool) -> Str
             };
             let _ = write!(
                 b,
-                r#"<tr id="h-{qn}-{hn}" class="{cls}">{head}<td class="handler">{hn}</td><td class="n waiting">{}</td><td class="n lag">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n blocked">{}</td><td class="n dead"><a href="{dead_link}">{}</a></td><td>{}</td><td>{} <span class="rate">{rate:.1}/s</span></td><td>{retire}</td></tr>"#,
+                r#"<tr id="h-{qn}-{hn}" class="{cls}">{head}<td class="handler">{hn}</td><td class="n waiting">{}</td><td class="n lag">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n blocked">{}</td><td class="n dead"><a href="{dead_link}">{}</a></td><td class="served">{}</td><td class="tp">{} <span class="rate">{rate:.1}/s</span></td><td>{retire}</td></tr>"#,
                 num(h.waiting),
                 esc(&lag(h.lag_ms)),
                 h.retrying_partitions,
