@@ -194,24 +194,36 @@ pub fn router(outbox: Outbox, config: Config) -> Router {
         .route("/queues/{queue}", get(pages::queue))
         .route("/dead-letters", get(pages::dead_letters))
         .route("/dead-letters/{id}", get(pages::dead_letter))
-        .route("/dead-letters/{id}/replay", post(actions::replay))
-        .route("/dead-letters/{id}/discard", post(actions::discard))
-        .route("/dead-letters/bulk", post(actions::bulk))
-        .route("/dead-letters/purge", post(actions::purge))
+        .route(
+            "/dead-letters/{id}/replay",
+            post(actions::replay).get(pages::post_only),
+        )
+        .route(
+            "/dead-letters/{id}/discard",
+            post(actions::discard).get(pages::post_only),
+        )
+        .route(
+            "/dead-letters/bulk",
+            post(actions::bulk).get(pages::post_only),
+        )
+        .route(
+            "/dead-letters/purge",
+            post(actions::purge).get(pages::post_only),
+        )
         .route(
             "/queues/{queue}/handlers/{handler}/partitions/{partition}/unblock",
-            post(actions::unblock),
+            post(actions::unblock).get(pages::post_only),
         )
         .route(
             "/queues/{queue}/handlers/{handler}/partitions/{partition}/skip-head",
-            post(actions::skip_head),
+            post(actions::skip_head).get(pages::post_only),
         )
         .route(
             "/queues/{queue}/handlers/{handler}/retire",
-            post(actions::retire),
+            post(actions::retire).get(pages::post_only),
         )
         .route("/login", get(pages::login).post(actions::login))
-        .route("/logout", post(actions::logout))
+        .route("/logout", post(actions::logout).get(pages::post_only))
         .route("/assets/app.css", get(pages::css))
         .route("/assets/app.js", get(pages::js))
         .fallback(pages::not_found)

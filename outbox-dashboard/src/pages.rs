@@ -356,7 +356,7 @@ fn queue_body(d: &Dashboard, q: &QueueStatus, show_all: bool, acting: bool) -> S
             }
             let _ = write!(
                 b,
-                r#"<tr id="p-{hn}-{pn}" class="{cls}"><td class="n">{pn}</td><td class="n head-seq">{}</td><td class="n processed-seq">{}</td><td class="n pending">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n attempts">{}</td><td>{}</td><td>{lease}</td><td class="state">{state}</td><td class="err">{}</td><td class="n"><a href="{}">{}</a></td><td>{actions}</td></tr>"#,
+                r#"<tr id="p-{hn}-{pn}" class="{cls}"><td class="n">{pn}</td><td class="n head-seq">{}</td><td class="n processed-seq">{}</td><td class="n pending">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n attempts">{}</td><td>{}</td><td>{lease}</td><td class="state">{state}</td><td class="err">{}</td><td class="n"><a href="{}">{}</a></td><td class="actions">{actions}</td></tr>"#,
                 p.head_seq.map_or_else(|| "—".to_owned(), |s| s.to_string()),
                 p.processed_seq,
                 num(p.pending),
@@ -735,6 +735,22 @@ pub(crate) async fn not_found(State(d): State<AppState>, headers: HeaderMap, uri
         &d,
         &headers,
         Refusal::not_found(format!("there is no page at {}", uri.path())),
+    )
+}
+
+/// GET on an action's address: actions are form submissions only.
+pub(crate) async fn post_only(State(d): State<AppState>, headers: HeaderMap, uri: Uri) -> Response {
+    refuse(
+        &d,
+        &headers,
+        Refusal {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            title: "Method not allowed",
+            detail: format!(
+                "{} is an action: it runs only from the dashboard's buttons (POST)",
+                uri.path()
+            ),
+        },
     )
 }
 

@@ -658,6 +658,7 @@ async fn every_page_and_action(t: Arc<TestDb>) {
         ("/queues/nope", "404"),
         ("/queues/no%20pe", "400"),
         ("/no/such/page", "404"),
+        ("/dead-letters/1/replay", "405"),
     ] {
         b.goto(path).await;
         assert!(
