@@ -82,6 +82,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("sequenced after {:.1?}", started.elapsed());
     rt.shutdown(Duration::from_secs(10)).await?;
+    // What autovacuum does a little later after a bulk load: fresh planner statistics.
+    if db.get_database_backend() == outbox::sea_orm::DbBackend::Postgres {
+        use outbox::sea_orm::ConnectionTrait as _;
+        db.execute_unprepared("ANALYZE").await?;
+    }
 
     // The dashboard on an admin outbox, as `outbox serve` runs it.
     let admin = Outbox::admin(db.clone(), outbox::DEFAULT_TABLE_PREFIX)?;
