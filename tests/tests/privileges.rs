@@ -22,7 +22,7 @@ async fn rows_only_user(t: &TestDb, admin: &DatabaseConnection) -> DatabaseConne
                 format!("CREATE ROLE {user} LOGIN PASSWORD 'pw'"),
                 format!("GRANT CONNECT ON DATABASE {db_name} TO {user}"),
                 format!("GRANT USAGE ON SCHEMA public TO {user}"),
-                format!("REVOKE CREATE ON SCHEMA public FROM PUBLIC"),
+                "REVOKE CREATE ON SCHEMA public FROM PUBLIC".to_owned(),
                 format!(
                     "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {user}"
                 ),
