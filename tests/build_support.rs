@@ -52,3 +52,23 @@ pub(crate) fn find_faketime() {
         }
     }
 }
+
+/// Finds Debian's chromium and chromedriver, which the dashboard's browser tests drive: the
+/// `outbox_no_browser` cfg when either is absent and not required (`OUTBOX_TEST_REQUIRE`
+/// containing `browser`), so those tests show as ignored with the reason.
+#[allow(dead_code)]
+pub(crate) fn find_browser() {
+    println!("cargo::rustc-check-cfg=cfg(outbox_no_browser)");
+    let paths = ["/usr/bin/chromium", "/usr/bin/chromedriver"];
+    for p in paths {
+        println!("cargo::rerun-if-changed={p}");
+    }
+    let present = paths.iter().all(|p| std::path::Path::new(p).exists());
+    let required = std::env::var("OUTBOX_TEST_REQUIRE")
+        .unwrap_or_default()
+        .split(',')
+        .any(|s| s.trim() == "browser");
+    if !present && !required {
+        println!("cargo::rustc-cfg=outbox_no_browser");
+    }
+}

@@ -12,6 +12,8 @@
 //!   unblock QUEUE PARTITION HANDLER --head-seq SEQ          retry a blocked partition's head now
 //!   skip-head QUEUE PARTITION HANDLER --head-seq SEQ [--yes]  dead-letter the head, go on
 //!   retire QUEUE HANDLER [--yes]            remove a handler that no longer runs
+//!   serve [--listen 127.0.0.1:9000] [--read-only] [--token T] [--hide-payloads] [--mount-path /p]
+//!                                           the web dashboard (see outbox-dashboard)
 //! filters: --queue Q --partition P --handler H
 //! ```
 //!
@@ -37,6 +39,7 @@
 mod format;
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -121,6 +124,31 @@ enum Command {
         #[arg(long)]
         queue: Option<String>,
     },
+    /// Serve the web dashboard: queues, partitions and dead letters in a browser, with
+    /// replay, discard, purge, unblock, skip-head and retire for an operator who logs in with
+    /// the token. Runs until interrupted (Ctrl-C).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on. The dashboard speaks plain HTTP: keep it on localhost, or put a
+    /// TLS-terminating proxy in front before listening beyond this machine.
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: SocketAddr,
+    /// Show only: no login and no actions.
+    #[arg(long)]
+    read_only: bool,
+    /// The token operators log in with before acting; without it the dashboard only shows.
+    /// Prefer the environment variable: a command line is visible to other local users.
+    #[arg(long, env = "OUTBOX_DASHBOARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Keep message payloads (which may hold personal data) off every page.
+    #[arg(long)]
+    hide_payloads: bool,
+    /// Serve under this path (for example `/outbox` behind a proxy).
+    #[arg(long, default_value = "")]
+    mount_path: String,
 }
 
 #[derive(Debug, Args)]
@@ -408,7 +436,58 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 ))
             }
         }
+        Command::Serve(args) => serve(outbox, args).await,
     }
+}
+
+/// `outbox serve`: the dashboard until Ctrl-C.
+async fn serve(outbox: Outbox, args: ServeArgs) -> Result<u8, Failure> {
+    // Fail now, with the usual message, if the tables are missing or outdated.
+    outbox.status().await?;
+    let mount = args.mount_path.trim_end_matches('/').to_owned();
+    if !mount.is_empty() && !mount.starts_with('/') {
+        return Err(Failure::new(USAGE, "--mount-path must start with `/`"));
+    }
+    let mut config = outbox_dashboard::Config::new()
+        .read_only(args.read_only)
+        .show_payloads(!args.hide_payloads)
+        .mount_path(mount.clone());
+    let mode = if args.read_only {
+        "read-only"
+    } else if args.token.is_some() {
+        "actions after login with the token"
+    } else {
+        "view only: pass --token or set OUTBOX_DASHBOARD_TOKEN to enable actions"
+    };
+    if let Some(token) = args.token {
+        config = config.token(token);
+    }
+    let dashboard = outbox_dashboard::router(outbox, config);
+    let app = if mount.is_empty() {
+        dashboard
+    } else {
+        axum::Router::new().nest(&mount, dashboard)
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| Failure::new(FAILED, format!("cannot listen on {}: {e}", args.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Failure::new(FAILED, format!("cannot read the bound address: {e}")))?;
+    if !addr.ip().is_loopback() {
+        eprintln!(
+            "warning: listening on {addr}, beyond this machine; the dashboard speaks plain HTTP"
+        );
+    }
+    println!("outbox dashboard on http://{addr}{mount}/ ({mode})");
+    std::io::stdout().flush().ok();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            tokio::signal::ctrl_c().await.ok();
+        })
+        .await
+        .map_err(|e| Failure::new(FAILED, format!("the dashboard stopped: {e}")))?;
+    Ok(OK)
 }
 
 async fn status(outbox: &Outbox, args: &StatusArgs) -> Result<u8, Failure> {
