@@ -116,21 +116,27 @@ impl Browser {
     }
 
     async fn text(&self, css: &str) -> String {
-        let found = match self.client.find(Locator::Css(css)).await {
-            Ok(e) => e,
-            Err(e) => {
-                let url = self.client.current_url().await.map(|u| u.to_string());
-                let page = match self.client.find(Locator::Css("body")).await {
-                    Ok(body) => body.text().await.unwrap_or_default(),
-                    Err(_) => String::new(),
-                };
-                panic!("find {css} on {url:?}: {e}\npage text: {page}");
+        // The overview refreshes itself every second and replaces its elements: an element
+        // found just before a refresh is stale when read, so find it again.
+        let mut stale = 0;
+        loop {
+            let found = match self.client.find(Locator::Css(css)).await {
+                Ok(e) => e,
+                Err(e) => {
+                    let url = self.client.current_url().await.map(|u| u.to_string());
+                    let page = match self.client.find(Locator::Css("body")).await {
+                        Ok(body) => body.text().await.unwrap_or_default(),
+                        Err(_) => String::new(),
+                    };
+                    panic!("find {css} on {url:?}: {e}\npage text: {page}");
+                }
+            };
+            match found.text().await {
+                Ok(text) => return text,
+                Err(e) if stale < 5 && e.to_string().contains("stale element") => stale += 1,
+                Err(e) => panic!("text of {css}: {e}"),
             }
-        };
-        found
-            .text()
-            .await
-            .unwrap_or_else(|e| panic!("text of {css}: {e}"))
+        }
     }
 
     async fn has(&self, css: &str) -> bool {
@@ -153,13 +159,20 @@ impl Browser {
     async fn click_and_load(&self, css: &str) {
         self.js("document.documentElement.dataset.old = '1'; return null;")
             .await;
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("find {css}: {e}"))
-            .click()
-            .await
-            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+        // A self-refreshing page may replace the element between finding and clicking it.
+        let mut stale = 0;
+        loop {
+            let found = self
+                .client
+                .find(Locator::Css(css))
+                .await
+                .unwrap_or_else(|e| panic!("find {css}: {e}"));
+            match found.click().await {
+                Ok(_) => break,
+                Err(e) if stale < 5 && e.to_string().contains("stale element") => stale += 1,
+                Err(e) => panic!("click {css}: {e}"),
+            }
+        }
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let v = self
