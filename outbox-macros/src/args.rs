@@ -24,6 +24,8 @@ pub(crate) mod sym {
     pub(crate) const BATCH: &str = "batch";
     pub(crate) const KEY: &str = "key";
     pub(crate) const DEDUP: &str = "dedup";
+    pub(crate) const DELAY_MS: &str = "delay_ms";
+    pub(crate) const STRICT_ORDER: &str = "strict_order";
 }
 
 /// One argument's value and where it was written.
@@ -49,9 +51,16 @@ pub(crate) struct QueueArgs {
     pub(crate) partitions_written: bool,
     pub(crate) name: Option<Arg<String>>,
     pub(crate) poison: Option<Arg<Poison>>,
+    /// `delay_ms = N`: every message is delivered N ms after its enqueue.
+    pub(crate) delay_ms: Option<Arg<u64>>,
+    /// `strict_order`: commit order only, scheduled delivery refused.
+    pub(crate) strict_order: Option<Span>,
     pub(crate) knobs: Knobs,
     pub(crate) krate: Option<syn::Path>,
 }
+
+/// The longest `delay_ms` accepted: one year.
+pub(crate) const MAX_DELAY_MS: u64 = 365 * 86_400_000;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Poison {
@@ -77,8 +86,7 @@ pub(crate) struct HandlerArgs {
     pub(crate) krate: Option<syn::Path>,
 }
 
-const QUEUE_KEYS: &str =
-    "`partitions`, `name`, `max_attempts`, `poison`, `batch_size`, `concurrency`, `crate`";
+const QUEUE_KEYS: &str = "`partitions`, `name`, `max_attempts`, `poison`, `delay_ms`, `strict_order`, `batch_size`, `concurrency`, `crate`";
 const HANDLER_KEYS: &str = "`transactional`, `leased`, `batch`, `name`, `max_attempts`, `batch_size`, `concurrency`, `lease_ms`, `crate`";
 
 /// Parses `args` with `each` called per argument; a syntax error that stops the parser is
@@ -252,6 +260,8 @@ fn hint(key: &str) -> &'static str {
         "batch" | "batch_len" => " (did you mean `batch_size`?)",
         "lease" | "lease_time" | "timeout" => " (did you mean `lease_ms`?)",
         "poison_policy" | "on_poison" | "dead_letter" => " (did you mean `poison`?)",
+        "delay" | "delay_secs" | "scheduled_in" | "run_in" => " (did you mean `delay_ms`?)",
+        "ordered" | "fifo" | "strict" => " (did you mean `strict_order`?)",
         "transaction" | "tx" | "txn" => " (did you mean `transactional`?)",
         "lease_based" | "at_least_once" => " (did you mean `leased`?)",
         "krate" | "outbox" => " (did you mean `crate`?)",
@@ -304,6 +314,20 @@ impl QueueArgs {
                     });
                     set(&mut out.poison, v, &key, span, errors);
                 }
+                sym::DELAY_MS => {
+                    let v = int(meta, &key, 1, MAX_DELAY_MS, errors)?;
+                    set(&mut out.delay_ms, v, &key, span, errors);
+                }
+                sym::STRICT_ORDER => {
+                    if !meta.input.is_empty() && !meta.input.peek(syn::Token![,]) {
+                        skip(meta)?;
+                        errors.at(
+                            span,
+                            "`strict_order` takes no value; write `#[outbox::queue(partitions = 8, strict_order)]`",
+                        );
+                    }
+                    out.strict_order = Some(span);
+                }
                 sym::CRATE => krate(meta, &mut out.krate, errors)?,
                 sym::LEASE_MS => {
                     skip(meta)?;
@@ -324,6 +348,12 @@ impl QueueArgs {
             }
             Ok(())
         });
+        if let (Some(_), Some(delay)) = (out.strict_order, &out.delay_ms) {
+            errors.at(
+                delay.span,
+                "`delay_ms` on a `strict_order` queue: a strict-order queue delivers in commit order and refuses scheduled delivery; remove one of them",
+            );
+        }
         out
     }
 }

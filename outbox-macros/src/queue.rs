@@ -245,7 +245,7 @@ fn impl_queue(args: &QueueArgs, ident: &syn::Ident, keys: &Keys) -> TokenStream 
             Key::Named(i) => i.span(),
             Key::Index(i) => i.span,
         };
-        let text = quote_spanned!(span=> ::std::string::ToString::to_string(&self.#field));
+        let text = quote_spanned!(span=> #private::DedupKey::dedup_text(&self.#field));
         quote! {
             #[inline]
             fn dedup_key(&self) -> #private::Option<::std::string::String> {
@@ -258,6 +258,16 @@ fn impl_queue(args: &QueueArgs, ident: &syn::Ident, keys: &Keys) -> TokenStream 
         Some(Poison::DeadLetter) | None => quote!(#private::PoisonPolicy::DeadLetter),
     };
     let overrides = overrides(&private, &args.knobs);
+    let delay = args.delay_ms.as_ref().map(|d| {
+        let ms = d.value;
+        quote!(const DELAY: #private::Option<::core::time::Duration> =
+            #private::Option::Some(::core::time::Duration::from_millis(#ms));)
+    });
+    let strict = args.strict_order.map(|_| {
+        quote!(
+            const SCHEDULING: ::core::primitive::bool = false;
+        )
+    });
     let decl = format_ident!("__OUTBOX_QUEUE");
     // The impl is spanned at the type name, so a missing `Serialize` lands there.
     let impl_head = quote_spanned!(ident.span()=> impl #private::Queue for #ident);
@@ -267,6 +277,8 @@ fn impl_queue(args: &QueueArgs, ident: &syn::Ident, keys: &Keys) -> TokenStream 
             #impl_head {
                 const NAME: &'static ::core::primitive::str = #name;
                 const PARTITIONS: ::core::primitive::u32 = #partitions;
+                #strict
+                #delay
                 #[inline]
                 fn partition(&self) -> ::core::primitive::u32 {
                     #partition

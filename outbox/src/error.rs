@@ -229,6 +229,15 @@ pub enum EnqueueError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A delivery time or delay on a queue declared `#[outbox::queue(strict_order)]`, which
+    /// delivers every message in commit order.
+    #[error(
+        "queue `{queue}` is strict-order: it delivers in commit order and refuses scheduled delivery"
+    )]
+    SchedulingForbidden {
+        /// Queue name.
+        queue: String,
+    },
     /// The database reported an error; the caller's transaction should be rolled back.
     #[error("database error")]
     Database(#[source] sea_orm::DbErr),

@@ -67,7 +67,7 @@ pub mod __private {
     pub use crate::profile::Overrides;
     pub use crate::queue::PoisonPolicy;
     pub use crate::typed::{
-        HandlerDecl, HandlerMode, Queue, QueueDecl, leased, leased_batch, partition_for_key,
-        spread, transactional, transactional_batch,
+        DedupKey, HandlerDecl, HandlerMode, Queue, QueueDecl, leased, leased_batch,
+        partition_for_key, spread, transactional, transactional_batch,
     };
 }

@@ -46,6 +46,18 @@ pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The partition count, 1 to [`MAX_PARTITIONS`](crate::MAX_PARTITIONS).
     const PARTITIONS: u32;
 
+    /// Whether messages of this queue may be scheduled (`true` unless declared
+    /// `#[outbox::queue(strict_order)]`). On a strict-order queue every message is delivered in
+    /// commit order within its partition: [`enqueue_at`](Queue::enqueue_at) and
+    /// [`enqueue_after`](Queue::enqueue_after) fail with
+    /// [`EnqueueError::SchedulingForbidden`] and write nothing.
+    const SCHEDULING: bool = true;
+
+    /// A delay every message of this queue waits before delivery (`#[outbox::queue(delay_ms =
+    /// N)]`); `None` delivers at commit. An explicit [`enqueue_at`](Queue::enqueue_at) or
+    /// [`enqueue_after`](Queue::enqueue_after) replaces it.
+    const DELAY: Option<Duration> = None;
+
     /// The partition of this message, below [`PARTITIONS`](Queue::PARTITIONS).
     fn partition(&self) -> u32;
 
@@ -56,18 +68,21 @@ pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
     }
 
     /// This message as untyped bytes: JSON payload, routed by [`partition`](Queue::partition),
-    /// with its [`dedup_key`](Queue::dedup_key). Add a delivery time with
-    /// [`NewMessage::deliver_at`] or [`NewMessage::deliver_after`].
+    /// with its [`dedup_key`](Queue::dedup_key) and the queue's [`DELAY`](Queue::DELAY). Add a
+    /// delivery time with [`NewMessage::deliver_at`] or [`NewMessage::deliver_after`].
     fn to_message(&self) -> Result<NewMessage, EnqueueError> {
         let payload = serde_json::to_vec(self).map_err(|source| EnqueueError::Serialize {
             queue: Self::NAME.to_owned(),
             source,
         })?;
-        let message = NewMessage::new(Self::NAME, self.partition(), payload);
-        Ok(match self.dedup_key() {
-            Some(key) => message.dedup_key(key),
-            None => message,
-        })
+        let mut message = NewMessage::new(Self::NAME, self.partition(), payload);
+        if let Some(key) = self.dedup_key() {
+            message = message.dedup_key(key);
+        }
+        if let Some(delay) = Self::DELAY {
+            message = message.deliver_after(delay);
+        }
+        Ok(message)
     }
 
     /// Enqueues this message through `conn` (a transaction: the message exists if and only if
@@ -91,7 +106,7 @@ pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
         conn: &C,
         at: SystemTime,
     ) -> impl Future<Output = Result<Enqueued, EnqueueError>> + Send {
-        let message = self.to_message();
+        let message = scheduled_message(self);
         async move {
             let outbox = global().ok_or(EnqueueError::NotConnected)?;
             outbox.enqueue(conn, message?.deliver_at(at)).await
@@ -105,7 +120,7 @@ pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
         conn: &C,
         delay: Duration,
     ) -> impl Future<Output = Result<Enqueued, EnqueueError>> + Send {
-        let message = self.to_message();
+        let message = scheduled_message(self);
         async move {
             let outbox = global().ok_or(EnqueueError::NotConnected)?;
             outbox.enqueue(conn, message?.deliver_after(delay)).await
@@ -225,6 +240,36 @@ pub enum HandlerMode {
     Transactional,
     /// Outside any transaction, under a time lease.
     Leased,
+}
+
+/// [`Queue::to_message`] for an explicit delivery time, refused on a queue that forbids
+/// scheduling.
+fn scheduled_message<Q: Queue>(message: &Q) -> Result<NewMessage, EnqueueError> {
+    if !Q::SCHEDULING {
+        return Err(EnqueueError::SchedulingForbidden {
+            queue: Q::NAME.to_owned(),
+        });
+    }
+    message.to_message()
+}
+
+/// The text of a `#[outbox(dedup)]` field: any type with a `Display` text (strings, integers,
+/// UUIDs).
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a deduplication key: it has no text form",
+    label = "`#[outbox(dedup)]` on a field of type `{Self}`",
+    note = "a deduplication key is text: use a `String`, an integer, or a type that implements `Display`"
+)]
+pub trait DedupKey {
+    /// The key's text.
+    fn dedup_text(&self) -> String;
+}
+
+impl<T: fmt::Display + ?Sized> DedupKey for T {
+    fn dedup_text(&self) -> String {
+        self.to_string()
+    }
 }
 
 /// A queue declared with `#[outbox::queue]`, as collected in this binary's registry.
@@ -786,6 +831,26 @@ mod tests {
             e.as_deref(),
             Some("payload of queue `ping` could not be decoded as `outbox::typed::tests::Ping`")
         );
+    }
+
+    #[test]
+    fn a_strict_order_queue_refuses_a_delivery_time() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Entry;
+        impl Queue for Entry {
+            const NAME: &'static str = "ledger";
+            const PARTITIONS: u32 = 1;
+            const SCHEDULING: bool = false;
+            fn partition(&self) -> u32 {
+                0
+            }
+        }
+        let r = scheduled_message(&Entry);
+        assert!(
+            matches!(&r, Err(EnqueueError::SchedulingForbidden { queue }) if queue == "ledger"),
+            "{r:?}"
+        );
+        assert!(Entry.to_message().is_ok(), "a plain enqueue is fine");
     }
 
     #[tokio::test]

@@ -247,7 +247,65 @@ async fn future_messages_stay_out_of_the_pipeline(t: Arc<TestDb>) {
     assert_invariants(&db, "outbox_").await;
 }
 
+/// A queue declared with a delay: every message waits for it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[outbox::queue(partitions = 2, name = "typed_delay", delay_ms = 1200)]
+struct Reminder {
+    #[outbox(key)]
+    user: i64,
+    text: String,
+}
+
+/// A strict-order queue refuses a delivery time and writes nothing.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[outbox::queue(partitions = 2, name = "typed_strict", strict_order)]
+struct LedgerEntry {
+    #[outbox(key)]
+    account: i64,
+}
+
+async fn a_queue_delay_schedules_every_message(t: Arc<TestDb>) {
+    use outbox::Queue;
+
+    let db = t.pool(8).await;
+    let log = Timed::default();
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("typed_delay", 2))
+        .queue(QueueSpec::new("typed_strict", 2))
+        .handler(log.handler("typed_delay"))
+        .start()
+        .await
+        .expect("start");
+    let before = db_now(&db).await;
+    let reminder = Reminder {
+        user: 3,
+        text: "renew".to_owned(),
+    };
+    let done = reminder.enqueue_with(&rt, &db).await.expect("enqueue");
+    assert!(matches!(done, Enqueued::Scheduled { .. }), "{done:?}");
+    eventually(WAIT, "the reminder", || async { log.all().len() == 1 }).await;
+    let handled_at = log.all()[0].1;
+    assert!(
+        handled_at >= before + 1200,
+        "delivered {} ms before the queue's delay",
+        before + 1200 - handled_at
+    );
+    // A strict-order queue's message is stored for delivery in commit order; a delivery
+    // time is refused before anything is written.
+    let entry = LedgerEntry { account: 1 };
+    assert_eq!(
+        entry.enqueue_with(&rt, &db).await.expect("enqueue"),
+        Enqueued::Stored
+    );
+    let status = rt.queue_status("typed_strict").await.expect("status");
+    assert_eq!(status.scheduled, 0);
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    assert_invariants(&db, "outbox_").await;
+}
+
 on_every_backend!(
+    a_queue_delay_schedules_every_message,
     a_scheduled_message_waits_for_its_time_and_then_its_turn,
     a_scheduled_message_can_be_cancelled,
     future_messages_stay_out_of_the_pipeline,

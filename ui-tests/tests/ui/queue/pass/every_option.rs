@@ -29,6 +29,26 @@ struct OrderPlaced {
 #[derive(Serialize, Deserialize)]
 struct Email(#[outbox(key)] String, u32);
 
+/// A deduplication key (any field with a `Display` text) and a delay for every message.
+#[derive(Serialize, Deserialize)]
+#[outbox::queue(partitions = 4, delay_ms = 900_000)]
+struct Reminder {
+    #[outbox(key)]
+    user_id: u64,
+    #[outbox(dedup)]
+    request_id: u64,
+}
+
+/// A strict-order queue: commit order only, scheduled delivery refused.
+#[derive(Serialize, Deserialize)]
+#[outbox::queue(partitions = 4, strict_order)]
+struct LedgerEntry {
+    #[outbox(key)]
+    account: String,
+    #[outbox(dedup)]
+    entry_id: String,
+}
+
 /// An enum without a key: spread over the partitions.
 #[derive(Serialize, Deserialize)]
 #[outbox::queue(partitions = 2, poison = "dead_letter")]
@@ -91,9 +111,28 @@ fn main() {
     );
     assert!(HTTPEvent::Stopped.partition() < 2);
 
+    let reminder = Reminder {
+        user_id: 1,
+        request_id: 42,
+    };
+    assert_eq!(reminder.dedup_key().as_deref(), Some("42"));
+    assert_eq!(Reminder::DELAY, Some(Duration::from_secs(900)));
+    assert!(Reminder::SCHEDULING);
+    assert_eq!(OrderPlaced::DELAY, None);
+    let entry = LedgerEntry {
+        account: "a-1".into(),
+        entry_id: "e-9".into(),
+    };
+    assert_eq!(entry.dedup_key().as_deref(), Some("e-9"));
+    assert!(!LedgerEntry::SCHEDULING);
+    assert_eq!(LedgerEntry::DELAY, None);
+
     let queues = outbox::queues();
     let names: Vec<_> = queues.iter().map(|q| q.name()).collect();
-    assert_eq!(names, ["emails.v2", "http_event", "order_placed"]);
+    assert_eq!(
+        names,
+        ["emails.v2", "http_event", "ledger_entry", "order_placed", "reminder"]
+    );
     let email = queues[0];
     assert_eq!(email.poison_policy(), PoisonPolicy::Block);
     assert_eq!(
