@@ -31,6 +31,16 @@ pub enum Error {
     /// leases released (or, where a database call hung, left to expire).
     #[error("shutdown grace period of {0:?} elapsed; in-flight handlers were cancelled")]
     ShutdownTimedOut(std::time::Duration),
+    /// [`Running::wait_idle`](crate::Running::wait_idle) gave up: what was committed when it
+    /// was called is not all handled yet. `waiting` names each queue, handler and partition
+    /// still behind (and whether it is blocked by a poisoned head).
+    #[error("not idle after {waited:?}: {}", waiting.join(", "))]
+    NotIdle {
+        /// How long it waited.
+        waited: std::time::Duration,
+        /// What is still waiting, as `queue/handler/partition` (or `unsequenced messages`).
+        waiting: Vec<String>,
+    },
     /// An operator action named a head message that is no longer the head: it was handled,
     /// skipped or replayed meanwhile. Nothing was changed; read the status again.
     #[error(

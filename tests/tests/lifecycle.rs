@@ -280,7 +280,73 @@ async fn the_operators_head_is_the_handlers_own_message(t: Arc<TestDb>) {
     assert_invariants(&db, "outbox_").await;
 }
 
+/// `wait_idle` returns once everything committed before it is handled, including a scheduled
+/// message already due, and not before; a partition blocked by a poisoned head makes it give up
+/// with `NotIdle` naming that partition.
+async fn wait_idle_returns_when_committed_work_is_handled(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let seen = Seen::default();
+    let slow = seen.clone();
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::Default)
+        .queue(QueueSpec::new("idle", 4))
+        .queue(QueueSpec::new("stuck", 1).poison_policy(outbox::PoisonPolicy::Block))
+        .handler(HandlerSpec::transactional(
+            "idle",
+            "slow",
+            move |m, _txn| {
+                slow.push("slow", m);
+                Box::pin(async {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    Ok(())
+                })
+            },
+        ))
+        .handler(
+            HandlerSpec::transactional("stuck", "poisoned", |_m, _txn| {
+                Box::pin(async { Err(HandlerError::retry("always fails")) })
+            })
+            .overrides(outbox::Overrides::NONE.max_attempts(1)),
+        )
+        .start()
+        .await
+        .expect("start");
+    let batch: Vec<_> = (0..300)
+        .map(|i| NewMessage::new("idle", i % 4, format!("m{i}")))
+        .collect();
+    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    let overdue = std::time::SystemTime::now() - Duration::from_secs(1);
+    rt.enqueue(
+        &db,
+        NewMessage::new("idle", 0, "overdue").deliver_at(overdue),
+    )
+    .await
+    .expect("enqueue");
+    rt.wait_idle(WAIT).await.expect("idle");
+    assert_eq!(
+        seen.all().len(),
+        301,
+        "wait_idle returned before every committed message was handled"
+    );
+    rt.enqueue(&db, NewMessage::new("stuck", 0, "poison"))
+        .await
+        .expect("enqueue");
+    let err = rt
+        .wait_idle(Duration::from_secs(3))
+        .await
+        .expect_err("a blocked partition is not idle");
+    match err {
+        Error::NotIdle { waiting, .. } => {
+            assert_eq!(waiting, ["stuck/poisoned/0 (blocked)"], "{waiting:?}")
+        }
+        other => panic!("expected NotIdle, got {other:?}"),
+    }
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    assert_invariants(&db, "outbox_").await;
+}
+
 on_every_backend!(
+    wait_idle_returns_when_committed_work_is_handled,
     a_handler_added_after_vacuum_starts_at_the_vacuumed_sequence,
     a_stale_handler_is_shown_and_can_be_retired,
     the_operators_head_is_the_handlers_own_message,

@@ -1133,8 +1133,14 @@ impl Builder {
         // Start every worker with one pass of work: nothing enqueued before start is stranded.
         shared.wake.all();
         tracker.close();
+        let handlers = builder
+            .handlers
+            .iter()
+            .map(|h| (h.queue.to_string(), h.name.to_string()))
+            .collect();
         Ok(Running {
             outbox,
+            handlers,
             cancel,
             hard,
             abandon,
@@ -1150,6 +1156,8 @@ impl Builder {
 #[must_use = "dropping `Running` stops the workers; call `shutdown`"]
 pub struct Running {
     outbox: Outbox,
+    /// (queue, handler) of every handler this process runs.
+    handlers: HashSet<(String, String)>,
     cancel: CancellationToken,
     hard: CancellationToken,
     abandon: CancellationToken,
@@ -1207,6 +1215,85 @@ impl Running {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
         }
         Err(Error::ShutdownTimedOut(grace))
+    }
+
+    /// Waits until every message committed before this call is handled by every handler this
+    /// process runs (handled, or dead-lettered after its attempts), or gives up after `timeout`
+    /// with [`Error::NotIdle`] naming what is still behind.
+    ///
+    /// Messages committed after the call do not keep it waiting, so it returns under steady
+    /// traffic too. Scheduled messages due when it is called are waited for; those due later
+    /// are not. A partition blocked by a poisoned head (`poison = "block"`) waits for an operator, so it
+    /// ends in `NotIdle`. Handlers of the same queues in other processes help: what matters is
+    /// the handler's cursor in the database, whoever moves it.
+    ///
+    /// Use it in a command-line job that enqueues and must not exit before its work is done, in
+    /// a deployment step, or in tests (the testing kit's
+    /// [`run_until_idle`](crate::testing::TestKit::run_until_idle) stops the runtime as well).
+    pub async fn wait_idle(&self, timeout: Duration) -> Result<(), Error> {
+        let started = tokio::time::Instant::now();
+        let store = &self.outbox.shared.store;
+        let poll = Duration::from_millis(10);
+        let behind = |waiting: Vec<String>| Error::NotIdle {
+            waited: started.elapsed(),
+            waiting,
+        };
+        // Scheduled messages due when this was called move into `incoming` first.
+        while let Some(due_in) = store.next_due_in().await? {
+            let called_ms_ago = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+            if due_in > -called_ms_ago {
+                break;
+            }
+            if started.elapsed() >= timeout {
+                return Err(behind(vec!["scheduled messages due".to_owned()]));
+            }
+            tokio::time::sleep(poll).await;
+        }
+        // Every message committed so far has an id at most this; once none of them is left in
+        // `incoming`, each partition's tail covers them all.
+        let upto = store.max_incoming_id().await?;
+        if let Some(upto) = upto {
+            while store.incoming_left(upto).await? {
+                if started.elapsed() >= timeout {
+                    return Err(behind(vec!["unsequenced messages".to_owned()]));
+                }
+                tokio::time::sleep(poll).await;
+            }
+        }
+        let tails: HashMap<(String, u32), i64> = store
+            .idle_positions()
+            .await?
+            .into_iter()
+            .map(|p| ((p.queue, p.partition), p.last_seq))
+            .collect();
+        loop {
+            let waiting: Vec<String> = store
+                .idle_positions()
+                .await?
+                .into_iter()
+                .filter(|p| {
+                    self.handlers
+                        .contains(&(p.queue.clone(), p.handler.clone()))
+                })
+                .filter(|p| {
+                    let tail = tails.get(&(p.queue.clone(), p.partition)).copied();
+                    p.head_seq
+                        .zip(tail)
+                        .is_some_and(|(head, tail)| head <= tail)
+                })
+                .map(|p| {
+                    let blocked = if p.blocked { " (blocked)" } else { "" };
+                    format!("{}/{}/{}{blocked}", p.queue, p.handler, p.partition)
+                })
+                .collect();
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if started.elapsed() >= timeout {
+                return Err(behind(waiting));
+            }
+            tokio::time::sleep(poll).await;
+        }
     }
 
     /// Runs until `signal` completes (for example `tokio::signal::ctrl_c()`), then shuts down

@@ -321,3 +321,74 @@ impl Store {
         .await
     }
 }
+
+/// Where one handler stands in one partition, for [`Store::idle_positions`].
+#[derive(Debug, Clone)]
+pub(crate) struct IdlePosition {
+    pub(crate) queue: String,
+    pub(crate) handler: String,
+    pub(crate) partition: u32,
+    pub(crate) last_seq: i64,
+    /// The next message this handler handles in this partition, if one is stored.
+    pub(crate) head_seq: Option<i64>,
+    pub(crate) blocked: bool,
+}
+
+impl Store {
+    /// The highest id in `incoming` now: every message committed so far has an id at most this.
+    pub(crate) async fn max_incoming_id(&self) -> Result<Option<i64>, DbErr> {
+        let row = self
+            .db
+            .query_one_raw(self.stmt(&format!("SELECT MAX(id) FROM {}", self.t.incoming), vec![]))
+            .await?;
+        match row {
+            Some(r) => col::<Option<i64>>(&r, 0),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a message with an id at most `upto` still waits to be sequenced.
+    pub(crate) async fn incoming_left(&self, upto: i64) -> Result<bool, DbErr> {
+        let row = self
+            .db
+            .query_one_raw(self.stmt(
+                &format!("SELECT id FROM {} WHERE id <= ? LIMIT 1", self.t.incoming),
+                vec![upto.into()],
+            ))
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Every cursor with its partition's tail and its next message: one statement, an index
+    /// probe per cursor.
+    pub(crate) async fn idle_positions(&self) -> Result<Vec<IdlePosition>, DbErr> {
+        self.db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT c.queue, c.handler, c.partition_no, p.last_seq, c.blocked, \
+                     (SELECT o.seq FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
+                      AND o.seq > {at} AND (o.target_handler IS NULL OR o.target_handler = c.handler) \
+                      ORDER BY o.seq LIMIT 1) \
+                     FROM {c} c JOIN {p} p ON p.queue = c.queue AND p.partition_no = c.partition_no",
+                    o = self.t.outgoing,
+                    c = self.t.cursors,
+                    p = self.t.partitions,
+                    at = self.greatest("c.processed_seq", "p.vacuumed_seq"),
+                ),
+                vec![],
+            ))
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(IdlePosition {
+                    queue: col(r, 0)?,
+                    handler: col(r, 1)?,
+                    partition: partition_of(col(r, 2)?),
+                    last_seq: col(r, 3)?,
+                    blocked: col::<i64>(r, 4)? != 0,
+                    head_seq: col(r, 5)?,
+                })
+            })
+            .collect()
+    }
+}
