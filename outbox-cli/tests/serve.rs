@@ -109,6 +109,15 @@ async fn serves_the_dashboard(t: Arc<TestDb>) {
     assert!(rt.dead_letter(id).await.is_ok(), "nothing was discarded");
     let (code, _) = http(&addr, "GET", "/queues/nope", "").await;
     assert_eq!(code, 404);
+    // Guessing the token: ten wrong ones are refused one by one, then every attempt is
+    // refused for the rest of the minute, the right token too.
+    for i in 0..10 {
+        let (code, _) = http(&addr, "POST", "/login", &format!("token=guess{i}")).await;
+        assert_eq!(code, 403, "wrong token {i}");
+    }
+    let (code, page) = http(&addr, "POST", "/login", "token=t0ken").await;
+    assert_eq!(code, 429, "{page}");
+    assert!(page.contains("try again in"), "{page}");
     child.kill().await.ok();
 }
 

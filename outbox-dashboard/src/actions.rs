@@ -362,9 +362,23 @@ pub(crate) async fn login(
                 .page(&d, false);
         }
     };
+    let now = std::time::Instant::now();
+    let mut logins = match d.logins.lock() {
+        Ok(l) => l,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if let Err(wait) = logins.check(now) {
+        return Refusal::too_many(format!(
+            "too many wrong tokens in the last minute; try again in {} s",
+            wait.as_secs().max(1)
+        ))
+        .page(&d, false);
+    }
     if !token_matches(&d, field(&form, "token").unwrap_or("")) {
+        logins.failed(now);
         return Refusal::forbidden("wrong token").page(&d, false);
     }
+    drop(logins);
     let cookie = format!(
         "{COOKIE}={}; Path={}; HttpOnly; SameSite=Strict",
         session_value(&d),

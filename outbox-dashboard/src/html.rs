@@ -159,6 +159,14 @@ impl Refusal {
         }
     }
 
+    pub(crate) fn too_many(detail: impl Into<String>) -> Self {
+        Refusal {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            title: "Too many attempts",
+            detail: detail.into(),
+        }
+    }
+
     /// Maps an engine error to a status: bad names 400, unknown things 404, a head that moved
     /// or a handler still served 409, anything else 500.
     pub(crate) fn from_engine(e: &outbox::Error) -> Self {

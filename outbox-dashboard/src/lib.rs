@@ -162,6 +162,8 @@ pub(crate) struct Dashboard {
     /// Per-process random secret behind the session cookie and the CSRF tokens.
     pub(crate) secret: [u8; 32],
     pub(crate) samples: Mutex<Samples>,
+    /// Failed logins of the last minute.
+    pub(crate) logins: Mutex<security::LoginLimiter>,
 }
 
 impl Dashboard {
@@ -182,6 +184,7 @@ pub(crate) type AppState = Arc<Dashboard>;
 pub fn router(outbox: Outbox, config: Config) -> Router {
     let state: AppState = Arc::new(Dashboard {
         samples: Mutex::new(Samples::new(config.window)),
+        logins: Mutex::default(),
         outbox,
         config,
         secret: rand::random(),

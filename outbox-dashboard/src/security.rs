@@ -4,6 +4,9 @@
 //! secret drawn at random when the router is built, so they are worthless to another process
 //! and after a restart. The configured token itself is never stored in the browser.
 
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
 use axum::http::{HeaderMap, header};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -15,6 +18,45 @@ use crate::html::Refusal;
 pub(crate) const COOKIE: &str = "outbox_dashboard";
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Failed logins accepted per [`LOGIN_WINDOW`] before the form refuses every attempt (with
+/// 429) until the oldest failure leaves the window.
+pub(crate) const MAX_FAILED_LOGINS: usize = 10;
+/// The window over which failed logins are counted.
+pub(crate) const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+
+/// Failed logins of the last [`LOGIN_WINDOW`], for the whole process: guessing the token
+/// costs at least six seconds per attempt. Counted per process, not per client address, which
+/// a router nested in another application may not know; an operator locked out by someone
+/// guessing waits at most a minute.
+#[derive(Debug, Default)]
+pub(crate) struct LoginLimiter {
+    failures: VecDeque<Instant>,
+}
+
+impl LoginLimiter {
+    /// `Err(wait)` while the limit is reached: how long until an attempt is accepted again.
+    pub(crate) fn check(&mut self, now: Instant) -> Result<(), Duration> {
+        while self
+            .failures
+            .front()
+            .is_some_and(|&t| now.duration_since(t) >= LOGIN_WINDOW)
+        {
+            self.failures.pop_front();
+        }
+        match self.failures.front() {
+            Some(&oldest) if self.failures.len() >= MAX_FAILED_LOGINS => {
+                Err(LOGIN_WINDOW.saturating_sub(now.duration_since(oldest)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a failed attempt.
+    pub(crate) fn failed(&mut self, now: Instant) {
+        self.failures.push_back(now);
+    }
+}
 
 fn mac(d: &Dashboard) -> HmacSha256 {
     // HMAC accepts keys of any length; this cannot fail for a 32-byte key.
@@ -161,6 +203,7 @@ mod tests {
         };
         Dashboard {
             outbox: unreachable_outbox(),
+            logins: std::sync::Mutex::default(),
             samples: std::sync::Mutex::new(crate::samples::Samples::new(config.window)),
             config,
             secret: rand::random(),
@@ -240,5 +283,22 @@ mod tests {
         let h = headers(&[("host", "h"), ("cookie", &cookie)]);
         let csrf = vec![("csrf".to_owned(), csrf_token(&ro))];
         assert!(authorize(&ro, &h, &csrf).is_err(), "read-only refuses");
+    }
+
+    #[test]
+    fn failed_logins_are_limited_per_window() {
+        let mut l = LoginLimiter::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_FAILED_LOGINS {
+            assert_eq!(l.check(t0), Ok(()), "attempt {i} is accepted");
+            l.failed(t0);
+        }
+        let wait = l.check(t0 + Duration::from_secs(10));
+        assert_eq!(wait, Err(Duration::from_secs(50)), "the next one waits");
+        assert_eq!(
+            l.check(t0 + LOGIN_WINDOW),
+            Ok(()),
+            "accepted once the failures left the window"
+        );
     }
 }
