@@ -1,4 +1,4 @@
-//! The engine's guarantees (DESIGN.md §3), each proven on SQLite, PostgreSQL and MariaDB.
+//! The engine's guarantees (the README's "Guarantees" table), each proven on SQLite, PostgreSQL and MariaDB.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
