@@ -30,7 +30,7 @@ use crate::runtime::{Builder, Outbox, Running};
 ///
 /// [`partition`](Queue::partition) routes a message. With a `#[outbox(key)]` field it is
 /// [`partition_for_key`] of that field: every message with the same key lands in the same
-/// partition and is handled in enqueue order. Without a key, messages are spread over the
+/// partition and is handled in commit order (the order their transactions committed). Without a key, messages are spread over the
 /// partitions round-robin and **no order between them is implied**.
 ///
 /// Implementing this trait by hand is supported; keep `NAME` stable (it is part of the storage

@@ -83,8 +83,13 @@ impl Store {
     /// Reads the state of every queue (or only `queue`): queues, unsequenced messages grouped
     /// by partition, cursors joined with their partition's tail and head message, and dead
     /// letters grouped by handler and partition, the handler registry, and scheduled messages per
-    /// queue. Seven statements
-    /// whatever the partition count; the head lookups are index probes per cursor.
+    /// queue. Seven statements whatever the partition count; the head lookups are index probes
+    /// per cursor. Sequences are dense, so the head is almost always the row right after the
+    /// cursor: one primary-key lookup; only when that row is a replay for another handler does
+    /// the ordered probe (`ORDER BY seq LIMIT 1`, which stops at the first match) run. Not
+    /// `MIN(seq)`: with the `target_handler` condition MariaDB computes it by reading every row
+    /// of the partition past the cursor (640 ms for 8 x 256 partitions and a million waiting
+    /// messages; 80-110 ms with the ordered probe alone, 35-60 ms with the lookup first).
     pub(crate) async fn status_rows(&self, queue: Option<&str>) -> Result<StatusRows, DbErr> {
         let filter = |alias: &str, column: &str| -> (String, Vec<Value>) {
             match queue {
@@ -169,14 +174,21 @@ impl Store {
                       AND o.seq = x.head) \
                      FROM (SELECT c.queue, c.handler, c.partition_no, p.last_seq, c.attempts, c.retry_at, \
                            c.blocked, c.last_error, c.lease_owner, c.lease_expires_at, {at} AS at, \
-                           (SELECT MIN(o.seq) FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
-                            AND o.seq > {at} AND (o.target_handler IS NULL OR o.target_handler = c.handler)) AS head \
-                           FROM {c} c JOIN {p} p ON p.queue = c.queue AND p.partition_no = c.partition_no{w}) x \
+                           {head} AS head \
+                           FROM {c} c JOIN {p} p ON p.queue = c.queue AND p.partition_no = c.partition_no{w}{fence}) x \
                      ORDER BY x.queue, x.handler, x.partition_no",
                     o = self.t.outgoing,
                     c = self.t.cursors,
                     p = self.t.partitions,
                     at = self.greatest("c.processed_seq", "p.vacuumed_seq"),
+                    head = self.head_seq_sql(),
+                    // Keeps the planner from inlining `head` into the created_at probe, which
+                    // would compute it twice per cursor.
+                    fence = match self.backend {
+                        sea_orm::DbBackend::Postgres => " OFFSET 0",
+                        sea_orm::DbBackend::MySql => " LIMIT 18446744073709551615",
+                        _ => " LIMIT -1",
+                    },
                 ),
                 v,
             ))
@@ -335,6 +347,21 @@ pub(crate) struct IdlePosition {
 }
 
 impl Store {
+    /// The next message of cursor `c` (joined with its partition `p`) as a scalar expression:
+    /// the row right after the cursor by primary key (sequences are dense), or, when that row
+    /// is a replay for another handler, the first one after it that is this handler's.
+    fn head_seq_sql(&self) -> String {
+        format!(
+            "COALESCE((SELECT o.seq FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
+             AND o.seq = {at} + 1 AND (o.target_handler IS NULL OR o.target_handler = c.handler)), \
+             (SELECT o.seq FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
+             AND o.seq > {at} AND (o.target_handler IS NULL OR o.target_handler = c.handler) \
+             ORDER BY o.seq LIMIT 1))",
+            o = self.t.outgoing,
+            at = self.greatest("c.processed_seq", "p.vacuumed_seq"),
+        )
+    }
+
     /// The highest id in `incoming` now: every message committed so far has an id at most this.
     pub(crate) async fn max_incoming_id(&self) -> Result<Option<i64>, DbErr> {
         let row = self
@@ -365,15 +392,11 @@ impl Store {
         self.db
             .query_all_raw(self.stmt(
                 &format!(
-                    "SELECT c.queue, c.handler, c.partition_no, p.last_seq, c.blocked, \
-                     (SELECT o.seq FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
-                      AND o.seq > {at} AND (o.target_handler IS NULL OR o.target_handler = c.handler) \
-                      ORDER BY o.seq LIMIT 1) \
+                    "SELECT c.queue, c.handler, c.partition_no, p.last_seq, c.blocked, {head} \
                      FROM {c} c JOIN {p} p ON p.queue = c.queue AND p.partition_no = c.partition_no",
-                    o = self.t.outgoing,
                     c = self.t.cursors,
                     p = self.t.partitions,
-                    at = self.greatest("c.processed_seq", "p.vacuumed_seq"),
+                    head = self.head_seq_sql(),
                 ),
                 vec![],
             ))
