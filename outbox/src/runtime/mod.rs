@@ -596,6 +596,7 @@ pub struct Builder {
     relays: Vec<RelaySpec>,
     max_payload: usize,
     migrate_on_start: bool,
+    states: crate::state::States,
 }
 
 impl fmt::Debug for Builder {
@@ -624,6 +625,7 @@ impl Builder {
             relays: Vec::new(),
             max_payload: DEFAULT_MAX_PAYLOAD,
             migrate_on_start: true,
+            states: crate::state::States::default(),
         }
     }
 
@@ -655,6 +657,30 @@ impl Builder {
     pub fn handler(mut self, handler: HandlerSpec) -> Self {
         self.handlers.push(handler);
         self
+    }
+
+    /// Gives handlers that take `State<T>` this value (see [`State`](crate::State)): one value
+    /// per type, a later one replaces an earlier one. [`start`](Builder::start) fails with
+    /// [`StartError::MissingState`] listing every handler whose state was not given.
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.states.insert(value);
+        self
+    }
+
+    /// Builds the calls of handlers that take state from the values given, or lists every
+    /// state that is missing.
+    fn bind_states(&mut self) -> Result<(), StartError> {
+        let states = Arc::new(std::mem::take(&mut self.states));
+        let missing: Vec<_> = self
+            .handlers
+            .iter_mut()
+            .flat_map(|h| h.bind_state(&states))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(StartError::MissingState(missing))
+        }
     }
 
     /// Declares a relay: a handler of its queue, with its own cursor, that publishes the
@@ -938,7 +964,8 @@ impl Builder {
 
     /// Like [`connect`](Builder::connect), then starts the sequencer, vacuum and one dispatcher
     /// per handler. Fails fast if the pool is too small for the configured concurrency.
-    pub async fn start(self) -> Result<Running, StartError> {
+    pub async fn start(mut self) -> Result<Running, StartError> {
+        self.bind_states()?;
         if disconnected(&self.db) {
             return Err(StartError::Database(disconnected_error()));
         }
