@@ -27,6 +27,16 @@ pub enum Error {
     /// The lease expired or was taken over before it could be renewed.
     #[error("the lease was lost (expired or taken over); stop non-idempotent work")]
     LeaseLost,
+    /// The database is of a backend whose feature of `outbox` is off in this build.
+    #[error(
+        "the database is {backend:?} but outbox was built without its `{feature}` feature; enable it in Cargo.toml: `outbox = {{ version = \"…\", features = [\"{feature}\"] }}`"
+    )]
+    BackendNotEnabled {
+        /// The backend of the connection.
+        backend: sea_orm::DbBackend,
+        /// The feature of `outbox` that supports it.
+        feature: &'static str,
+    },
     /// The runtime did not stop within the grace period; in-flight work was cancelled and its
     /// leases released (or, where a database call hung, left to expire).
     #[error("shutdown grace period of {0:?} elapsed; in-flight handlers were cancelled")]
@@ -347,6 +357,17 @@ pub enum StartError {
         .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
     )]
     MissingState(Vec<crate::state::MissingState>),
+    /// The database is of a backend whose feature of `outbox` is off in this build: nothing
+    /// was started or created.
+    #[error(
+        "the database is {backend:?} but outbox was built without its `{feature}` feature; enable it in Cargo.toml: `outbox = {{ version = \"…\", features = [\"{feature}\"] }}`"
+    )]
+    BackendNotEnabled {
+        /// The backend of the connection.
+        backend: sea_orm::DbBackend,
+        /// The feature of `outbox` that supports it.
+        feature: &'static str,
+    },
     /// The connection pool cannot hold the connections the runtime needs.
     #[error(
         "the connection pool allows {available} connections but the runtime needs at least {needed}; raise max_connections or lower handler concurrency"

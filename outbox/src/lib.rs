@@ -12,6 +12,8 @@ mod profile;
 mod queue;
 pub mod relay;
 mod runtime;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
 mod state;
 pub mod status;
