@@ -9,7 +9,9 @@
 //! message; every fifth order is rolled back instead, and its message never exists. Two handlers
 //! consume the queue, each with its own cursor (fan-out):
 //!
-//! - `ship_order` (leased, at-least-once) stands for a call to a warehouse API;
+//! - `ship_order` (leased, at-least-once) stands for a call to a warehouse API; the warehouse
+//!   client is application state, given once at start with `.state(warehouse)` and received as
+//!   `State<Warehouse>`;
 //! - `update_customer_stats` (transactional) updates a summary table in the transaction that
 //!   acks the message, so each order is counted exactly once.
 //!
@@ -17,12 +19,14 @@
 //! releases its leases and the program prints the totals.
 #![allow(clippy::print_stdout)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use outbox::sea_orm::{
     self, ConnectionTrait, DatabaseTransaction, DbBackend, Statement, TransactionTrait,
 };
-use outbox::{HandlerError, LeaseContext, Profile, Queue};
+use outbox::{HandlerError, LeaseContext, Profile, Queue, State};
 use serde::{Deserialize, Serialize};
 
 /// Queue `order_placed`, 8 partitions; one customer's orders stay in order.
@@ -35,18 +39,32 @@ struct OrderPlaced {
     total_cents: i64,
 }
 
+/// The warehouse API client: application state, cheap to clone (shared inside), given once at
+/// start. A real one would hold an HTTP client and credentials.
+#[derive(Clone)]
+struct Warehouse {
+    name: Arc<str>,
+    shipped: Arc<AtomicU64>,
+}
+
 /// Leased: runs outside any transaction; a real one would call the warehouse with
 /// `ctx.idempotency_key()` so a redelivery does not ship twice.
 #[outbox::handler(leased, lease_ms = 15_000)]
-async fn ship_order(msg: OrderPlaced, ctx: &LeaseContext) -> Result<(), HandlerError> {
+async fn ship_order(
+    msg: OrderPlaced,
+    ctx: &LeaseContext,
+    State(warehouse): State<Warehouse>,
+) -> Result<(), HandlerError> {
     println!(
-        "ship_order:            order {:>3} of customer {} (partition {}, attempt {})",
+        "ship_order:            order {:>3} of customer {} from {} (partition {}, attempt {})",
         msg.order_id,
         msg.customer_id,
+        warehouse.name,
         ctx.partition(),
         ctx.attempt()
     );
     tokio::time::sleep(Duration::from_millis(50)).await;
+    warehouse.shipped.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
 
@@ -114,7 +132,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
 
-    let running = outbox::start(db.clone(), Profile::Default).await?;
+    let warehouse = Warehouse {
+        name: "warehouse-east".into(),
+        shipped: Arc::default(),
+    };
+    let running = outbox::start(db.clone(), Profile::Default)
+        .state(warehouse.clone())
+        .await?;
     println!("running; press Ctrl-C to stop");
 
     let producer = {
@@ -153,5 +177,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let counted: i64 = stats.map_or(Ok(0), |r| r.try_get_by_index(0))?;
     println!("orders counted by update_customer_stats so far (all runs): {counted}");
+    println!(
+        "orders shipped by ship_order in this run: {}",
+        warehouse.shipped.load(Ordering::Relaxed)
+    );
     Ok(())
 }

@@ -13,6 +13,8 @@ struct Sig {
     payload: Option<syn::Type>,
     /// Span of the context parameter's type, if there is one.
     context: Option<Span>,
+    /// The types of the `State<T>` parameters after the context, in order.
+    states: Vec<syn::Type>,
 }
 
 pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
@@ -54,7 +56,14 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
     // The user's fn, unchanged: still callable and testable.
     out.extend(func.to_token_stream());
     if let (Some(mode), Some(payload), true) = (mode, sig.payload, callable) {
-        out.extend(register(&args, mode, &func.sig, &payload, sig.context));
+        out.extend(register(
+            &args,
+            mode,
+            &func.sig,
+            &payload,
+            sig.context,
+            &sig.states,
+        ));
     }
     out
 }
@@ -101,16 +110,16 @@ fn check_sig(sig: &syn::Signature, mode: Option<Mode>, batch: bool, errors: &mut
     }
     let expected = match (mode, batch) {
         (Some(Mode::Transactional), false) => {
-            "`async fn name(msg: Payload, txn: &DatabaseTransaction)`"
+            "`async fn name(msg: Payload, txn: &DatabaseTransaction, state: State<T>, ...)` (the states are optional)"
         }
         (Some(Mode::Transactional), true) => {
-            "`async fn name(msgs: Vec<Payload>, txn: &DatabaseTransaction)`"
+            "`async fn name(msgs: Vec<Payload>, txn: &DatabaseTransaction, state: State<T>, ...)` (the states are optional)"
         }
         (Some(Mode::Leased) | None, false) => {
-            "`async fn name(msg: Payload, ctx: &LeaseContext)` (the context is optional)"
+            "`async fn name(msg: Payload, ctx: &LeaseContext, state: State<T>, ...)` (the context and the states are optional)"
         }
         (Some(Mode::Leased) | None, true) => {
-            "`async fn name(msgs: Vec<Payload>, ctx: &LeaseContext)` (the context is optional)"
+            "`async fn name(msgs: Vec<Payload>, ctx: &LeaseContext, state: State<T>, ...)` (the context and the states are optional)"
         }
     };
     let mut payload = typed.first().map(|ty| (*ty).clone());
@@ -143,8 +152,39 @@ fn check_sig(sig: &syn::Signature, mode: Option<Mode>, batch: bool, errors: &mut
             None => None,
         };
     }
-    let context = typed.get(1).copied();
+    // After the message: the context unless it is left out (leased), then `State<T>`s.
+    let context = typed.get(1).copied().filter(|ty| !is_state(ty));
+    let first_state = if context.is_some() { 2 } else { 1 };
+    let mut states = Vec::new();
+    for ty in typed.iter().skip(first_state) {
+        if is_state(ty) {
+            states.push((*ty).clone());
+        } else if names(ty, "DatabaseConnection")
+            || names(ty, "DatabaseTransaction")
+            || names(ty, "LeaseContext")
+        {
+            errors.spanned(
+                ty,
+                format_args!(
+                    "the context goes directly after the message, and only once: {expected}"
+                ),
+            );
+        } else {
+            errors.spanned(
+                ty,
+                format_args!("a handler takes application state as `outbox::State<T>` (given at start with `.state(value)`); write `State<{}>`, or remove this parameter: {expected}", strip_ref(ty)),
+            );
+        }
+    }
     match (mode, context) {
+        (Some(Mode::Transactional), Some(ty)) if names(ty, "DatabaseConnection") => errors.spanned(
+            ty,
+            "a `transactional` handler receives the transaction that acks the message, `&DatabaseTransaction`, not `&DatabaseConnection`: writes through another connection commit on their own and lose exactly-once; take `txn: &DatabaseTransaction` and write through it",
+        ),
+        (Some(Mode::Leased), Some(ty)) if names(ty, "DatabaseConnection") => errors.spanned(
+            ty,
+            "a `leased` handler receives `&LeaseContext`, not a connection; take the application's connection as state, `State<DatabaseConnection>`, given at start with `.state(db.clone())`",
+        ),
         (Some(Mode::Transactional), None) if payload.is_some() => errors.at(
             sig.paren_token.span.join(),
             format_args!("a `transactional` handler takes the transaction as its second parameter: {expected}"),
@@ -159,16 +199,31 @@ fn check_sig(sig: &syn::Signature, mode: Option<Mode>, batch: bool, errors: &mut
         ),
         _ => {}
     }
-    if let Some(extra) = typed.get(2) {
-        errors.spanned(
-            extra,
-            format_args!("too many parameters for `#[outbox::handler]`; expected {expected}"),
-        );
-    }
     Sig {
         payload,
         context: context.map(Spanned::span),
+        states,
     }
+}
+
+/// Whether `ty` is a path ending in `State<..>`.
+fn is_state(ty: &syn::Type) -> bool {
+    matches!(ty, syn::Type::Path(p) if p.path.segments.last().is_some_and(|s| {
+        s.ident == "State" && matches!(s.arguments, syn::PathArguments::AngleBracketed(_))
+    }))
+}
+
+/// `ty` without its outer `&`/`&mut`, as text for messages.
+fn strip_ref(ty: &syn::Type) -> String {
+    let ty = match ty {
+        syn::Type::Reference(r) => &*r.elem,
+        other => other,
+    };
+    ty.to_token_stream()
+        .to_string()
+        .replace(" < ", "<")
+        .replace(" >", ">")
+        .replace(" :: ", "::")
 }
 
 /// `T` of a `Vec<T>` type written as a path ending in `Vec`.
@@ -202,6 +257,7 @@ fn register(
     sig: &syn::Signature,
     payload: &syn::Type,
     context: Option<Span>,
+    states: &[syn::Type],
 ) -> TokenStream {
     let private = paths::private(args.krate.as_ref());
     let ident = &sig.ident;
@@ -246,26 +302,82 @@ fn register(
         }
         None => quote!(),
     };
-    // The coercion to the boxed `Send` future is spanned at the fn name: a non-`Send` future
-    // or a wrong output type is reported there, once.
-    let boxed = paths::respan(quote!(#private::Box::pin(__outbox_future)), ident.span());
+    // Each state is looked up by its parameter type, spanned there: a type that cannot be
+    // state is reported on the parameter.
+    let state_tys: Vec<TokenStream> = states
+        .iter()
+        .map(|ty| quote_spanned!(ty.span()=> #ty))
+        .collect();
+    let state_args: Vec<syn::Ident> = (0..states.len())
+        .map(|i| quote::format_ident!("__outbox_state{}", i))
+        .collect();
+    let (states_param, lookups) = if states.is_empty() {
+        (quote!(), quote!())
+    } else {
+        let lookups = state_tys.iter().zip(&state_args).map(|(ty, arg)| {
+            quote! {
+                let #arg = match <#ty as #private::FromStates>::from_states(__outbox_states) {
+                    #private::Option::Some(v) => v,
+                    #private::Option::None => {
+                        return #private::Box::pin(async { #private::Result::Err(#private::missing::<#ty>()) });
+                    }
+                };
+            }
+        });
+        (
+            quote!(, __outbox_states: &#private::States),
+            quote!(#(#lookups)*),
+        )
+    };
+    // The handler's result goes through `IntoHandlerResult`, spanned at the return type: a
+    // result type it cannot return is reported there, once.
+    let (ret_span, ret_ty) = match &sig.output {
+        syn::ReturnType::Type(_, ty) => (ty.span(), quote!(#ty)),
+        syn::ReturnType::Default => (ident.span(), quote!(())),
+    };
+    let result = quote_spanned!(ret_span=>
+        #private::IntoHandlerResult::into_handler_result(__outbox_future.await)
+    );
+    // The coercion to a boxed `Send` future is spanned at the fn name: a non-`Send` future
+    // is reported there, once ("future returned by `f` is not `Send`").
+    let boxed = paths::respan(quote!(#private::Box::pin(__outbox_raw)), ident.span());
     let payload_spanned = quote_spanned!(payload.span()=> #payload);
     let overrides = crate::queue::overrides(&private, &args.knobs);
+    let build = if states.is_empty() {
+        quote!(#wrap::<#payload_spanned>(#name, __outbox_call))
+    } else {
+        quote! {
+            #private::with_state(
+                #private::Vec::from([#(<#state_tys as #private::FromStates>::key()),*]),
+                |__outbox_states: #private::Arc<#private::States>| {
+                    #wrap::<#payload_spanned>(
+                        #name,
+                        move |__outbox_msg, __outbox_cx| __outbox_call(__outbox_msg, __outbox_cx, &__outbox_states),
+                    )
+                },
+            )
+        }
+    };
     quote! {
         const _: () = {
             #[doc(hidden)]
             #[allow(clippy::needless_lifetimes)]
             fn __outbox_call<#lt>(
                 __outbox_msg: #msg_ty,
-                __outbox_cx: &#lt #cx_ty,
+                __outbox_cx: &#lt #cx_ty
+                #states_param
             ) -> #private::HandlerFuture<#lt> {
                 let _ = &__outbox_cx;
-                let __outbox_future = #ident(__outbox_msg #cx);
-                #boxed
+                #lookups
+                let __outbox_raw = #ident(__outbox_msg #cx #(, #state_args)*);
+                let __outbox_future: #private::Pin<#private::Box<
+                    dyn #private::Future<Output = #ret_ty> + #private::Send + #lt
+                >> = #boxed;
+                #private::Box::pin(async move { #result })
             }
             #[doc(hidden)]
             fn __outbox_build() -> #private::HandlerSpec {
-                #wrap::<#payload_spanned>(#name, __outbox_call)
+                #build
             }
             #private::inventory::submit! {
                 #private::HandlerDecl::new(
@@ -301,7 +413,7 @@ mod tests {
             "requires an `async fn`",
             "generic",
             "by value",
-            "too many",
+            "application state",
         ] {
             assert!(out.contains(needle), "missing {needle:?} in {out}");
         }

@@ -27,6 +27,16 @@ pub enum Error {
     /// The lease expired or was taken over before it could be renewed.
     #[error("the lease was lost (expired or taken over); stop non-idempotent work")]
     LeaseLost,
+    /// The database is of a backend whose feature of `outbox` is off in this build.
+    #[error(
+        "the database is {backend:?} but outbox was built without its `{feature}` feature; enable it in Cargo.toml: `outbox = {{ version = \"…\", features = [\"{feature}\"] }}`"
+    )]
+    BackendNotEnabled {
+        /// The backend of the connection.
+        backend: sea_orm::DbBackend,
+        /// The feature of `outbox` that supports it.
+        feature: &'static str,
+    },
     /// The runtime did not stop within the grace period; in-flight work was cancelled and its
     /// leases released (or, where a database call hung, left to expire).
     #[error("shutdown grace period of {0:?} elapsed; in-flight handlers were cancelled")]
@@ -358,6 +368,25 @@ pub enum StartError {
     /// The declarations are inconsistent; every problem found is listed.
     #[error("{} registry problem(s): {}", .0.len(), join(.0))]
     Registry(Vec<RegistryProblem>),
+    /// Handlers take application state (`State<T>`) that was not given with `.state(value)`;
+    /// every missing one is listed. Nothing was started.
+    #[error(
+        "{} handler state(s) missing: {}; give each with `.state(value)` on `outbox::start`, `outbox::discover` or `Outbox::builder`",
+        .0.len(),
+        .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    )]
+    MissingState(Vec<crate::state::MissingState>),
+    /// The database is of a backend whose feature of `outbox` is off in this build: nothing
+    /// was started or created.
+    #[error(
+        "the database is {backend:?} but outbox was built without its `{feature}` feature; enable it in Cargo.toml: `outbox = {{ version = \"…\", features = [\"{feature}\"] }}`"
+    )]
+    BackendNotEnabled {
+        /// The backend of the connection.
+        backend: sea_orm::DbBackend,
+        /// The feature of `outbox` that supports it.
+        feature: &'static str,
+    },
     /// The connection pool cannot hold the connections the runtime needs.
     #[error(
         "the connection pool allows {available} connections but the runtime needs at least {needed}; raise max_connections or lower handler concurrency"
@@ -449,7 +478,9 @@ fn join(problems: &[RegistryProblem]) -> String {
 
 /// What a handler returns when it did not succeed: retry later, or reject for good.
 ///
-/// Any `std::error::Error` converts into [`HandlerError::Retry`] with `?`. A retried message is
+/// Any `std::error::Error` converts into [`HandlerError::Retry`] with `?`; an
+/// `anyhow::Error` or `eyre::Report` with [`HandlerError::retry`] (or return
+/// `anyhow::Result<()>` from the handler, see [`IntoHandlerResult`]). A retried message is
 /// delivered again after an exponential backoff; after `max_attempts` it is dead-lettered (or
 /// blocks its partition, per the queue's policy). A rejected message is dead-lettered at once.
 #[non_exhaustive]
@@ -490,6 +521,53 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for HandlerError {
     }
 }
 
+/// What a handler may return: `Result<(), HandlerError>`, `Result<(), BoxDynError>`, and with
+/// the `anyhow` and `eyre`
+/// features `anyhow::Result<()>` and `eyre::Result<()>`, whose errors are retried (their whole
+/// chain is kept as the recorded reason). `#[outbox::handler]` converts through this trait.
+///
+/// Implement it for a result type of your own whose error is not a `std::error::Error`.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a result an outbox handler can return",
+    label = "handler returns this",
+    note = "return `Result<(), outbox::HandlerError>` (`?` converts any `std::error::Error` into a retry), `Result<(), outbox::BoxDynError>`, or `anyhow::Result<()>` / `eyre::Result<()>` with the `anyhow` / `eyre` feature of `outbox`"
+)]
+pub trait IntoHandlerResult {
+    /// This result as the runtime reads it.
+    fn into_handler_result(self) -> Result<(), HandlerError>;
+}
+
+impl IntoHandlerResult for Result<(), HandlerError> {
+    fn into_handler_result(self) -> Result<(), HandlerError> {
+        self
+    }
+}
+
+/// A boxed error as a retry.
+impl IntoHandlerResult for Result<(), BoxDynError> {
+    fn into_handler_result(self) -> Result<(), HandlerError> {
+        self.map_err(HandlerError::Retry)
+    }
+}
+
+/// An `anyhow::Error` as a retry: the boxed error keeps the context chain as its sources.
+#[cfg(feature = "anyhow")]
+#[cfg_attr(docsrs, doc(cfg(feature = "anyhow")))]
+impl IntoHandlerResult for Result<(), anyhow::Error> {
+    fn into_handler_result(self) -> Result<(), HandlerError> {
+        self.map_err(HandlerError::retry)
+    }
+}
+
+/// An `eyre::Report` as a retry: the boxed error keeps the context chain as its sources.
+#[cfg(feature = "eyre")]
+#[cfg_attr(docsrs, doc(cfg(feature = "eyre")))]
+impl IntoHandlerResult for Result<(), eyre::Report> {
+    fn into_handler_result(self) -> Result<(), HandlerError> {
+        self.map_err(HandlerError::retry)
+    }
+}
+
 impl fmt::Debug for HandlerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -518,4 +596,47 @@ pub(crate) fn full_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = inner.source();
     }
     s
+}
+
+#[cfg(all(test, feature = "anyhow"))]
+mod anyhow_tests {
+    use super::*;
+
+    #[test]
+    fn anyhow_errors_are_retried_with_their_chain() {
+        use anyhow::Context as _;
+        let r: anyhow::Result<()> = Err(std::io::Error::other("connection reset"))
+            .context("calling the mailer")
+            .context("sending receipt 7");
+        let e = r.into_handler_result().err();
+        let e = e.map(|e| (e.is_reject(), e.to_string()));
+        assert_eq!(
+            e,
+            Some((
+                false,
+                "retry: sending receipt 7: calling the mailer: connection reset".to_owned()
+            ))
+        );
+    }
+}
+
+#[cfg(all(test, feature = "eyre"))]
+mod eyre_tests {
+    use super::*;
+
+    #[test]
+    fn eyre_reports_are_retried_with_their_chain() {
+        use eyre::WrapErr as _;
+        let r: eyre::Result<()> =
+            Err(std::io::Error::other("connection reset")).wrap_err("calling the mailer");
+        let e = r.into_handler_result().err();
+        let e = e.map(|e| (e.is_reject(), e.to_string()));
+        assert_eq!(
+            e,
+            Some((
+                false,
+                "retry: calling the mailer: connection reset".to_owned()
+            ))
+        );
+    }
 }

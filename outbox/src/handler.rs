@@ -60,6 +60,8 @@ pub struct HandlerSpec {
     pub(crate) name: Cow<'static, str>,
     pub(crate) mode: Mode,
     pub(crate) overrides: Overrides,
+    /// The state types its calls take, and how to build them from the values given at start.
+    pub(crate) state: Option<crate::state::Binding>,
 }
 
 impl fmt::Debug for HandlerSpec {
@@ -93,6 +95,7 @@ impl HandlerSpec {
             name: name.into(),
             mode: Mode::Transactional(Call::One(Arc::new(f))),
             overrides: Overrides::NONE,
+            state: None,
         }
     }
 
@@ -111,6 +114,7 @@ impl HandlerSpec {
             name: name.into(),
             mode: Mode::Leased(Call::One(Arc::new(f))),
             overrides: Overrides::NONE,
+            state: None,
         }
     }
 
@@ -135,6 +139,7 @@ impl HandlerSpec {
             name: name.into(),
             mode: Mode::Transactional(Call::Many(Arc::new(f))),
             overrides: Overrides::NONE,
+            state: None,
         }
     }
 
@@ -154,6 +159,7 @@ impl HandlerSpec {
             name: name.into(),
             mode: Mode::Leased(Call::Many(Arc::new(f))),
             overrides: Overrides::NONE,
+            state: None,
         }
     }
 

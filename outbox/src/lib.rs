@@ -12,7 +12,10 @@ mod profile;
 mod queue;
 pub mod relay;
 mod runtime;
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
+mod state;
 pub mod status;
 pub(crate) mod storage;
 #[cfg(feature = "testing")]
@@ -20,8 +23,8 @@ pub(crate) mod storage;
 pub mod testing;
 
 pub use error::{
-    BoxDynError, EnqueueError, Error, HandlerError, InvalidName, RegistryProblem, Result,
-    StartError,
+    BoxDynError, EnqueueError, Error, HandlerError, IntoHandlerResult, InvalidName,
+    RegistryProblem, Result, StartError,
 };
 pub use handler::{HandlerFuture, HandlerSpec, LeaseContext};
 pub use profile::{Overrides, Profile, RuntimeTuning, Tuning};
@@ -31,6 +34,7 @@ pub use queue::{
 };
 pub use runtime::failure::MAX_ERROR_BYTES;
 pub use runtime::{Builder, DEFAULT_TABLE_PREFIX, Outbox, Running, SHUTDOWN_RELEASE_WINDOW};
+pub use state::{MissingState, State};
 pub use status::{HandlerStatus, Lease, PartitionStatus, QueueStatus, Status};
 pub use storage::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
 
@@ -62,12 +66,14 @@ pub mod __private {
     pub use ::std::boxed::Box;
     pub use ::std::vec::Vec;
 
-    pub use crate::error::HandlerError;
+    pub use crate::error::{HandlerError, IntoHandlerResult};
     pub use crate::handler::{HandlerFuture, HandlerSpec, LeaseContext};
     pub use crate::profile::Overrides;
     pub use crate::queue::PoisonPolicy;
+    pub use crate::state::{FromStates, StateKey, States, missing, with_state};
     pub use crate::typed::{
         DedupKey, HandlerDecl, HandlerMode, Queue, QueueDecl, leased, leased_batch,
         partition_for_key, spread, transactional, transactional_batch,
     };
+    pub use ::std::sync::Arc;
 }

@@ -175,9 +175,18 @@ pub struct TestKitBuilder {
     timeout: Duration,
     queues: Vec<QueueSpec>,
     handlers: Vec<HandlerSpec>,
+    states: crate::state::States,
 }
 
 impl TestKitBuilder {
+    /// Gives handlers that take `State<T>` this value (see [`State`](crate::State)).
+    /// [`build`](TestKitBuilder::build) fails with [`StartError::MissingState`] listing every
+    /// state a handler takes that was not given.
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.states.insert(value);
+        self
+    }
+
     /// Whether to take every queue and handler declared with `#[outbox::queue]` and
     /// `#[outbox::handler]` in this binary (default true).
     pub fn discover(mut self, discover: bool) -> Self {
@@ -229,6 +238,14 @@ impl TestKitBuilder {
         }
         queues.extend(self.queues);
         handlers.extend(self.handlers);
+        let states = Arc::new(self.states);
+        let missing: Vec<_> = handlers
+            .iter_mut()
+            .flat_map(|h| h.bind_state(&states))
+            .collect();
+        if !missing.is_empty() {
+            return Err(TestError::Start(StartError::MissingState(missing)));
+        }
         let outbox = with_all(
             Outbox::builder(db.clone()),
             &queues,
@@ -471,6 +488,7 @@ impl TestKit {
             timeout: Duration::from_secs(30),
             queues: Vec::new(),
             handlers: Vec::new(),
+            states: crate::state::States::default(),
         }
     }
 

@@ -485,7 +485,7 @@ fn rejected<'a>(e: DecodeError) -> HandlerFuture<'a> {
 /// decode are rejected (dead-lettered) without calling it.
 pub fn transactional<T: Queue>(
     name: &'static str,
-    call: for<'a> fn(T, &'a DatabaseTransaction) -> HandlerFuture<'a>,
+    call: impl for<'a> Fn(T, &'a DatabaseTransaction) -> HandlerFuture<'a> + Send + Sync + 'static,
 ) -> HandlerSpec {
     HandlerSpec::transactional(
         T::NAME,
@@ -501,7 +501,7 @@ pub fn transactional<T: Queue>(
 /// rejected (dead-lettered) without calling it.
 pub fn leased<T: Queue>(
     name: &'static str,
-    call: for<'a> fn(T, &'a LeaseContext) -> HandlerFuture<'a>,
+    call: impl for<'a> Fn(T, &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync + 'static,
 ) -> HandlerSpec {
     HandlerSpec::leased(
         T::NAME,
@@ -525,7 +525,7 @@ fn decode_all<T: Queue>(messages: &[Message]) -> Result<Vec<T>, DecodeError> {
 /// [`HandlerSpec::transactional_batch`]); a payload that does not decode is rejected that way.
 pub fn transactional_batch<T: Queue>(
     name: &'static str,
-    call: for<'a> fn(Vec<T>, &'a DatabaseTransaction) -> HandlerFuture<'a>,
+    call: impl for<'a> Fn(Vec<T>, &'a DatabaseTransaction) -> HandlerFuture<'a> + Send + Sync + 'static,
 ) -> HandlerSpec {
     HandlerSpec::transactional_batch(
         T::NAME,
@@ -541,7 +541,7 @@ pub fn transactional_batch<T: Queue>(
 /// [`HandlerSpec::leased_batch`]).
 pub fn leased_batch<T: Queue>(
     name: &'static str,
-    call: for<'a> fn(Vec<T>, &'a LeaseContext) -> HandlerFuture<'a>,
+    call: impl for<'a> Fn(Vec<T>, &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync + 'static,
 ) -> HandlerSpec {
     HandlerSpec::leased_batch(T::NAME, name, move |m: &[Message], ctx: &LeaseContext| {
         match decode_all::<T>(m) {
@@ -556,10 +556,46 @@ pub fn leased_batch<T: Queue>(
 ///
 /// Every registry problem (duplicate queue or handler names, a handler whose queue is not
 /// declared, invalid names or knobs, partition counts that differ from the database) is
-/// reported at once in [`StartError::Registry`]. Use [`discover`] to select handlers or set
-/// other options.
-pub async fn start(db: DatabaseConnection, profile: Profile) -> Result<Running, StartError> {
-    discover(db).profile(profile).start().await
+/// reported at once in [`StartError::Registry`]. Give handlers their application state with
+/// [`Start::state`] before awaiting; use [`discover`] to select handlers or set other options.
+///
+/// ```
+/// # #[derive(Clone)] struct Mailer;
+/// # async fn demo(db: outbox::sea_orm::DatabaseConnection) -> Result<(), outbox::StartError> {
+/// let running = outbox::start(db, outbox::Profile::Default).state(Mailer).await?;
+/// # drop(running);
+/// # Ok(()) }
+/// ```
+pub fn start(db: DatabaseConnection, profile: Profile) -> Start {
+    Start {
+        discover: discover(db).profile(profile),
+    }
+}
+
+/// The start of every declaration of this binary, made by [`start`]: await it, after giving the
+/// handlers their state with [`state`](Start::state).
+#[must_use = "nothing starts until it is awaited"]
+#[derive(Debug)]
+pub struct Start {
+    discover: Discover,
+}
+
+impl Start {
+    /// Gives handlers that take `State<T>` this value (see [`State`](crate::State)); one value
+    /// per type, a later one replaces an earlier one.
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.discover = self.discover.state(value);
+        self
+    }
+}
+
+impl std::future::IntoFuture for Start {
+    type Output = Result<Running, StartError>;
+    type IntoFuture = std::pin::Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.discover.start())
+    }
 }
 
 /// Creates the tables and registers every queue and handler declared in this binary, starts no
@@ -618,6 +654,13 @@ impl Discover {
     /// Prefix of every table (default `outbox_`).
     pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.builder = self.builder.table_prefix(prefix);
+        self
+    }
+
+    /// Gives handlers that take `State<T>` this value (see [`State`](crate::State) and
+    /// [`Builder::state`]).
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.builder = self.builder.state(value);
         self
     }
 

@@ -133,6 +133,8 @@ impl Outbox {
         if disconnected(&db) {
             return Err(Error::Database(disconnected_error()));
         }
+        enabled_backend(&db)
+            .map_err(|(backend, feature)| Error::BackendNotEnabled { backend, feature })?;
         let shared = Arc::new(Shared {
             store: Store::new(db, table_prefix),
             wake: Arc::new(Wake::new(false)),
@@ -526,6 +528,26 @@ impl Outbox {
 }
 
 /// Whether `db` is connected to nothing (sea-orm panics when asked its backend).
+/// The backend of `db`, if this build has its feature (see [`StartError::BackendNotEnabled`]).
+pub(crate) fn enabled_backend(db: &DatabaseConnection) -> Result<(), (DbBackend, &'static str)> {
+    let backend = db.get_database_backend();
+    let (feature, enabled) = match backend {
+        DbBackend::Sqlite => ("sqlite", cfg!(feature = "sqlite")),
+        DbBackend::Postgres => ("postgres", cfg!(feature = "postgres")),
+        DbBackend::MySql => ("mysql", cfg!(feature = "mysql")),
+        // A backend sea-orm added later: the runtime has no dialect for it.
+        _ => (
+            "a backend outbox supports (sqlite, postgres or mysql)",
+            false,
+        ),
+    };
+    if enabled {
+        Ok(())
+    } else {
+        Err((backend, feature))
+    }
+}
+
 fn disconnected(db: &DatabaseConnection) -> bool {
     matches!(db.inner, sea_orm::DatabaseConnectionType::Disconnected)
 }
@@ -596,6 +618,7 @@ pub struct Builder {
     relays: Vec<RelaySpec>,
     max_payload: usize,
     migrate_on_start: bool,
+    states: crate::state::States,
 }
 
 impl fmt::Debug for Builder {
@@ -624,6 +647,7 @@ impl Builder {
             relays: Vec::new(),
             max_payload: DEFAULT_MAX_PAYLOAD,
             migrate_on_start: true,
+            states: crate::state::States::default(),
         }
     }
 
@@ -655,6 +679,30 @@ impl Builder {
     pub fn handler(mut self, handler: HandlerSpec) -> Self {
         self.handlers.push(handler);
         self
+    }
+
+    /// Gives handlers that take `State<T>` this value (see [`State`](crate::State)): one value
+    /// per type, a later one replaces an earlier one. [`start`](Builder::start) fails with
+    /// [`StartError::MissingState`] listing every handler whose state was not given.
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.states.insert(value);
+        self
+    }
+
+    /// Builds the calls of handlers that take state from the values given, or lists every
+    /// state that is missing.
+    fn bind_states(&mut self) -> Result<(), StartError> {
+        let states = Arc::new(std::mem::take(&mut self.states));
+        let missing: Vec<_> = self
+            .handlers
+            .iter_mut()
+            .flat_map(|h| h.bind_state(&states))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(StartError::MissingState(missing))
+        }
     }
 
     /// Declares a relay: a handler of its queue, with its own cursor, that publishes the
@@ -766,6 +814,8 @@ impl Builder {
         if disconnected(&self.db) {
             return Err(StartError::Database(disconnected_error()));
         }
+        enabled_backend(&self.db)
+            .map_err(|(backend, feature)| StartError::BackendNotEnabled { backend, feature })?;
         let mut problems = self.take_relays();
         problems.extend(self.check());
         if !problems.is_empty() {
@@ -912,21 +962,23 @@ impl Builder {
     }
 
     fn pool_size(&self) -> Option<u32> {
-        use sea_orm::DatabaseConnectionType as T;
         match &self.db.inner {
-            T::SqlxPostgresPoolConnection(_) => Some(
+            #[cfg(feature = "postgres")]
+            sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) => Some(
                 self.db
                     .get_postgres_connection_pool()
                     .options()
                     .get_max_connections(),
             ),
-            T::SqlxMySqlPoolConnection(_) => Some(
+            #[cfg(feature = "mysql")]
+            sea_orm::DatabaseConnectionType::SqlxMySqlPoolConnection(_) => Some(
                 self.db
                     .get_mysql_connection_pool()
                     .options()
                     .get_max_connections(),
             ),
-            T::SqlxSqlitePoolConnection(_) => Some(
+            #[cfg(feature = "sqlite")]
+            sea_orm::DatabaseConnectionType::SqlxSqlitePoolConnection(_) => Some(
                 self.db
                     .get_sqlite_connection_pool()
                     .options()
@@ -938,10 +990,13 @@ impl Builder {
 
     /// Like [`connect`](Builder::connect), then starts the sequencer, vacuum and one dispatcher
     /// per handler. Fails fast if the pool is too small for the configured concurrency.
-    pub async fn start(self) -> Result<Running, StartError> {
+    pub async fn start(mut self) -> Result<Running, StartError> {
+        self.bind_states()?;
         if disconnected(&self.db) {
             return Err(StartError::Database(disconnected_error()));
         }
+        enabled_backend(&self.db)
+            .map_err(|(backend, feature)| StartError::BackendNotEnabled { backend, feature })?;
         // Relays count as handlers for the pool; their brokers must answer before anything runs.
         for r in &self.relays {
             r.broker
@@ -1121,6 +1176,7 @@ impl Builder {
                 async move { crate::metrics::run_gauges(&o, c).await },
             ));
         }
+        #[cfg(feature = "postgres")]
         if let sea_orm::DatabaseConnectionType::SqlxPostgresPoolConnection(_) =
             &shared.store.db.inner
         {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// First re-check delay after an in-process enqueue; doubles up to the poll interval.
 const EAGER_FIRST: Duration = Duration::from_millis(1);
@@ -128,13 +127,14 @@ impl Wake {
     }
 }
 
+#[cfg(feature = "postgres")]
 /// Listens on the PostgreSQL channel and turns notifications into wake-ups. Reconnects after
 /// a lost connection and then wakes every worker, since notifications sent meanwhile are lost.
 pub(crate) async fn listen_postgres(
     pool: sea_orm::sqlx::PgPool,
     channel: String,
     wake: Arc<Wake>,
-    cancel: CancellationToken,
+    cancel: tokio_util::sync::CancellationToken,
 ) {
     use sea_orm::sqlx::postgres::PgListener;
     let mut delay = Duration::from_millis(100);
@@ -178,6 +178,7 @@ pub(crate) async fn listen_postgres(
     }
 }
 
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 fn dispatch(wake: &Wake, payload: &str) {
     if let Some(queue) = payload.strip_prefix("s:") {
         wake.sequenced(queue);

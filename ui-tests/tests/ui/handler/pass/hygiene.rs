@@ -34,6 +34,17 @@ mod hostile {
         ::core::result::Result::Ok(())
     }
 
+    #[derive(Clone)]
+    pub(crate) struct Config;
+
+    #[::outbox::handler(leased)]
+    async fn shadowed_stateful(
+        _msg: Shadowed,
+        _config: ::outbox::State<Config>,
+    ) -> ::core::result::Result<(), ::outbox::HandlerError> {
+        ::core::result::Result::Ok(())
+    }
+
     #[::outbox::handler(transactional)]
     async fn shadowed_tx(
         _msg: Shadowed,
@@ -64,5 +75,5 @@ fn main() {
     );
     assert_eq!(renamed::Renamed::NAME, "renamed");
     assert!(renamed::Renamed(0).partition() < 2);
-    assert_eq!(renamed_outbox::handlers().len(), 3);
+    assert_eq!(renamed_outbox::handlers().len(), 4);
 }
