@@ -20,6 +20,7 @@ mod ours;
 mod relay;
 mod report;
 mod sys;
+mod tracecost;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -190,6 +191,43 @@ enum Cmd {
             default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
         )]
         amqp_url: String,
+    },
+    /// The cost of the `opentelemetry` feature: S2 drain by a build with it (`--on-bin`) and
+    /// one without (`--off-bin`), alternating, medians side by side (see BENCHMARKS.md).
+    TraceCost {
+        /// This binary built with `--features opentelemetry`.
+        #[arg(long)]
+        on_bin: PathBuf,
+        /// This binary built without it.
+        #[arg(long)]
+        off_bin: PathBuf,
+        /// Backends to run on.
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,mysql")]
+        backends: Vec<Backend>,
+        /// Partitions of the queue.
+        #[arg(long, value_delimiter = ',', default_value = "8")]
+        partitions: Vec<u32>,
+        /// Handler kinds.
+        #[arg(long, value_delimiter = ',', default_value = "tx")]
+        handlers: Vec<HandlerKind>,
+        /// Profile.
+        #[arg(long, default_value = "high-throughput")]
+        profile: ProfileName,
+        /// Messages pre-filled per run.
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        /// Repetitions per build.
+        #[arg(long, default_value_t = 5)]
+        reps: u32,
+    },
+    /// One cell of ours on a fresh database, its outcome as a JSON line (internal: the child
+    /// of `trace-cost`).
+    #[command(hide = true)]
+    RunCell {
+        #[arg(long)]
+        backend: Backend,
+        #[arg(long)]
+        cell: String,
     },
     /// The producer of the cross-process S3 variant (internal).
     #[command(hide = true)]
@@ -427,6 +465,54 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             }
             Err(e) => {
                 eprintln!("producer: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Cmd::RunCell { backend, cell }) = &args.cmd {
+        println!("opentelemetry={}", tracecost::FEATURE_ON);
+        // The same subscriber as a cell of the main run.
+        sys::install_counter();
+        let servers = Servers {
+            postgres: args.postgres_url.clone(),
+            mysql: args.mysql_url.clone(),
+        };
+        let outcome = match serde_json::from_str::<Cell>(cell) {
+            Ok(cell) => run_cell(&args, *backend, &servers, System::Ours, &cell).await,
+            Err(e) => Outcome::failed(format!("bad --cell: {e}"), Default::default()),
+        };
+        println!("{}", serde_json::to_string(&outcome).unwrap_or_default());
+        return if outcome.ok {
+            std::process::ExitCode::SUCCESS
+        } else {
+            std::process::ExitCode::FAILURE
+        };
+    }
+    if let Some(Cmd::TraceCost {
+        on_bin,
+        off_bin,
+        backends,
+        partitions,
+        handlers,
+        profile,
+        messages,
+        reps,
+    }) = &args.cmd
+    {
+        let o = tracecost::Options {
+            on_bin: on_bin.clone(),
+            off_bin: off_bin.clone(),
+            backends: backends.clone(),
+            partitions: partitions.clone(),
+            handlers: handlers.clone(),
+            profile: *profile,
+            messages: *messages,
+            reps: *reps,
+        };
+        return match tracecost::run(&args, &o).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("trace-cost failed: {e}");
                 std::process::ExitCode::FAILURE
             }
         };

@@ -294,6 +294,7 @@ pub(crate) fn dead_letter_json(d: &DeadLetter) -> serde_json::Value {
         "last_error": d.last_error,
         "enqueued_at_ms": d.enqueued_at_ms,
         "failed_at_ms": d.failed_at_ms,
+        "headers": d.headers.iter().collect::<std::collections::BTreeMap<_, _>>(),
     });
     match payload_text(&d.payload) {
         Some(t) => v["payload"] = json!(t),
@@ -349,6 +350,14 @@ pub(crate) fn dead_letter_detail(d: &DeadLetter) -> String {
     let _ = writeln!(out, "enqueued at: {}", timestamp(d.enqueued_at_ms));
     let _ = writeln!(out, "failed at:   {}", timestamp(d.failed_at_ms));
     let _ = writeln!(out, "last error:  {}", d.last_error);
+    if d.headers.is_empty() {
+        let _ = writeln!(out, "headers:     (none)");
+    } else {
+        let _ = writeln!(out, "headers:");
+        for (name, value) in d.headers.iter() {
+            let _ = writeln!(out, "  {name}: {value}");
+        }
+    }
     match payload_text(&d.payload) {
         Some(t) => {
             let _ = writeln!(out, "payload ({} bytes):\n{t}", d.payload.len());

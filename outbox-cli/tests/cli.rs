@@ -65,7 +65,7 @@ async fn prepare(t: &TestDb) {
         .await
         .expect("start");
     let batch = [
-        NewMessage::new("cli", 0, "poison-a"),
+        NewMessage::new("cli", 0, "poison-a").header("request-id", "r-7"),
         NewMessage::new("cli", 0, "fine"),
         NewMessage::new("cli", 1, "poison-b"),
         NewMessage::new("cli", 1, vec![b'p', b'o', b'i', b's', b'o', b'n', 0xff]),
@@ -196,6 +196,7 @@ async fn dead_letter_workflow(t: Arc<TestDb>) {
         .find(|d| d["payload"] == "poison-a")
         .expect("poison-a dead-lettered");
     assert_eq!(a["last_error"], "downstream said no");
+    assert_eq!(a["headers"]["request-id"], "r-7", "{a}");
     let binary = all
         .iter()
         .find(|d| d.get("payload_hex").is_some())
@@ -247,6 +248,7 @@ async fn dead_letter_workflow(t: Arc<TestDb>) {
         "{out}"
     );
     assert!(out.contains("last error:  downstream said no"), "{out}");
+    assert!(out.contains("headers:\n  request-id: r-7\n"), "{out}");
     let (code, _, err) = outbox(&t, &["dead-letters", "show", "999999"]).await;
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("dead letter 999999 not found"), "{err}");

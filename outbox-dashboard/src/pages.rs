@@ -629,6 +629,25 @@ pub(crate) async fn dead_letter(
             dl.payload.len()
         )
     };
+    // Header names always; values only where payloads are shown (they may carry as much as
+    // the payload does).
+    let header_rows: String = dl
+        .headers
+        .iter()
+        .map(|(name, value)| {
+            let value = if d.config.show_payloads {
+                esc(value)
+            } else {
+                r#"<span class="muted">hidden</span>"#.to_owned()
+            };
+            format!("<dt>{}</dt><dd>{value}</dd>", esc(name))
+        })
+        .collect();
+    let headers_html = if header_rows.is_empty() {
+        r#"<h2>Headers</h2><p id="headers" class="muted">none</p>"#.to_owned()
+    } else {
+        format!(r#"<h2>Headers</h2><dl class="meta" id="headers">{header_rows}</dl>"#)
+    };
     let actions = if acting {
         format!(
             r#"<p>{} {}</p>"#,
@@ -653,7 +672,7 @@ pub(crate) async fn dead_letter(
         String::new()
     };
     let body = format!(
-        r#"<h1>Dead letter <span id="dl-id">{id}</span></h1>{actions}<dl class="meta"><dt>Queue</dt><dd><a href="{ql}">{q}</a></dd><dt>Partition</dt><dd>{p}</dd><dt>Seq</dt><dd>{seq}</dd><dt>Handler</dt><dd id="dl-handler">{h}</dd><dt>Attempts</dt><dd id="dl-attempts">{a}</dd><dt>Enqueued at</dt><dd>{en}</dd><dt>Dead-lettered at</dt><dd>{fa}</dd></dl><h2>Last error</h2><pre id="error">{err}</pre>{payload}"#,
+        r#"<h1>Dead letter <span id="dl-id">{id}</span></h1>{actions}<dl class="meta"><dt>Queue</dt><dd><a href="{ql}">{q}</a></dd><dt>Partition</dt><dd>{p}</dd><dt>Seq</dt><dd>{seq}</dd><dt>Handler</dt><dd id="dl-handler">{h}</dd><dt>Attempts</dt><dd id="dl-attempts">{a}</dd><dt>Enqueued at</dt><dd>{en}</dd><dt>Dead-lettered at</dt><dd>{fa}</dd></dl><h2>Last error</h2><pre id="error">{err}</pre>{headers_html}{payload}"#,
         id = dl.id,
         ql = esc(&d.link(&format!("/queues/{}", enc(&dl.queue)))),
         q = esc(&dl.queue),

@@ -240,6 +240,15 @@ pub enum EnqueueError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// The message's [headers](crate::Headers) break a limit; nothing was written.
+    #[error("invalid headers for queue `{queue}`")]
+    InvalidHeaders {
+        /// Queue name.
+        queue: String,
+        /// Which limit, and where.
+        #[source]
+        source: crate::HeaderError,
+    },
     /// A delivery time before 1970 or a delay beyond what the database can count (about 290
     /// million years in milliseconds).
     #[error("invalid delivery time for queue `{queue}`: {reason}")]

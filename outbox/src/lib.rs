@@ -3,6 +3,7 @@
 
 mod error;
 mod handler;
+mod headers;
 pub mod inbox;
 pub mod metrics;
 #[cfg(feature = "migration")]
@@ -21,12 +22,16 @@ pub(crate) mod storage;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+mod trace;
 
 pub use error::{
     BoxDynError, EnqueueError, Error, HandlerError, IntoHandlerResult, InvalidName,
     RegistryProblem, Result, StartError,
 };
 pub use handler::{HandlerFuture, HandlerSpec, LeaseContext};
+pub use headers::{
+    HeaderError, Headers, MAX_HEADER_NAME_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
+};
 pub use profile::{Overrides, Profile, RuntimeTuning, Tuning};
 pub use queue::{
     DEFAULT_DEDUP_RETENTION, DEFAULT_MAX_PAYLOAD, Enqueued, MAX_DEDUP_KEY_BYTES, MAX_PARTITIONS,

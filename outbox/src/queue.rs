@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::error::InvalidName;
+use crate::headers::Headers;
 use crate::profile::Overrides;
 
 /// Largest partition count of a queue.
@@ -144,6 +145,7 @@ pub struct NewMessage {
     pub(crate) payload: Vec<u8>,
     pub(crate) dedup_key: Option<String>,
     pub(crate) delivery: Option<Delivery>,
+    pub(crate) headers: Headers,
 }
 
 /// When a scheduled message becomes due.
@@ -192,7 +194,26 @@ impl NewMessage {
             payload: payload.into(),
             dedup_key: None,
             delivery: None,
+            headers: Headers::new(),
         }
+    }
+
+    /// Sets header `name` to `value` (see [`Headers`] for the limits, checked at enqueue).
+    /// Handlers read it with [`Message::headers`]; relays forward it as a broker header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// Adds every header of `headers` (replacing headers of the same name).
+    pub fn headers(mut self, headers: Headers) -> Self {
+        self.headers.extend(headers.0);
+        self
+    }
+
+    /// The headers set so far.
+    pub fn get_headers(&self) -> &Headers {
+        &self.headers
     }
 
     /// Deduplicates on `key` (1 to [`MAX_DEDUP_KEY_BYTES`] bytes, compared exactly): while a
@@ -241,6 +262,7 @@ pub struct Message {
     pub(crate) payload: Vec<u8>,
     pub(crate) enqueued_at_ms: i64,
     pub(crate) attempt: u64,
+    pub(crate) headers: Headers,
 }
 
 impl Message {
@@ -273,6 +295,12 @@ impl Message {
     /// Which attempt this delivery is, starting at 1.
     pub fn attempt(&self) -> u64 {
         self.attempt
+    }
+
+    /// The headers set at enqueue ([`NewMessage::header`]), with the trace context when the
+    /// `opentelemetry` feature captured one.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
     }
 
     /// A key that identifies this message for this handler across redeliveries:

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{EnqueueError, HandlerError, StartError};
 use crate::handler::{HandlerFuture, HandlerSpec, LeaseContext};
+use crate::headers::Headers;
 use crate::profile::{Overrides, Profile};
 use crate::queue::{Enqueued, Message, NewMessage, PoisonPolicy, QueueSpec};
 use crate::runtime::{Builder, Outbox, Running};
@@ -137,6 +138,21 @@ pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
         async move {
             let outbox = global().ok_or(EnqueueError::NotConnected)?;
             outbox.enqueue_batch(conn, &messages?).await
+        }
+    }
+
+    /// Like [`enqueue`](Queue::enqueue), with `headers` stored beside the payload (handlers
+    /// read them with [`Message::headers`]; relays forward them). Headers that break a limit
+    /// fail with [`EnqueueError::InvalidHeaders`] and write nothing.
+    fn enqueue_with_headers<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        headers: Headers,
+    ) -> impl Future<Output = Result<Enqueued, EnqueueError>> + Send {
+        let message = self.to_message();
+        async move {
+            let outbox = global().ok_or(EnqueueError::NotConnected)?;
+            outbox.enqueue(conn, message?.headers(headers)).await
         }
     }
 
@@ -853,6 +869,7 @@ mod tests {
             payload: payload.to_vec(),
             enqueued_at_ms: 0,
             attempt: 1,
+            headers: crate::Headers::new(),
         }
     }
 

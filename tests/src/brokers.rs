@@ -1,7 +1,7 @@
 //! Brokers for the relay tests: the shared NATS and RabbitMQ servers, private `nats-server`
 //! processes that a test may kill and restart, and readers of what a JetStream stream holds.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -135,6 +135,8 @@ pub struct Stored {
     pub seq: i64,
     /// The payload as text.
     pub body: String,
+    /// Every header, by name (the first value of each).
+    pub headers: BTreeMap<String, String>,
 }
 
 /// Everything `stream` holds, in stream order.
@@ -161,6 +163,11 @@ pub async fn stream_messages(js: &jetstream::Context, stream: &str) -> Vec<Store
             partition: h("Outbox-Partition").parse().expect("partition header"),
             seq: h("Outbox-Seq").parse().expect("seq header"),
             body: String::from_utf8_lossy(&m.payload).into_owned(),
+            headers: m
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.to_string(), v.first()?.as_str().to_owned())))
+                .collect(),
         });
     }
     out
@@ -222,6 +229,8 @@ pub struct Delivered {
     pub routing_key: String,
     /// The payload as text.
     pub body: String,
+    /// The AMQP headers whose values are strings, by name.
+    pub headers: BTreeMap<String, String>,
 }
 
 /// Takes every message now in the RabbitMQ queue `queue` (auto-ack), in queue order.
@@ -246,6 +255,22 @@ pub async fn drain_queue(ch: &lapin::Channel, queue: &str) -> Vec<Delivered> {
             delivery_mode: d.properties.delivery_mode().unwrap_or(0),
             routing_key: d.routing_key.as_str().to_owned(),
             body: String::from_utf8_lossy(&d.data).into_owned(),
+            headers: d
+                .properties
+                .headers()
+                .as_ref()
+                .map(|t| {
+                    t.inner()
+                        .iter()
+                        .filter_map(|(k, v)| match v {
+                            lapin::types::AMQPValue::LongString(s) => {
+                                Some((k.to_string(), s.to_string()))
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         });
     }
     out

@@ -207,7 +207,7 @@ async fn an_existing_database_is_upgraded_to_exact_names(t: Arc<TestDb>) {
         .expect("start upgrades");
     assert_eq!(
         scalar(&db, "SELECT MAX(version) FROM outbox_schema_version").await,
-        3
+        4
     );
     assert_eq!(rt.instance_id().await.expect("instance id").len(), 32);
     if db.get_database_backend() == DbBackend::MySql {

@@ -120,7 +120,7 @@ async fn a_rows_only_user_runs_on_a_current_schema(t: Arc<TestDb>) {
         .await
         .expect_err("no tables, no DDL right");
     assert!(
-        matches!(&err, StartError::Migration { from: None, to: 3, migration, .. } if migration.contains("v1")),
+        matches!(&err, StartError::Migration { from: None, to: 4, migration, .. } if migration.contains("v1")),
         "{err:?}"
     );
     assert!(err.to_string().contains("outbox migrate"), "{err}");
@@ -134,7 +134,7 @@ async fn a_rows_only_user_runs_on_a_current_schema(t: Arc<TestDb>) {
             err,
             StartError::SchemaOutdated {
                 found: None,
-                expected: 3,
+                expected: 4,
                 ..
             }
         ),
@@ -172,7 +172,7 @@ async fn a_rows_only_user_runs_on_a_current_schema(t: Arc<TestDb>) {
         .await
         .expect_err("outdated");
     assert!(
-        matches!(&err, StartError::SchemaOutdated { found: Some(1), expected: 3, migration } if migration.contains("exact_names")),
+        matches!(&err, StartError::SchemaOutdated { found: Some(1), expected: 4, migration } if migration.contains("exact_names")),
         "{err:?}"
     );
     let err = builder(rw.clone(), &seen)
@@ -184,7 +184,7 @@ async fn a_rows_only_user_runs_on_a_current_schema(t: Arc<TestDb>) {
             err,
             StartError::Migration {
                 from: Some(1),
-                to: 3,
+                to: 4,
                 ..
             }
         ),

@@ -46,7 +46,8 @@ async fn enqueue(outbox: &Outbox, from: u64, count: u64, per_txn: u64) -> Vec<St
         let mut batch = Vec::new();
         for _ in 0..per_txn.min(from + count - n) {
             let (p, body) = message((n % u64::from(KEYS)) as u32, n);
-            batch.push(NewMessage::new("relay", p, body.clone()));
+            // Headers travel as NATS headers.
+            batch.push(NewMessage::new("relay", p, body.clone()).header("x-body", body.clone()));
             committed.push(body);
             n += 1;
         }
@@ -140,6 +141,11 @@ async fn relays_exactly_what_was_committed(db: Arc<TestDb>) {
     for s in &stored {
         assert_eq!(s.id, format!("{instance}/relay/{}/{}", s.partition, s.seq));
         assert_eq!(s.nats_id, s.id, "Nats-Msg-Id is the stable id");
+        assert_eq!(
+            s.headers.get("x-body"),
+            Some(&s.body),
+            "the message's header was forwarded"
+        );
         let key = s.body.split_once(':').map(|(k, _)| k).unwrap_or_default();
         assert_eq!(s.subject, format!("{prefix}.relay.{}.{key}", s.partition));
     }

@@ -47,7 +47,8 @@ async fn enqueue(outbox: &Outbox, from: u64, count: u64, per_txn: u64) -> Vec<St
         let mut batch = Vec::new();
         for _ in 0..per_txn.min(from + count - n) {
             let (p, body) = message((n % u64::from(KEYS)) as u32, n);
-            batch.push(NewMessage::new("relay", p, body.clone()));
+            // Headers travel in the AMQP headers table.
+            batch.push(NewMessage::new("relay", p, body.clone()).header("x-body", body.clone()));
             committed.push(body);
             n += 1;
         }
@@ -166,6 +167,11 @@ async fn relays_persistent_confirmed_messages_in_order(db: Arc<TestDb>) {
         assert!(ids.contains(&d.id), "stable id {}", d.id);
         let p = d.id.split('/').nth(2).unwrap_or_default();
         assert_eq!(d.routing_key, format!("relay.{p}"));
+        assert_eq!(
+            d.headers.get("x-body"),
+            Some(&d.body),
+            "the message's header was forwarded"
+        );
     }
     running
         .shutdown(Duration::from_secs(10))

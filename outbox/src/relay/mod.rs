@@ -118,6 +118,9 @@ pub struct Outgoing {
     pub enqueued_at_ms: i64,
     /// The payload.
     pub payload: Vec<u8>,
+    /// The message's headers, forwarded as broker headers (before the relay's own `Outbox-*`
+    /// headers, which win over a header of the same name).
+    pub headers: crate::Headers,
 }
 
 impl Outgoing {
@@ -137,6 +140,7 @@ impl Outgoing {
             seq: 0,
             enqueued_at_ms: 0,
             payload,
+            headers: crate::Headers::new(),
         }
     }
 }
@@ -410,6 +414,7 @@ impl Core {
                     seq: m.seq,
                     enqueued_at_ms: m.enqueued_at_ms,
                     payload: m.payload.clone(),
+                    headers: m.headers.clone(),
                 }
             })
             .collect();

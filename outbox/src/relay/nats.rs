@@ -147,6 +147,9 @@ impl Broker for JetStream {
             let mut failed = None;
             for (i, o) in batch.iter().enumerate() {
                 let mut h = HeaderMap::new();
+                for (name, value) in o.headers.iter() {
+                    h.insert(name, value);
+                }
                 h.insert("Nats-Msg-Id", o.id.as_str());
                 h.insert(headers::ID, o.id.as_str());
                 h.insert(headers::QUEUE, &*o.queue);

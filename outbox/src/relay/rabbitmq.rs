@@ -124,6 +124,9 @@ impl RabbitMq {
 
 fn properties(o: &Outgoing) -> BasicProperties {
     let mut h = FieldTable::default();
+    for (name, value) in o.headers.iter() {
+        h.insert(name.into(), AMQPValue::LongString(value.into()));
+    }
     h.insert(
         headers::ID.into(),
         AMQPValue::LongString(o.id.as_str().into()),

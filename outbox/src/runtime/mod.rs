@@ -36,13 +36,14 @@ use crate::storage::{
 };
 
 /// A message as the storage layer writes it.
-fn row(m: &NewMessage) -> InsertRow<'_> {
+fn row<'a>(m: &'a NewMessage, headers: &'a Option<String>) -> InsertRow<'a> {
     InsertRow {
         queue: &m.queue,
         partition: m.partition,
         payload: &m.payload,
         target: None,
         dedup_key: m.dedup_key.as_deref(),
+        headers: headers.as_deref(),
     }
 }
 
@@ -226,6 +227,12 @@ impl Outbox {
                 });
             }
         }
+        m.headers
+            .validate()
+            .map_err(|source| EnqueueError::InvalidHeaders {
+                queue: m.queue.to_string(),
+                source,
+            })?;
         due_at(m)?;
         Ok(())
     }
@@ -270,6 +277,13 @@ impl Outbox {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
+        // The stored headers of each message, with the caller's trace context when the
+        // `opentelemetry` feature captured one.
+        let trace = crate::trace::capture();
+        let headers: Vec<Option<String>> = messages
+            .iter()
+            .map(|m| crate::trace::stored_headers(&m.headers, &trace))
+            .collect();
         let too_large = |e: sea_orm::DbErr| match messages.iter().max_by_key(|m| m.payload.len()) {
             Some(m) if store.is_mysql() && e.to_string().contains("max_allowed_packet") => {
                 EnqueueError::PayloadTooLargeForServer {
@@ -286,7 +300,11 @@ impl Outbox {
             .iter()
             .all(|m| m.dedup_key.is_none() && m.delivery.is_none());
         if plain {
-            let rows: Vec<_> = messages.iter().map(row).collect();
+            let rows: Vec<_> = messages
+                .iter()
+                .zip(&headers)
+                .map(|(m, h)| row(m, h))
+                .collect();
             store
                 .insert_incoming(conn, &rows)
                 .await
@@ -299,7 +317,7 @@ impl Outbox {
         let mut taken: Vec<(&str, &str)> = Vec::new();
         let mut now: Vec<InsertRow<'_>> = Vec::new();
         let written = async {
-            for m in messages {
+            for (m, h) in messages.iter().zip(&headers) {
                 if let Some(key) = &m.dedup_key {
                     if !store.claim_dedup_key(conn, &m.queue, key).await? {
                         done.push(Enqueued::Duplicate);
@@ -310,13 +328,13 @@ impl Outbox {
                 match due_at(m)? {
                     Some(due) => {
                         let id = store
-                            .insert_scheduled(conn, row(m), due)
+                            .insert_scheduled(conn, row(m, h), due)
                             .await
                             .map_err(too_large)?;
                         done.push(Enqueued::Scheduled { id });
                     }
                     None => {
-                        now.push(row(m));
+                        now.push(row(m, h));
                         done.push(Enqueued::Stored);
                     }
                 }

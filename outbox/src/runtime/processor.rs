@@ -33,6 +33,7 @@ use crate::queue::{Message, PoisonPolicy};
 use crate::storage::{
     CursorKey, CursorRow, Fence, Outcome, StoredMessage, Verdict, WriteTxn, now_ms,
 };
+use crate::trace;
 
 /// One handler as the runtime runs it.
 pub(crate) struct Processor {
@@ -87,6 +88,16 @@ enum CallError {
     },
     /// Hard shutdown cancelled the call.
     Interrupted,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Handler(e) => write!(f, "{}", e.reason()),
+            CallError::Limit { what, .. } => f.write_str(what),
+            CallError::Interrupted => f.write_str("interrupted by shutdown"),
+        }
+    }
 }
 
 impl CallError {
@@ -473,8 +484,10 @@ impl Processor {
                             1
                         };
                         let msg = m.clone().into_message(&self.queue, partition, attempt);
-                        let call = self.call(f(&msg, &txn), limit, budget);
-                        match metrics::timed(&self.queue, &self.handler, &msg, call).await {
+                        let span = trace::handler_span(&self.queue, &self.handler, &msg);
+                        let call = self.call(span.in_scope(|| f(&msg, &txn)), limit, budget);
+                        let call = metrics::timed(&self.queue, &self.handler, &msg, call);
+                        match trace::traced(span, call).await {
                             Ok(()) => {
                                 processed = m.seq;
                                 handled += 1;
@@ -492,8 +505,10 @@ impl Processor {
                         None => Ok(()),
                         Some(head) => {
                             let (limit, budget) = self.time_left(started, false);
-                            let call = self.call(f(&msgs, &txn), limit, budget);
-                            metrics::timed(&self.queue, &self.handler, head, call).await
+                            let span = trace::batch_handler_span(&self.queue, &self.handler, &msgs);
+                            let call = self.call(span.in_scope(|| f(&msgs, &txn)), limit, budget);
+                            let call = metrics::timed(&self.queue, &self.handler, head, call);
+                            trace::traced(span, call).await
                         }
                     };
                     match res {
@@ -506,11 +521,15 @@ impl Processor {
                 }
             }
             let Some((i, err)) = failure else {
-                let step = self
-                    .commit_batch(
-                        partition, txn, &cur, &marker, &batch, processed, handled, carried, drain,
-                    )
-                    .await?;
+                let span = trace::ack_span(&self.queue, &self.handler, partition, processed);
+                span.record("handled", handled);
+                if let Some(c) = &carried {
+                    span.record("failed_seq", c.message.seq);
+                }
+                let commit = self.commit_batch(
+                    partition, txn, &cur, &marker, &batch, processed, handled, carried, drain,
+                );
+                let step = trace::traced(span, commit).await?;
                 let full = batch.len() == limit as usize || stopped_early;
                 return Ok(if step == Step::Done && full {
                     Step::More
@@ -803,8 +822,11 @@ impl Processor {
                         None => Ok(()),
                         Some(m) => {
                             let ctx = ctx_for(m.seq, m.attempt);
-                            let call = self.call_leased(many(&msgs, &ctx), &lease);
-                            metrics::timed(&self.queue, &self.handler, m, call).await
+                            let span = trace::batch_handler_span(&self.queue, &self.handler, &msgs);
+                            let call =
+                                self.call_leased(span.in_scope(|| many(&msgs, &ctx)), &lease);
+                            let call = metrics::timed(&self.queue, &self.handler, m, call);
+                            trace::traced(span, call).await
                         }
                     };
                     match result {
@@ -835,8 +857,10 @@ impl Processor {
                                     .to_owned(),
                             })
                         } else {
-                            let call = self.call_leased(one(&msg, &ctx), &lease);
-                            metrics::timed(&self.queue, &self.handler, &msg, call).await
+                            let span = trace::handler_span(&self.queue, &self.handler, &msg);
+                            let call = self.call_leased(span.in_scope(|| one(&msg, &ctx)), &lease);
+                            let call = metrics::timed(&self.queue, &self.handler, &msg, call);
+                            trace::traced(span, call).await
                         };
                         match result {
                             Ok(()) => {
@@ -894,22 +918,42 @@ impl Processor {
                     attempts: progress.1,
                 },
             };
-            let acked = if matches!(
-                outcome,
+            let span = match &outcome {
                 Outcome::Failed {
-                    verdict: Verdict::DeadLetter,
+                    processed_seq,
+                    message,
                     ..
+                } => {
+                    let span =
+                        trace::ack_span(&self.queue, &self.handler, partition, *processed_seq);
+                    span.record("failed_seq", message.seq);
+                    span
                 }
-            ) {
-                let txn = store.begin_write().await?;
-                let ok = store.settle(&*txn, key, outcome, fence).await?;
-                txn.commit().await?;
-                ok
-            } else {
-                let _gate = store.write_guard().await;
-                store.settle(&store.db, key, outcome, fence).await?
+                Outcome::Progress { processed_seq, .. } => {
+                    trace::ack_span(&self.queue, &self.handler, partition, *processed_seq)
+                }
             };
+            span.record("handled", handled);
+            let settle = async {
+                if matches!(
+                    outcome,
+                    Outcome::Failed {
+                        verdict: Verdict::DeadLetter,
+                        ..
+                    }
+                ) {
+                    let txn = store.begin_write().await?;
+                    let ok = store.settle(&*txn, key, outcome, fence).await?;
+                    txn.commit().await?;
+                    Ok::<bool, DbErr>(ok)
+                } else {
+                    let _gate = store.write_guard().await;
+                    store.settle(&store.db, key, outcome, fence).await
+                }
+            };
+            let acked = trace::traced(span.clone(), settle).await?;
             if !acked {
+                trace::failed(&span, &"lease lost before the ack");
                 tracing::warn!(queue = %self.queue, handler = %self.handler, partition,
                     "lease lost before the ack; the batch will be redelivered");
                 return Ok(Step::Done);

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use sea_orm::DbErr;
+use tracing::field::Empty;
 
 use super::Shared;
 use super::worker::Next;
@@ -38,7 +39,24 @@ impl Sequencer {
 
     pub(crate) async fn step(&self) -> Result<Next, DbErr> {
         let limit = self.limit.load(Ordering::Relaxed);
-        let pass = self.shared.store.sequence_pass(limit).await?;
+        let span = tracing::debug_span!(
+            "outbox.sequence",
+            limit,
+            scanned = Empty,
+            moved = Empty,
+            queues = Empty,
+            otel.status_code = Empty,
+            otel.status_message = Empty
+        );
+        let pass =
+            crate::trace::traced(span.clone(), self.shared.store.sequence_pass(limit)).await?;
+        span.record("scanned", pass.scanned);
+        span.record("moved", pass.moved_total());
+        if !pass.moved.is_empty() && !span.is_disabled() {
+            // Which queues got how many new sequence numbers, `queue:n` separated by commas.
+            let queues: Vec<String> = pass.moved.iter().map(|(q, n)| format!("{q}:{n}")).collect();
+            span.record("queues", queues.join(",").as_str());
+        }
         for (queue, _) in &pass.moved {
             self.shared.wake.sequenced(queue);
         }

@@ -155,6 +155,7 @@ fn message_from_row(r: &sea_orm::QueryResult) -> Result<StoredMessage, DbErr> {
         payload: col(r, 1)?,
         target_handler: col(r, 2)?,
         created_at: col(r, 3)?,
+        headers: col(r, 4)?,
     })
 }
 
@@ -226,7 +227,7 @@ impl Store {
         let rows = c
             .query_all_raw(self.stmt(
                 &format!(
-                    "SELECT seq, payload, target_handler, created_at FROM {} \
+                    "SELECT seq, payload, target_handler, created_at, headers FROM {} \
                      WHERE queue = ? AND partition_no = ? AND seq > ? ORDER BY seq LIMIT ?",
                     self.t.outgoing
                 ),
@@ -252,7 +253,7 @@ impl Store {
         let row = c
             .query_one_raw(self.stmt(
                 &format!(
-                    "SELECT seq, payload, target_handler, created_at FROM {} \
+                    "SELECT seq, payload, target_handler, created_at, headers FROM {} \
                      WHERE queue = ? AND partition_no = ? AND seq > ? \
                      AND (target_handler IS NULL OR target_handler = ?) ORDER BY seq LIMIT 1",
                     self.t.outgoing
@@ -455,8 +456,8 @@ impl Store {
             c,
             self.stmt(
                 &format!(
-                    "INSERT INTO {} (queue, partition_no, seq, handler, payload, last_error, attempts, enqueued_at, failed_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, {})",
+                    "INSERT INTO {} (queue, partition_no, seq, handler, payload, last_error, attempts, enqueued_at, headers, failed_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {})",
                     self.t.dead_letters,
                     self.now_sql()
                 ),
@@ -469,6 +470,7 @@ impl Store {
                     last_error.into(),
                     attempts.into(),
                     m.created_at.into(),
+                    m.headers.clone().into(),
                 ],
             ),
         )

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use sea_orm::{ConnectionTrait, DbErr, Value};
 
 use super::{Store, col, exec};
+use crate::headers::Headers;
 use crate::queue::Message;
 
 /// A stored message with its routing column.
@@ -14,6 +15,8 @@ pub(crate) struct StoredMessage {
     pub(crate) payload: Vec<u8>,
     pub(crate) target_handler: Option<String>,
     pub(crate) created_at: i64,
+    /// The stored headers (JSON text), decoded when the message is delivered.
+    pub(crate) headers: Option<String>,
 }
 
 impl StoredMessage {
@@ -25,6 +28,7 @@ impl StoredMessage {
             payload: self.payload,
             enqueued_at_ms: self.created_at,
             attempt,
+            headers: Headers::from_json(self.headers.as_deref()),
         }
     }
 }
@@ -53,6 +57,8 @@ pub struct DeadLetter {
     pub enqueued_at_ms: i64,
     /// When it was dead-lettered (ms since the Unix epoch).
     pub failed_at_ms: i64,
+    /// The message's headers (a replay keeps them).
+    pub headers: Headers,
 }
 
 /// Which dead letters an operation applies to; empty fields match everything.
@@ -164,6 +170,8 @@ pub(crate) struct InsertRow<'a> {
     /// A replayed dead letter goes to this handler only.
     pub(crate) target: Option<&'a str>,
     pub(crate) dedup_key: Option<&'a str>,
+    /// The stored form of the headers (JSON text), `None` for none.
+    pub(crate) headers: Option<&'a str>,
 }
 
 fn statement_rows(rows: &[InsertRow<'_>]) -> usize {
@@ -172,7 +180,7 @@ fn statement_rows(rows: &[InsertRow<'_>]) -> usize {
     let mut bytes = 0;
     let mut n = 0;
     for r in rows.iter().take(MAX_ROWS) {
-        bytes += r.payload.len();
+        bytes += r.payload.len() + r.headers.map_or(0, str::len);
         if n > 0 && bytes > MAX_BYTES {
             break;
         }
@@ -193,11 +201,11 @@ fn dead_letter_from_row(r: &sea_orm::QueryResult) -> Result<DeadLetter, DbErr> {
         attempts: col(r, 7)?,
         enqueued_at_ms: col(r, 8)?,
         failed_at_ms: col(r, 9)?,
+        headers: Headers::from_json(col::<Option<String>>(r, 10)?.as_deref()),
     })
 }
 
-const DEAD_LETTER_COLS: &str =
-    "id, queue, partition_no, seq, handler, payload, last_error, attempts, enqueued_at, failed_at";
+const DEAD_LETTER_COLS: &str = "id, queue, partition_no, seq, handler, payload, last_error, attempts, enqueued_at, failed_at, headers";
 
 impl Store {
     // ---------------------------------------------------------------- enqueue
@@ -211,22 +219,23 @@ impl Store {
         rows: &[InsertRow<'_>],
     ) -> Result<(), DbErr> {
         let now = self.now_sql();
-        let row_sql = format!("(?, ?, ?, ?, ?, {now})");
+        let row_sql = format!("(?, ?, ?, ?, ?, ?, {now})");
         let mut rest = rows;
         while !rest.is_empty() {
             let take = statement_rows(rest);
             let (chunk, tail) = rest.split_at(take);
             rest = tail;
-            let mut values = Vec::with_capacity(chunk.len() * 5 + 2);
+            let mut values = Vec::with_capacity(chunk.len() * 6 + 2);
             for r in chunk {
                 values.push(r.queue.into());
                 values.push(i64::from(r.partition).into());
                 values.push(r.payload.to_vec().into());
                 values.push(r.target.map(str::to_owned).into());
                 values.push(r.dedup_key.map(str::to_owned).into());
+                values.push(r.headers.map(str::to_owned).into());
             }
             let insert = format!(
-                "INSERT INTO {} (queue, partition_no, payload, target_handler, dedup_key, created_at) VALUES {}",
+                "INSERT INTO {} (queue, partition_no, payload, target_handler, dedup_key, headers, created_at) VALUES {}",
                 self.t.incoming,
                 vec![row_sql.as_str(); chunk.len()].join(", ")
             );
@@ -334,6 +343,7 @@ impl Store {
                 payload: &dl.payload,
                 target: Some(&dl.handler),
                 dedup_key: None,
+                headers: dl.headers.to_json().as_deref(),
             }],
         )
         .await?;
@@ -513,6 +523,7 @@ mod tests {
                     payload: p,
                     target: None,
                     dedup_key: None,
+                    headers: None,
                 };
                 n
             ]

@@ -85,8 +85,8 @@ impl Store {
             DueAt::After(ms) => (format!("{now} + ?"), ms),
         };
         let sql = format!(
-            "INSERT INTO {} (queue, partition_no, payload, dedup_key, due_at, created_at) \
-             VALUES (?, ?, ?, ?, {due_sql}, {now})",
+            "INSERT INTO {} (queue, partition_no, payload, dedup_key, headers, due_at, created_at) \
+             VALUES (?, ?, ?, ?, ?, {due_sql}, {now})",
             self.t.scheduled
         );
         let values: Vec<Value> = vec![
@@ -94,6 +94,7 @@ impl Store {
             i64::from(row.partition).into(),
             row.payload.to_vec().into(),
             row.dedup_key.map(str::to_owned).into(),
+            row.headers.map(str::to_owned).into(),
             due_value.into(),
         ];
         if self.is_pg() {
@@ -139,9 +140,9 @@ impl Store {
                 "WITH due AS (SELECT id FROM {s} WHERE due_at <= {now} ORDER BY due_at, id LIMIT ? \
                               FOR UPDATE SKIP LOCKED), \
                  moved AS (DELETE FROM {s} x USING due WHERE x.id = due.id \
-                           RETURNING x.id, x.queue, x.partition_no, x.payload, x.dedup_key, x.due_at) \
-                 INSERT INTO {inc} (queue, partition_no, payload, target_handler, dedup_key, created_at) \
-                 SELECT queue, partition_no, payload, NULL, dedup_key, due_at FROM moved ORDER BY due_at, id"
+                           RETURNING x.id, x.queue, x.partition_no, x.payload, x.dedup_key, x.headers, x.due_at) \
+                 INSERT INTO {inc} (queue, partition_no, payload, target_handler, dedup_key, headers, created_at) \
+                 SELECT queue, partition_no, payload, NULL, dedup_key, headers, due_at FROM moved ORDER BY due_at, id"
             );
             return exec(&self.db, self.stmt(&sql, vec![i64::from(limit).into()])).await;
         }
@@ -168,8 +169,8 @@ impl Store {
             &*txn,
             self.stmt(
                 &format!(
-                    "INSERT INTO {inc} (queue, partition_no, payload, target_handler, dedup_key, created_at) \
-                     SELECT queue, partition_no, payload, NULL, dedup_key, due_at FROM {s} \
+                    "INSERT INTO {inc} (queue, partition_no, payload, target_handler, dedup_key, headers, created_at) \
+                     SELECT queue, partition_no, payload, NULL, dedup_key, headers, due_at FROM {s} \
                      WHERE id IN {list} ORDER BY due_at, id"
                 ),
                 values.clone(),

@@ -12,14 +12,15 @@ use sea_orm::{ConnectionTrait, DbBackend, DbErr};
 use super::{Store, Tables, col, exec, statement};
 
 /// Version of the schema this build writes and needs.
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 /// The migration of each version, by name (also the names of the sea-orm-migration
 /// migrations in [`crate::migration`]).
-pub(crate) const MIGRATIONS: [(i64, &str); 3] = [
+pub(crate) const MIGRATIONS: [(i64, &str); 4] = [
     (1, "m20261124_000001_outbox_schema_v1"),
     (2, "m20261202_000002_outbox_exact_names_and_handlers"),
     (3, "m20261206_000003_outbox_dedup_and_scheduled"),
+    (4, "m20261207_000004_outbox_headers"),
 ];
 
 /// The name of the migration that brings the schema to `version`.
@@ -261,6 +262,24 @@ fn step_3(backend: DbBackend, t: &Tables) -> Vec<String> {
         ]);
     }
     out
+}
+
+/// Version 4: message headers. Every table that holds a message gets a nullable `headers`
+/// column (JSON text, `NULL` for none): `incoming`, `outgoing`, `scheduled` and
+/// `dead_letters`; the sequencer, the scheduler, dead-lettering and replay copy it along.
+/// Existing rows read as messages without headers. Columns only, added by
+/// [`add_missing_column`] so an interrupted step runs again.
+fn headers_tables(t: &Tables) -> [&String; 4] {
+    [&t.incoming, &t.outgoing, &t.scheduled, &t.dead_letters]
+}
+
+/// The column type of stored headers: JSON text, bounded by the limits of
+/// [`Headers`](crate::Headers) (MySQL's `TEXT` stops at 64 KiB, so `MEDIUMTEXT` there).
+fn headers_type(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::MySql => "MEDIUMTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+        _ => "TEXT",
+    }
 }
 
 /// The column type of a deduplication key: up to 255 characters, compared exactly.
@@ -659,6 +678,7 @@ async fn apply_step<C: ConnectionTrait>(
         1 => step_1(backend, t),
         2 => step_2(backend, t),
         3 => step_3(backend, t),
+        4 => Vec::new(),
         _ => return Err(too_new(version)),
     };
     for s in sql {
@@ -712,6 +732,11 @@ async fn apply_step<C: ConnectionTrait>(
                     "queue, dedup_key",
                 )
                 .await?;
+            }
+        }
+        4 => {
+            for table in headers_tables(t) {
+                add_missing_column(c, backend, table, "headers", headers_type(backend)).await?;
             }
         }
         _ => {}
@@ -775,7 +800,8 @@ async fn drop_incoming_index<C: ConnectionTrait>(
     Ok(())
 }
 
-/// Undoes the step to `version` (the down migrations): version 2 drops the handler registry
+/// Undoes the step to `version` (the down migrations): version 4 drops the `headers` columns,
+/// version 3 the deduplication and scheduling tables, version 2 drops the handler registry
 /// and the instance id (names keep their exact comparison), version 1 drops every table.
 #[cfg(feature = "migration")]
 pub(crate) async fn revert<C: ConnectionTrait>(
@@ -799,6 +825,12 @@ pub(crate) async fn revert<C: ConnectionTrait>(
             &t.schema_version,
         ],
         2 => vec![&t.meta, &t.handlers],
+        4 => {
+            for table in headers_tables(t) {
+                drop_present_column(c, backend, table, "headers").await?;
+            }
+            vec![]
+        }
         _ => {
             drop_present_column(c, backend, &t.incoming, "dedup_key").await?;
             drop_present_column(c, backend, &t.outgoing, "dedup_key").await?;

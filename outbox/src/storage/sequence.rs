@@ -250,8 +250,8 @@ impl Store {
                 c,
                 self.stmt(
                     &format!(
-                        "INSERT INTO {} (queue, partition_no, seq, payload, target_handler, dedup_key, created_at) \
-                         SELECT i.queue, i.partition_no, x.seq, i.payload, i.target_handler, i.dedup_key, i.created_at FROM {source}",
+                        "INSERT INTO {} (queue, partition_no, seq, payload, target_handler, dedup_key, headers, created_at) \
+                         SELECT i.queue, i.partition_no, x.seq, i.payload, i.target_handler, i.dedup_key, i.headers, i.created_at FROM {source}",
                         self.t.outgoing
                     ),
                     vec![json.into()],
@@ -325,11 +325,11 @@ impl Store {
              mine AS MATERIALIZED (SELECT s.id, l.last_seq FROM scan s \
                        JOIN locked l ON l.queue = s.queue AND l.partition_no = s.partition_no), \
              moved AS (DELETE FROM {inc} i USING mine WHERE i.id = mine.id \
-                       RETURNING i.id, i.queue, i.partition_no, i.payload, i.target_handler, i.dedup_key, i.created_at, mine.last_seq), \
-             ins AS (INSERT INTO {out} (queue, partition_no, seq, payload, target_handler, dedup_key, created_at) \
+                       RETURNING i.id, i.queue, i.partition_no, i.payload, i.target_handler, i.dedup_key, i.headers, i.created_at, mine.last_seq), \
+             ins AS (INSERT INTO {out} (queue, partition_no, seq, payload, target_handler, dedup_key, headers, created_at) \
                      SELECT m.queue, m.partition_no, \
                             m.last_seq + ROW_NUMBER() OVER (PARTITION BY m.queue, m.partition_no ORDER BY m.id), \
-                            m.payload, m.target_handler, m.dedup_key, m.created_at \
+                            m.payload, m.target_handler, m.dedup_key, m.headers, m.created_at \
                      FROM moved m \
                      RETURNING queue, partition_no, seq), \
              upd AS (UPDATE {parts} p SET last_seq = x.last \

@@ -1,0 +1,315 @@
+//! Message headers (issue 15): set at enqueue, stored with the message, given to every kind of
+//! handler, kept by dead-lettering, replay and scheduled delivery; headers that break a limit
+//! are refused with nothing written.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outbox::sea_orm::TransactionTrait;
+use outbox::{
+    DeadLetterFilter, EnqueueError, HandlerError, HandlerSpec, HeaderError, Headers, NewMessage,
+    Outbox, Overrides, Profile, QueueSpec,
+};
+use outbox_tests::{TestDb, assert_invariants, eventually, on_every_backend, scalar};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One delivery: (handler, body, attempt, headers).
+type Delivery = (String, String, u64, Headers);
+
+/// What handlers saw.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<Delivery>>>);
+
+impl Log {
+    fn push(&self, handler: &str, m: &outbox::Message) {
+        self.0.lock().expect("log").push((
+            handler.to_owned(),
+            String::from_utf8_lossy(m.payload()).into_owned(),
+            m.attempt(),
+            m.headers().clone(),
+        ));
+    }
+
+    fn all(&self) -> Vec<Delivery> {
+        self.0.lock().expect("log").clone()
+    }
+
+    /// The headers `handler` saw with `body` (the last delivery).
+    fn headers(&self, handler: &str, body: &str) -> Option<Headers> {
+        self.all()
+            .into_iter()
+            .rev()
+            .find(|(h, b, _, _)| h == handler && b == body)
+            .map(|(_, _, _, headers)| headers)
+    }
+
+    async fn wait(&self, what: &str, n: usize) {
+        eventually(WAIT, what, || async { self.all().len() >= n }).await;
+    }
+}
+
+fn headers(pairs: &[(&str, &str)]) -> Headers {
+    pairs.iter().copied().collect()
+}
+
+/// Transactional, leased and both batch handlers see the headers set at enqueue, through a
+/// plain connection and a transaction; a message without headers has none.
+async fn every_kind_of_handler_sees_the_headers(t: Arc<TestDb>) {
+    let db = t.pool(16).await;
+    let log = Log::default();
+    let (a, b, c, d) = (log.clone(), log.clone(), log.clone(), log.clone());
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("hdr", 2))
+        .handler(HandlerSpec::transactional("hdr", "tx", move |m, _| {
+            a.push("tx", m);
+            Box::pin(async { Ok(()) })
+        }))
+        .handler(HandlerSpec::leased("hdr", "leased", move |m, _| {
+            b.push("leased", m);
+            Box::pin(async { Ok(()) })
+        }))
+        .handler(HandlerSpec::transactional_batch(
+            "hdr",
+            "tx-batch",
+            move |ms, _| {
+                for m in ms {
+                    c.push("tx-batch", m);
+                }
+                Box::pin(async { Ok(()) })
+            },
+        ))
+        .handler(HandlerSpec::leased_batch(
+            "hdr",
+            "leased-batch",
+            move |ms, _| {
+                for m in ms {
+                    d.push("leased-batch", m);
+                }
+                Box::pin(async { Ok(()) })
+            },
+        ))
+        .start()
+        .await
+        .expect("start");
+    let one = headers(&[("request-id", "r-1"), ("tenant", "acme")]);
+    let two = headers(&[("request-id", "r-2"), ("note", "é \"quoted\" {json} 'x'")]);
+    rt.enqueue(&db, NewMessage::new("hdr", 0, "one").headers(one.clone()))
+        .await
+        .expect("enqueue one");
+    let txn = db.begin().await.expect("begin");
+    rt.enqueue_batch(
+        &txn,
+        &[
+            NewMessage::new("hdr", 1, "two")
+                .header("request-id", "r-2")
+                .header("note", "é \"quoted\" {json} 'x'"),
+            NewMessage::new("hdr", 1, "none"),
+        ],
+    )
+    .await
+    .expect("enqueue batch");
+    txn.commit().await.expect("commit");
+    log.wait("every handler saw the three messages", 12).await;
+    for handler in ["tx", "leased", "tx-batch", "leased-batch"] {
+        assert_eq!(log.headers(handler, "one"), Some(one.clone()), "{handler}");
+        assert_eq!(log.headers(handler, "two"), Some(two.clone()), "{handler}");
+        assert_eq!(
+            log.headers(handler, "none"),
+            Some(Headers::new()),
+            "{handler}"
+        );
+    }
+    rt.shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    assert_invariants(&db, "outbox_").await;
+}
+
+/// A dead letter keeps the message's headers; a replay delivers them again.
+async fn dead_letter_and_replay_keep_the_headers(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let log = Log::default();
+    let l = log.clone();
+    let refuse = Arc::new(AtomicBool::new(true));
+    let r = refuse.clone();
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("hdr", 1))
+        .handler(
+            HandlerSpec::transactional("hdr", "h", move |m, _| {
+                l.push("h", m);
+                let refuse = r.load(Ordering::SeqCst);
+                Box::pin(async move {
+                    if refuse {
+                        Err(HandlerError::reject("not yet"))
+                    } else {
+                        Ok(())
+                    }
+                })
+            })
+            .overrides(Overrides::NONE.max_attempts(1)),
+        )
+        .start()
+        .await
+        .expect("start");
+    let sent = headers(&[(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    )]);
+    rt.enqueue(
+        &db,
+        NewMessage::new("hdr", 0, "poison").headers(sent.clone()),
+    )
+    .await
+    .expect("enqueue");
+    let all = DeadLetterFilter::all();
+    eventually(WAIT, "the message is dead-lettered", || async {
+        rt.count_dead_letters(&all).await.expect("count") == 1
+    })
+    .await;
+    let dead = rt.dead_letters(&all, 0, 10).await.expect("dead letters");
+    assert_eq!(dead[0].headers, sent, "the dead letter keeps the headers");
+    assert_eq!(
+        rt.dead_letter(dead[0].id)
+            .await
+            .expect("one dead letter")
+            .headers,
+        sent
+    );
+    refuse.store(false, Ordering::SeqCst);
+    rt.replay_dead_letter(dead[0].id).await.expect("replay");
+    log.wait("the replayed message is handled", 2).await;
+    let seen = log.all();
+    assert_eq!(
+        seen.len(),
+        2,
+        "{:?}",
+        seen.iter().map(|s| &s.1).collect::<Vec<_>>()
+    );
+    assert_eq!(seen[1].3, sent, "the replay delivers the headers again");
+    rt.shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    assert_invariants(&db, "outbox_").await;
+}
+
+/// A scheduled message carries its headers when it becomes due.
+async fn a_scheduled_message_keeps_its_headers(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let log = Log::default();
+    let l = log.clone();
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("hdr", 1))
+        .handler(HandlerSpec::transactional("hdr", "h", move |m, _| {
+            l.push("h", m);
+            Box::pin(async { Ok(()) })
+        }))
+        .start()
+        .await
+        .expect("start");
+    let sent = headers(&[("request-id", "later")]);
+    let txn = db.begin().await.expect("begin");
+    let done = rt
+        .enqueue(
+            &txn,
+            NewMessage::new("hdr", 0, "later")
+                .headers(sent.clone())
+                .deliver_after(Duration::from_millis(300)),
+        )
+        .await
+        .expect("enqueue");
+    txn.commit().await.expect("commit");
+    assert!(
+        matches!(done, outbox::Enqueued::Scheduled { .. }),
+        "{done:?}"
+    );
+    log.wait("the scheduled message is handled", 1).await;
+    assert_eq!(log.headers("h", "later"), Some(sent));
+    rt.shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+}
+
+/// Headers that break a limit fail the whole batch with a typed error and write nothing,
+/// scheduled or not.
+async fn bad_headers_are_refused_and_nothing_is_written(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("hdr", 1))
+        .start()
+        .await
+        .expect("start");
+    let too_many: Headers = (0..=outbox::MAX_HEADERS)
+        .map(|i| (format!("h{i}"), "v"))
+        .collect();
+    type Expected = fn(&HeaderError) -> bool;
+    let cases: Vec<(NewMessage, Expected)> = vec![
+        (
+            NewMessage::new("hdr", 0, "x").header("bad name", "v"),
+            |e| matches!(e, HeaderError::BadName { .. }),
+        ),
+        (NewMessage::new("hdr", 0, "x").header("", "v"), |e| {
+            matches!(e, HeaderError::EmptyName)
+        }),
+        (NewMessage::new("hdr", 0, "x").header("k", "a\0b"), |e| {
+            matches!(e, HeaderError::BadValue { .. })
+        }),
+        (
+            NewMessage::new("hdr", 0, "x").header("k", "a\r\nInjected: 1"),
+            |e| matches!(e, HeaderError::BadValue { .. }),
+        ),
+        (
+            NewMessage::new("hdr", 0, "x")
+                .header("k", "v".repeat(outbox::MAX_HEADER_VALUE_BYTES + 1)),
+            |e| matches!(e, HeaderError::ValueTooLong { .. }),
+        ),
+        (
+            NewMessage::new("hdr", 0, "x")
+                .header("k".repeat(outbox::MAX_HEADER_NAME_BYTES + 1), "v"),
+            |e| matches!(e, HeaderError::NameTooLong { .. }),
+        ),
+        (NewMessage::new("hdr", 0, "x").headers(too_many), |e| {
+            matches!(e, HeaderError::TooMany { .. })
+        }),
+    ];
+    for (bad, expected) in cases {
+        for scheduled in [false, true] {
+            let bad = if scheduled {
+                bad.clone().deliver_after(Duration::from_secs(60))
+            } else {
+                bad.clone()
+            };
+            // A good message first: the batch is refused as a whole.
+            let batch = [NewMessage::new("hdr", 0, "good").header("ok", "1"), bad];
+            match rt.enqueue_batch(&db, &batch).await {
+                Err(EnqueueError::InvalidHeaders { queue, source }) => {
+                    assert_eq!(queue, "hdr");
+                    assert!(expected(&source), "unexpected {source:?}");
+                }
+                other => panic!("bad headers accepted: {other:?}"),
+            }
+        }
+    }
+    for table in ["outbox_incoming", "outbox_outgoing", "outbox_scheduled"] {
+        assert_eq!(
+            scalar(&db, &format!("SELECT COUNT(*) FROM {table}")).await,
+            0,
+            "{table} is empty"
+        );
+    }
+    rt.shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+}
+
+on_every_backend!(
+    every_kind_of_handler_sees_the_headers,
+    dead_letter_and_replay_keep_the_headers,
+    a_scheduled_message_keeps_its_headers,
+    bad_headers_are_refused_and_nothing_is_written,
+);
