@@ -96,7 +96,7 @@ async fn migrate_and_status_of_an_empty_database(t: Arc<TestDb>) {
     let (code, out, _) = outbox(&t, &["status", "--json"]).await;
     assert_eq!(code, 0);
     let s = json(&out);
-    assert_eq!(s["schema_version"], 3);
+    assert_eq!(s["schema_version"], 4);
     assert_eq!(s["queues"], serde_json::json!([]));
     let (code, out, _) = outbox(&t, &["status"]).await;
     assert_eq!((code, out.as_str()), (0, "no queues registered\n"));

@@ -10,7 +10,7 @@
 //! real runtime, so what passes here passes in production on SQLite; run the conformance of
 //! your SQL against your production backend separately.
 //!
-//! ```
+//! ```rust,standalone_crate
 //! use outbox::testing::{Fault, TestKit};
 //! use outbox::sea_orm::DatabaseTransaction;
 //! use outbox::{HandlerError, Queue};

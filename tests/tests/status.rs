@@ -75,7 +75,7 @@ async fn status_reports_waiting_lag_blocked_and_dead_letters(t: Arc<TestDb>) {
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
     let s = admin.status().await.expect("status");
-    assert_eq!(s.schema_version, Some(3));
+    assert_eq!(s.schema_version, Some(4));
     assert_eq!(
         s.queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
         ["blk", "st"]

@@ -192,7 +192,7 @@ async fn concurrent_bootstrap_creates_the_schema_once(t: Arc<TestDb>) {
     let db = &running[0].1;
     assert_eq!(
         scalar(db, "SELECT COUNT(*) FROM outbox_schema_version").await,
-        3, // one row per schema version
+        4, // one row per schema version
     );
     assert_eq!(scalar(db, "SELECT COUNT(*) FROM outbox_queues").await, 1);
     assert_eq!(
