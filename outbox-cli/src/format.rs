@@ -244,8 +244,10 @@ pub(crate) fn status(s: &Status, all_partitions: bool) -> String {
         });
         let _ = writeln!(
             out,
-            "\n{}: {} scheduled message(s){next} (cancel with `Outbox::cancel_scheduled`)",
-            q.name, q.scheduled
+            "\n{}: {}{} scheduled message(s){next} (cancel with `Outbox::cancel_scheduled`)",
+            q.name,
+            if q.scheduled_capped { "more than " } else { "" },
+            q.scheduled
         );
     }
     let stale: Vec<String> = s

@@ -73,6 +73,10 @@ impl Status {
     }
 }
 
+/// The most scheduled messages a status read counts per queue (see
+/// [`QueueStatus::scheduled_capped`]).
+pub const SCHEDULED_COUNT_CAP: i64 = 10_000;
+
 /// The state of one queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
@@ -85,8 +89,13 @@ pub struct QueueStatus {
     pub unsequenced: i64,
     /// Dead letters of this queue (every handler, including handlers no longer registered).
     pub dead_letters: i64,
-    /// Scheduled messages not due yet (they count nowhere else until due).
+    /// Scheduled messages not due yet (they count nowhere else until due), counted up to
+    /// [`SCHEDULED_COUNT_CAP`]: see [`scheduled_capped`](QueueStatus::scheduled_capped).
     pub scheduled: i64,
+    /// More than [`SCHEDULED_COUNT_CAP`] messages are scheduled and `scheduled` is the cap:
+    /// status does not count them all, so a large calendar of future messages costs each
+    /// status read (and each metrics refresh) no more than the cap.
+    pub scheduled_capped: bool,
     /// When the next scheduled message is due, in milliseconds since the Unix epoch by the
     /// database's clock.
     pub next_due_at_ms: Option<i64>,
@@ -293,6 +302,11 @@ fn build(rows: &StatusRows) -> Status {
                 .iter()
                 .find(|s| s.queue == q.name)
                 .map_or(0, |s| s.count),
+            scheduled_capped: rows
+                .scheduled
+                .iter()
+                .find(|s| s.queue == q.name)
+                .is_some_and(|s| s.capped),
             next_due_at_ms: rows
                 .scheduled
                 .iter()

@@ -575,6 +575,14 @@ pub fn leased_batch<T: Queue>(
 /// reported at once in [`StartError::Registry`]. Give handlers their application state with
 /// [`Start::state`] before awaiting; use [`discover`] to select handlers or set other options.
 ///
+/// Calling it again while the first runtime runs is allowed and starts a second set of workers
+/// for the same handlers, which share the work as two processes would: each partition is
+/// handled by one of them at a time, in order, and nothing is delivered twice (tested by
+/// `concurrent_bootstrap_creates_the_schema_once`, which starts several at once on one
+/// database). The process-wide outbox for typed enqueue is then the newest one. In one process
+/// that only adds contention; to split handlers between runtimes, select disjoint sets with
+/// [`Discover::only_handlers`].
+///
 /// ```
 /// # #[derive(Clone)] struct Mailer;
 /// # async fn demo(db: outbox::sea_orm::DatabaseConnection) -> Result<(), outbox::StartError> {

@@ -304,7 +304,54 @@ async fn a_queue_delay_schedules_every_message(t: Arc<TestDb>) {
     assert_invariants(&db, "outbox_").await;
 }
 
+/// Status counts scheduled messages up to `SCHEDULED_COUNT_CAP` and says when there are more,
+/// so a large calendar of future messages does not make every status read count them all.
+async fn status_counts_scheduled_messages_up_to_a_cap(t: Arc<TestDb>) {
+    use outbox::sea_orm::TransactionTrait;
+
+    let db = t.pool(8).await;
+    let rt = Outbox::builder(db.clone())
+        .queue(QueueSpec::new("cal", 4))
+        .queue(QueueSpec::new("few", 1))
+        .connect()
+        .await
+        .expect("connect");
+    let cap = outbox::SCHEDULED_COUNT_CAP;
+    let later: Vec<_> = (0..=cap)
+        .map(|i| {
+            NewMessage::new("cal", (i % 4) as u32, format!("m{i}"))
+                .deliver_after(Duration::from_secs(3600))
+        })
+        .collect();
+    let txn = db.begin().await.expect("begin");
+    let done = rt.enqueue_batch(&txn, &later).await.expect("enqueue");
+    txn.commit().await.expect("commit");
+    rt.enqueue(
+        &db,
+        NewMessage::new("few", 0, "x").deliver_after(Duration::from_secs(60)),
+    )
+    .await
+    .expect("enqueue");
+    let status = rt.status().await.expect("status");
+    let cal = status.queue("cal").expect("cal");
+    assert_eq!((cal.scheduled, cal.scheduled_capped), (cap, true));
+    assert!(cal.next_due_at_ms.is_some());
+    let few = status.queue("few").expect("few");
+    assert_eq!((few.scheduled, few.scheduled_capped), (1, false));
+    let Enqueued::Scheduled { id } = done[0] else {
+        panic!("{:?}", done[0])
+    };
+    assert!(rt.cancel_scheduled(id).await.expect("cancel"));
+    let cal = rt.queue_status("cal").await.expect("status");
+    assert_eq!(
+        (cal.scheduled, cal.scheduled_capped),
+        (cap, false),
+        "exactly the cap left: counted exactly"
+    );
+}
+
 on_every_backend!(
+    status_counts_scheduled_messages_up_to_a_cap,
     a_queue_delay_schedules_every_message,
     a_scheduled_message_waits_for_its_time_and_then_its_turn,
     a_scheduled_message_can_be_cancelled,

@@ -30,6 +30,8 @@ pub(crate) enum DueAt {
 pub(crate) struct ScheduledCount {
     pub(crate) queue: String,
     pub(crate) count: i64,
+    /// More than `count` are scheduled (the count stopped at the cap).
+    pub(crate) capped: bool,
     pub(crate) next_due_at: Option<i64>,
 }
 
@@ -343,25 +345,38 @@ impl Store {
         .await
     }
 
-    /// Scheduled messages per queue, with the earliest due time.
+    /// Scheduled messages per registered queue, counted up to
+    /// [`SCHEDULED_COUNT_CAP`](crate::status::SCHEDULED_COUNT_CAP), with the earliest due time.
+    /// One statement; per queue it reads at most the cap's worth of entries of the
+    /// `(queue, due_at)` index and its first entry, so a million future messages cost status
+    /// what ten thousand do (an exact `COUNT(*)` took 1.6 s on MariaDB, 160 ms on SQLite).
     pub(crate) async fn scheduled_counts(&self) -> Result<Vec<ScheduledCount>, DbErr> {
+        let cap = crate::status::SCHEDULED_COUNT_CAP;
         self.db
             .query_all_raw(self.stmt(
                 &format!(
-                    "SELECT queue, COUNT(*), MIN(due_at) FROM {} GROUP BY queue",
-                    self.t.scheduled
+                    "SELECT q.name, \
+                     CASE WHEN (SELECT 1 FROM {s} s WHERE s.queue = q.name LIMIT 1 OFFSET {cap}) IS NULL \
+                     THEN (SELECT COUNT(*) FROM {s} s WHERE s.queue = q.name) ELSE -1 END, \
+                     (SELECT MIN(s.due_at) FROM {s} s WHERE s.queue = q.name) \
+                     FROM {q} q",
+                    s = self.t.scheduled,
+                    q = self.t.queues,
                 ),
                 vec![],
             ))
             .await?
             .iter()
             .map(|r| {
+                let count: i64 = col(r, 1)?;
                 Ok(ScheduledCount {
                     queue: col(r, 0)?,
-                    count: col(r, 1)?,
+                    count: if count < 0 { cap } else { count },
+                    capped: count < 0,
                     next_due_at: col(r, 2)?,
                 })
             })
+            .filter(|c| !matches!(c, Ok(c) if c.count == 0))
             .collect()
     }
 }

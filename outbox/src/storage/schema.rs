@@ -268,7 +268,9 @@ fn step_3(backend: DbBackend, t: &Tables) -> Vec<String> {
 /// column (JSON text, `NULL` for none): `incoming`, `outgoing`, `scheduled` and
 /// `dead_letters`; the sequencer, the scheduler, dead-lettering and replay copy it along.
 /// Existing rows read as messages without headers. Columns only, added by
-/// [`add_missing_column`] so an interrupted step runs again.
+/// [`add_missing_column`] so an interrupted step runs again. The same step adds an index of
+/// scheduled messages by queue and due time, so status finds each queue's next due message and
+/// counts its scheduled messages (up to a cap) without reading them all.
 fn headers_tables(t: &Tables) -> [&String; 4] {
     [&t.incoming, &t.outgoing, &t.scheduled, &t.dead_letters]
 }
@@ -738,6 +740,16 @@ async fn apply_step<C: ConnectionTrait>(
             for table in headers_tables(t) {
                 add_missing_column(c, backend, table, "headers", headers_type(backend)).await?;
             }
+            let name = format!("{}scheduled_queue_due", t.prefix);
+            if backend == DbBackend::MySql {
+                add_missing_index(c, &t.scheduled, &name, "queue, due_at").await?;
+            } else {
+                c.execute_unprepared(&format!(
+                    "CREATE INDEX IF NOT EXISTS {name} ON {} (queue, due_at)",
+                    t.scheduled
+                ))
+                .await?;
+            }
         }
         _ => {}
     }
@@ -829,6 +841,13 @@ pub(crate) async fn revert<C: ConnectionTrait>(
             for table in headers_tables(t) {
                 drop_present_column(c, backend, table, "headers").await?;
             }
+            let name = format!("{}scheduled_queue_due", t.prefix);
+            c.execute_unprepared(&if backend == DbBackend::MySql {
+                format!("DROP INDEX {name} ON {}", t.scheduled)
+            } else {
+                format!("DROP INDEX IF EXISTS {name}")
+            })
+            .await?;
             vec![]
         }
         _ => {
