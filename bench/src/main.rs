@@ -19,6 +19,7 @@ mod db;
 mod ours;
 mod relay;
 mod report;
+mod scheduled;
 mod sys;
 mod tracecost;
 
@@ -228,6 +229,25 @@ enum Cmd {
         backend: Backend,
         #[arg(long)]
         cell: String,
+    },
+    /// Scheduled delivery: lateness after the due time in a quiet system, and the cost of a
+    /// million future messages to a drain and a status read (see BENCHMARKS.md).
+    Scheduled {
+        /// Backends to run on.
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,mysql")]
+        backends: Vec<Backend>,
+        /// Scheduled messages per latency run.
+        #[arg(long, default_value_t = 300)]
+        messages: u64,
+        /// Future messages stored for the cost cells.
+        #[arg(long, default_value_t = 1_000_000)]
+        future: u64,
+        /// Immediate messages drained by the cost cells.
+        #[arg(long, default_value_t = 20_000)]
+        drain: u64,
+        /// Repetitions of every cell.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
     },
     /// The producer of the cross-process S3 variant (internal).
     #[command(hide = true)]
@@ -513,6 +533,33 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("trace-cost failed: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Cmd::Scheduled {
+        backends,
+        messages,
+        future,
+        drain,
+        reps,
+    }) = &args.cmd
+    {
+        let o = scheduled::Options {
+            backends: backends.clone(),
+            messages: *messages,
+            future: *future,
+            drain: *drain,
+            reps: (*reps).max(1),
+            servers: Servers {
+                postgres: args.postgres_url.clone(),
+                mysql: args.mysql_url.clone(),
+            },
+        };
+        return match scheduled::run(&o).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("scheduled benchmark failed: {e}");
                 std::process::ExitCode::FAILURE
             }
         };
