@@ -97,14 +97,32 @@ async fn shutdown_returns_while_a_database_call_hangs(t: Arc<TestDb>) {
         .expect("row");
     let inside = Arc::new(AtomicBool::new(false));
     let flag = inside.clone();
-    let handler = HandlerSpec::transactional("hang", "h", move |_m, txn| {
-        flag.store(true, Ordering::SeqCst);
-        Box::pin(async move {
-            txn.execute_unprepared("UPDATE blocker SET v = v + 1 WHERE id = 1")
-                .await?;
-            Ok(())
+    // On SQLite a handler's transaction holds the write lock from its first statement, so the
+    // hang is staged on a leased handler instead: it is held at a gate after its lease is
+    // written, the test then takes the write lock, opens the gate, and the handler's ack
+    // waits on the lock. (Before: the message was enqueued and the lock taken afterwards,
+    // so on a fast run the message was already handled and nothing hung.)
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = if t.kind == Kind::Sqlite {
+        let gate = gate.clone();
+        HandlerSpec::leased("hang", "h", move |_m, _lease| {
+            flag.store(true, Ordering::SeqCst);
+            let gate = gate.clone();
+            Box::pin(async move {
+                let _open = gate.acquire().await;
+                Ok(())
+            })
         })
-    });
+    } else {
+        HandlerSpec::transactional("hang", "h", move |_m, txn| {
+            flag.store(true, Ordering::SeqCst);
+            Box::pin(async move {
+                txn.execute_unprepared("UPDATE blocker SET v = v + 1 WHERE id = 1")
+                    .await?;
+                Ok(())
+            })
+        })
+    };
     let rt = Outbox::builder(db.clone())
         .profile(Profile::LowLatency)
         .queue(QueueSpec::new("hang", 1))
@@ -113,32 +131,32 @@ async fn shutdown_returns_while_a_database_call_hangs(t: Arc<TestDb>) {
         .await
         .expect("start");
     let other = t.pool(2).await;
-    let holder = if t.kind == Kind::Sqlite {
-        // The message is enqueued first; then the write lock is taken, so the sequencer's
-        // next write waits on it.
-        rt.enqueue(&db, NewMessage::new("hang", 0, "m"))
-            .await
-            .expect("enqueue");
-        let h = other.begin().await.expect("begin");
-        h.execute_unprepared("UPDATE blocker SET v = 10 WHERE id = 1")
-            .await
-            .expect("hold the write lock");
-        h
+    let held_by_the_other = if t.kind == Kind::Sqlite {
+        "the handler holds its lease at the gate"
     } else {
-        let h = other.begin().await.expect("begin");
+        "the handler waits on the row lock"
+    };
+    let h = other.begin().await.expect("begin");
+    if t.kind != Kind::Sqlite {
         h.execute_unprepared("UPDATE blocker SET v = 10 WHERE id = 1")
             .await
             .expect("hold the row");
-        rt.enqueue(&db, NewMessage::new("hang", 0, "m"))
+    }
+    rt.enqueue(&db, NewMessage::new("hang", 0, "m"))
+        .await
+        .expect("enqueue");
+    eventually(WAIT, held_by_the_other, || {
+        let inside = inside.clone();
+        async move { inside.load(Ordering::SeqCst) }
+    })
+    .await;
+    if t.kind == Kind::Sqlite {
+        h.execute_unprepared("UPDATE blocker SET v = 10 WHERE id = 1")
             .await
-            .expect("enqueue");
-        eventually(WAIT, "the handler waits on the row lock", || {
-            let inside = inside.clone();
-            async move { inside.load(Ordering::SeqCst) }
-        })
-        .await;
-        h
-    };
+            .expect("hold the write lock");
+        gate.add_permits(1);
+    }
+    let holder = h;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let bound =
         Duration::from_millis(500) + outbox::SHUTDOWN_RELEASE_WINDOW + Duration::from_secs(10);
