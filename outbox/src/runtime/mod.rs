@@ -1085,6 +1085,7 @@ impl Builder {
                 owner: owner.clone(),
                 wake: shared.wake.register_handler(&h.queue),
                 in_flight: Mutex::new(HashSet::new()),
+                backlog: Mutex::default(),
                 slots: Arc::new(Semaphore::new(tuning.concurrency as usize)),
                 starved: std::sync::atomic::AtomicBool::new(false),
                 write_hold,

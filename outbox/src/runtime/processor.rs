@@ -5,7 +5,7 @@
 //! cursor write ([`Store::settle`](crate::storage::Store)) records it in the right transaction
 //! (see [`Processor::record_failure`] and the two batch functions).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,6 +46,8 @@ pub(crate) struct Processor {
     pub(crate) owner: Arc<str>,
     pub(crate) wake: Arc<Notify>,
     pub(crate) in_flight: Mutex<HashSet<u32>>,
+    /// Ready partitions the last scan found and no batch task has taken yet.
+    pub(crate) backlog: Mutex<Backlog>,
     pub(crate) slots: Arc<Semaphore>,
     /// The dispatcher left ready partitions behind for lack of a slot.
     pub(crate) starved: AtomicBool,
@@ -56,6 +58,18 @@ pub(crate) struct Processor {
     pub(crate) hard: CancellationToken,
     /// Past the shutdown's release window: stop even inside a database call.
     pub(crate) abandon: CancellationToken,
+}
+
+/// What the dispatcher's last scan found: the partitions to start, in order, and when the
+/// earliest held one (waiting for a retry or a lease) comes free.
+///
+/// The dispatcher works through this list before it scans again. A scan reads every cursor
+/// row of the handler, so scanning after each finished partition made a drain over many
+/// partitions quadratic (4,096 partitions: one full scan per partition drained).
+#[derive(Debug, Default)]
+pub(crate) struct Backlog {
+    ready: VecDeque<u32>,
+    due: Option<Instant>,
 }
 
 /// A locked cursor and the batch read under its lock.
@@ -138,40 +152,38 @@ impl Processor {
         }
     }
 
-    /// One dispatcher pass: start a batch task for each ready partition that is free.
+    /// One dispatcher pass: start a batch task for each ready partition that is free, from the
+    /// backlog of the last scan, scanning again only once that backlog is used up.
     pub(crate) async fn dispatch(self: &Arc<Self>) -> Result<Next, DbErr> {
-        let ready = self
-            .shared
-            .store
-            .ready_partitions(&self.queue, &self.handler)
-            .await?;
-        let mut due: Option<i64> = None;
+        if self.backlog_is_empty() {
+            let fresh = self.scan().await?;
+            if let Ok(mut b) = self.backlog.lock() {
+                *b = fresh;
+            }
+        }
         let mut left_behind = false;
-        for rp in ready {
-            if self.cancel.is_cancelled() {
-                break;
-            }
-            let now = rp.now;
-            let mut held_until = (rp.retry_at > now).then_some(rp.retry_at);
-            if let Some(exp) = rp.lease_expires_at.filter(|&e| e > now) {
-                held_until = Some(held_until.map_or(exp, |b: i64| b.max(exp)));
-            }
-            if let Some(t) = held_until {
-                let wait = t - now;
-                due = Some(due.map_or(wait, |d| d.min(wait)));
-                continue;
-            }
+        while !self.cancel.is_cancelled() {
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 // Every slot is busy; the next task to finish wakes us.
                 self.starved.store(true, Ordering::SeqCst);
-                left_behind = true;
+                left_behind = !self.backlog_is_empty();
+                break;
+            };
+            let Some(partition) = self
+                .backlog
+                .lock()
+                .ok()
+                .and_then(|mut b| b.ready.pop_front())
+            else {
                 break;
             };
             {
                 let Ok(mut set) = self.in_flight.lock() else {
                     break;
                 };
-                if !set.insert(rp.partition) {
+                if !set.insert(partition) {
+                    // Its task is still running; it wakes us if it did any work, and the next
+                    // scan finds whatever is left.
                     continue;
                 }
             }
@@ -180,10 +192,10 @@ impl Processor {
                 let worked = tokio::select! {
                     // Past the release window nothing waits for a database call that hangs.
                     () = this.abandon.cancelled() => false,
-                    worked = this.drain_partition(rp.partition) => worked,
+                    worked = this.drain_partition(partition) => worked,
                 };
                 if let Ok(mut set) = this.in_flight.lock() {
-                    set.remove(&rp.partition);
+                    set.remove(&partition);
                 }
                 drop(permit);
                 // Look again if messages may have arrived meanwhile or others wait for a slot.
@@ -194,14 +206,55 @@ impl Processor {
                 }
             });
         }
-        if left_behind && self.slots.available_permits() > 0 {
-            // A task finished between the failed acquire and the flag: look again now.
-            return Ok(Next::More);
+        if left_behind {
+            if self.slots.available_permits() > 0 {
+                // A task finished between the failed acquire and the flag: look again now.
+                return Ok(Next::More);
+            }
+            return Ok(Next::Idle);
         }
+        let due = self.backlog.lock().ok().and_then(|b| b.due);
         Ok(match due {
-            Some(ms) => Next::After(Duration::from_millis(ms.max(1) as u64)),
+            Some(at) => Next::After(
+                at.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ),
             None => Next::Idle,
         })
+    }
+
+    fn backlog_is_empty(&self) -> bool {
+        self.backlog.lock().map_or(true, |b| b.ready.is_empty())
+    }
+
+    /// Reads the handler's cursors: the partitions with work that are free now, and when the
+    /// first held one comes free.
+    async fn scan(&self) -> Result<Backlog, DbErr> {
+        let ready = self
+            .shared
+            .store
+            .ready_partitions(&self.queue, &self.handler)
+            .await?;
+        let scanned_at = Instant::now();
+        let mut backlog = Backlog::default();
+        let mut due: Option<i64> = None;
+        for rp in ready {
+            let now = rp.now;
+            let mut held_until = (rp.retry_at > now).then_some(rp.retry_at);
+            if let Some(exp) = rp.lease_expires_at.filter(|&e| e > now) {
+                held_until = Some(held_until.map_or(exp, |b: i64| b.max(exp)));
+            }
+            match held_until {
+                Some(t) => {
+                    let wait = t - now;
+                    due = Some(due.map_or(wait, |d| d.min(wait)));
+                }
+                None => backlog.ready.push_back(rp.partition),
+            }
+        }
+        backlog.due =
+            due.map(|ms| scanned_at + Duration::from_millis(u64::try_from(ms).unwrap_or(0)));
+        Ok(backlog)
     }
 
     /// Runs batches of one partition until it is drained, held or taken elsewhere; returns
