@@ -16,7 +16,9 @@ mod ceiling;
 mod cell;
 mod check;
 mod db;
+mod horizon;
 mod ours;
+mod partitions;
 mod relay;
 mod report;
 mod scheduled;
@@ -246,6 +248,44 @@ enum Cmd {
         #[arg(long, default_value_t = 20_000)]
         drain: u64,
         /// Repetitions of every cell.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+    /// Partition scaling: a drain over few and over very many partitions with many handlers,
+    /// and the idle cost at the largest count (see BENCHMARKS.md).
+    Partitions {
+        /// Backends to run on.
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,mysql")]
+        backends: Vec<Backend>,
+        /// Partition counts of the queue.
+        #[arg(long, value_delimiter = ',', default_value = "64,4096")]
+        partitions: Vec<u32>,
+        /// Handlers of the queue.
+        #[arg(long, default_value_t = 10)]
+        handlers: u32,
+        /// Messages drained per run.
+        #[arg(long, default_value_t = 10_000)]
+        messages: u64,
+        /// Repetitions of every drain cell.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Seconds of the idle measurement (0 skips it).
+        #[arg(long, default_value_t = 20.0)]
+        idle_secs: f64,
+    },
+    /// A held horizon: S2 drains with and without a transaction holding an old snapshot for
+    /// the whole run, and the sequencer's pass times early and late (see BENCHMARKS.md).
+    Horizon {
+        /// Backends to run on (SQLite has no horizon and is skipped).
+        #[arg(long, value_delimiter = ',', default_value = "postgres,mysql")]
+        backends: Vec<Backend>,
+        /// Partitions of the queue.
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        /// Messages per drain.
+        #[arg(long, default_value_t = 300_000)]
+        messages: u64,
+        /// Repetitions of each of the two cells.
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
@@ -560,6 +600,62 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("scheduled benchmark failed: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Cmd::Horizon {
+        backends,
+        partitions,
+        messages,
+        reps,
+    }) = &args.cmd
+    {
+        sys::install_counter();
+        let o = horizon::Options {
+            backends: backends.clone(),
+            partitions: *partitions,
+            messages: *messages,
+            reps: (*reps).max(1),
+            servers: Servers {
+                postgres: args.postgres_url.clone(),
+                mysql: args.mysql_url.clone(),
+            },
+        };
+        return match horizon::run(&o).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("horizon benchmark failed: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Cmd::Partitions {
+        backends,
+        partitions,
+        handlers,
+        messages,
+        reps,
+        idle_secs,
+    }) = &args.cmd
+    {
+        sys::install_counter();
+        let o = partitions::Options {
+            backends: backends.clone(),
+            partitions: partitions.clone(),
+            handlers: (*handlers).max(1),
+            messages: *messages,
+            reps: (*reps).max(1),
+            idle_secs: *idle_secs,
+            servers: Servers {
+                postgres: args.postgres_url.clone(),
+                mysql: args.mysql_url.clone(),
+            },
+        };
+        return match partitions::run(&o).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("partitions benchmark failed: {e}");
                 std::process::ExitCode::FAILURE
             }
         };

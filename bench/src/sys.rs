@@ -1,25 +1,70 @@
 //! Process readings (CPU time, resident memory) and a client-side count of SQL statements.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
+use tracing::span::{Attributes, Id};
 use tracing::subscriber::Interest;
 use tracing::{Event, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
+use tracing_subscriber::registry::LookupSpan;
 
 static STATEMENTS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether sequencer passes are timed (off unless a scenario asks: it enables a span).
+static TIME_PASSES: AtomicBool = AtomicBool::new(false);
+/// Durations of the sequencer passes since the last [`take_pass_times`], in ms.
+static PASS_TIMES: Mutex<Vec<f64>> = Mutex::new(Vec::new());
+
+/// The sequencer's span, one per pass.
+const PASS_SPAN: &str = "outbox.sequence";
+
+/// Starts timing sequencer passes (the engine's `outbox.sequence` span).
+pub(crate) fn time_passes() {
+    TIME_PASSES.store(true, Ordering::Relaxed);
+}
+
+/// The pass durations recorded so far, in order, emptying the record.
+pub(crate) fn take_pass_times() -> Vec<f64> {
+    PASS_TIMES
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default()
+}
 
 /// Statements sqlx reported (`sqlx::query` events) on pools opened with statement logging.
 pub(crate) fn statements() -> u64 {
     STATEMENTS.load(Ordering::Relaxed)
 }
 
-/// Counts `sqlx::query` events and enables nothing else.
+/// Counts `sqlx::query` events and, when asked, times the sequencer's passes; enables
+/// nothing else.
 struct CountStatements;
 
-impl<S: Subscriber> Layer<S> for CountStatements {
+/// When a timed span began (kept in the span's extensions).
+struct Began(Instant);
+
+/// Whether a pass moved rows (its `moved` field, recorded when it ends).
+struct Moved(bool);
+
+impl tracing::field::Visit for Moved {
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if field.name() == "moved" {
+            self.0 = value > 0;
+        }
+    }
+
+    fn record_debug(&mut self, _field: &tracing::field::Field, _value: &dyn std::fmt::Debug) {}
+}
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for CountStatements {
     fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
         if metadata.target() == "sqlx::query" {
             Interest::always()
+        } else if metadata.is_span() && metadata.name() == PASS_SPAN {
+            // Decided per span: timing is switched on at run time.
+            Interest::sometimes()
         } else {
             Interest::never()
         }
@@ -27,10 +72,44 @@ impl<S: Subscriber> Layer<S> for CountStatements {
 
     fn enabled(&self, metadata: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
         metadata.target() == "sqlx::query"
+            || (metadata.is_span()
+                && metadata.name() == PASS_SPAN
+                && TIME_PASSES.load(Ordering::Relaxed))
     }
 
-    fn on_event(&self, _event: &Event<'_>, _ctx: Context<'_, S>) {
-        STATEMENTS.fetch_add(1, Ordering::Relaxed);
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        if event.metadata().target() == "sqlx::query" {
+            STATEMENTS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_new_span(&self, _attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(Began(Instant::now()));
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &tracing::span::Record<'_>, ctx: Context<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            let mut moved = Moved(false);
+            values.record(&mut moved);
+            if moved.0 {
+                span.extensions_mut().insert(moved);
+            }
+        }
+    }
+
+    /// Only passes that moved rows count (idle polls are not what is measured).
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else {
+            return;
+        };
+        let ext = span.extensions();
+        if let (Some(began), Some(_)) = (ext.get::<Began>(), ext.get::<Moved>())
+            && let Ok(mut v) = PASS_TIMES.lock()
+        {
+            v.push(began.0.elapsed().as_secs_f64() * 1e3);
+        }
     }
 }
 
