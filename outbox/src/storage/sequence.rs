@@ -24,6 +24,8 @@ pub(crate) struct Pass {
     pub(crate) scanned: u64,
     /// Rows moved, per queue.
     pub(crate) moved: Vec<(String, u64)>,
+    /// The highest id read (PostgreSQL), a candidate for the scan's low-water mark.
+    pub(crate) max_id: Option<i64>,
 }
 
 impl Pass {
@@ -44,9 +46,11 @@ struct Group {
 impl Store {
     /// Sequences up to `limit` of the oldest committed messages, across queues and partitions,
     /// in one transaction.
-    pub(crate) async fn sequence_pass(&self, limit: u32) -> Result<Pass, DbErr> {
+    /// On PostgreSQL the scan starts above `floor`, a low-water mark below which no row can
+    /// still commit (see [`LowWater`](crate::runtime)); elsewhere it is ignored.
+    pub(crate) async fn sequence_pass(&self, limit: u32, floor: i64) -> Result<Pass, DbErr> {
         if self.is_pg() {
-            return self.sequence_pass_pg(limit).await;
+            return self.sequence_pass_pg(limit, floor).await;
         }
         // An idle runtime polls here: one plain read, no write transaction (on SQLite that
         // would take the write lock, on MySQL cost three more statements).
@@ -315,10 +319,10 @@ impl Store {
     /// queues' handlers. Rows another sequencer moved after this statement's snapshot are not
     /// deleted again (the DELETE re-checks them), so they are not numbered twice; the locked
     /// partition row is read at its latest version.
-    async fn sequence_pass_pg(&self, limit: u32) -> Result<Pass, DbErr> {
+    async fn sequence_pass_pg(&self, limit: u32, floor: i64) -> Result<Pass, DbErr> {
         let t = &self.t;
         let sql = format!(
-            "WITH scan AS (SELECT id, queue, partition_no FROM {inc} ORDER BY id LIMIT $1), \
+            "WITH scan AS (SELECT id, queue, partition_no FROM {inc} WHERE id > $3 ORDER BY id LIMIT $1), \
              locked AS (SELECT p.queue, p.partition_no, p.last_seq FROM {parts} p \
                         WHERE (p.queue, p.partition_no) IN (SELECT DISTINCT queue, partition_no FROM scan) \
                         FOR UPDATE SKIP LOCKED), \
@@ -337,7 +341,8 @@ impl Store {
                      WHERE p.queue = x.queue AND p.partition_no = x.partition_no RETURNING p.queue), \
              per_queue AS (SELECT queue, COUNT(*) AS n FROM ins GROUP BY queue), \
              woke AS (SELECT pg_notify($2, 's:' || queue) FROM per_queue) \
-             SELECT (SELECT COUNT(*) FROM scan), q.queue, q.n, (SELECT COUNT(*) FROM woke), (SELECT COUNT(*) FROM upd) \
+             SELECT (SELECT COUNT(*) FROM scan), q.queue, q.n, (SELECT COUNT(*) FROM woke), (SELECT COUNT(*) FROM upd), \
+                    (SELECT MAX(id) FROM scan) \
              FROM (SELECT 1) one LEFT JOIN per_queue q ON true",
             parts = t.partitions,
             inc = t.incoming,
@@ -348,17 +353,92 @@ impl Store {
             .query_all_raw(sea_orm::Statement::from_sql_and_values(
                 self.backend,
                 sql,
-                [i64::from(limit).into(), t.channel.clone().into()],
+                [
+                    i64::from(limit).into(),
+                    t.channel.clone().into(),
+                    floor.into(),
+                ],
             ))
             .await?;
         let mut pass = Pass::default();
         for r in &rows {
             pass.scanned = col::<i64>(r, 0)? as u64;
+            pass.max_id = col::<Option<i64>>(r, 5)?;
             if let Some(queue) = col::<Option<String>>(r, 1)? {
                 pass.moved.push((queue, col::<i64>(r, 2)? as u64));
             }
         }
         Ok(pass)
+    }
+}
+
+impl Store {
+    /// PostgreSQL: the transactions that hold a write lock on `incoming` now (every producer
+    /// takes it before its insert draws an id, and keeps it until it ends), as a list of
+    /// virtual transaction ids; `None` when there are none.
+    pub(crate) async fn pg_incoming_writers(&self) -> Result<Option<String>, DbErr> {
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                self.backend,
+                format!(
+                    "SELECT string_agg(virtualtransaction, ',') FROM pg_locks \
+                     WHERE locktype = 'relation' AND relation = '{}'::regclass \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                     AND mode = 'RowExclusiveLock' AND pid IS DISTINCT FROM pg_backend_pid()",
+                    self.t.incoming
+                ),
+            ))
+            .await?;
+        match row {
+            Some(r) => col::<Option<String>>(&r, 0),
+            None => Ok(None),
+        }
+    }
+
+    /// PostgreSQL: whether any of `writers` (from [`pg_incoming_writers`]) still holds its
+    /// write lock on `incoming`.
+    pub(crate) async fn pg_writers_remain(&self, writers: &str) -> Result<bool, DbErr> {
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                self.backend,
+                format!(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'relation' \
+                     AND relation = '{}'::regclass AND mode = 'RowExclusiveLock' \
+                     AND virtualtransaction = ANY (string_to_array($1, ',')))",
+                    self.t.incoming
+                ),
+                [writers.into()],
+            ))
+            .await?;
+        match row {
+            Some(r) => col::<bool>(&r, 0),
+            None => Ok(false),
+        }
+    }
+
+    /// PostgreSQL: the lowest id of `incoming` in `(above, upto]` (rows still to sequence).
+    pub(crate) async fn pg_first_id_between(
+        &self,
+        above: i64,
+        upto: i64,
+    ) -> Result<Option<i64>, DbErr> {
+        let row = self
+            .db
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                self.backend,
+                format!(
+                    "SELECT MIN(id) FROM {} WHERE id > $1 AND id <= $2",
+                    self.t.incoming
+                ),
+                [above.into(), upto.into()],
+            ))
+            .await?;
+        match row {
+            Some(r) => col::<Option<i64>>(&r, 0),
+            None => Ok(None),
+        }
     }
 }
 
