@@ -345,7 +345,45 @@ async fn wait_idle_returns_when_committed_work_is_handled(t: Arc<TestDb>) {
     assert_invariants(&db, "outbox_").await;
 }
 
+/// Vacuum gives way to shutdown between partitions: with 4,096 partitions to clean at once
+/// (one message each, vacuum woken by the last ack), `shutdown` still returns within a short
+/// grace period. (Before: one vacuum pass cleaned every partition, a transaction each, without
+/// looking at shutdown: seconds on SQLite, more than 10 s on MariaDB, so the grace elapsed.)
+async fn shutdown_is_not_held_up_by_vacuum_over_many_partitions(t: Arc<TestDb>) {
+    let db = t.pool(8).await;
+    let partitions = outbox::MAX_PARTITIONS;
+    let mut tuning = Profile::Default.runtime();
+    tuning.vacuum_after_acks = u64::from(partitions);
+    tuning.vacuum_interval = Duration::from_secs(3_600);
+    let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = handled.clone();
+    let rt = Outbox::builder(db.clone())
+        .runtime_tuning(tuning)
+        .queue(QueueSpec::new("wide", partitions))
+        .handler(HandlerSpec::transactional("wide", "h", move |_m, _txn| {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        }))
+        .start()
+        .await
+        .expect("start");
+    let batch: Vec<NewMessage> = (0..partitions)
+        .map(|p| NewMessage::new("wide", p, "m"))
+        .collect();
+    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    eventually(Duration::from_secs(120), "every message handled", || {
+        let handled = handled.clone();
+        async move { handled.load(std::sync::atomic::Ordering::SeqCst) == u64::from(partitions) }
+    })
+    .await;
+    // The last ack woke vacuum, which now has every partition to clean.
+    rt.shutdown(Duration::from_millis(500))
+        .await
+        .expect("shutdown within the grace period while vacuum has 4,096 partitions to clean");
+}
+
 on_every_backend!(
+    shutdown_is_not_held_up_by_vacuum_over_many_partitions,
     wait_idle_returns_when_committed_work_is_handled,
     a_handler_added_after_vacuum_starts_at_the_vacuumed_sequence,
     a_stale_handler_is_shown_and_can_be_retired,
