@@ -14,8 +14,9 @@ static STATEMENTS: AtomicU64 = AtomicU64::new(0);
 
 /// Whether sequencer passes are timed (off unless a scenario asks: it enables a span).
 static TIME_PASSES: AtomicBool = AtomicBool::new(false);
-/// Durations of the sequencer passes since the last [`take_pass_times`], in ms.
-static PASS_TIMES: Mutex<Vec<f64>> = Mutex::new(Vec::new());
+/// Sequencer passes that moved rows since the last [`take_pass_times`]: (duration in ms,
+/// rows moved).
+static PASS_TIMES: Mutex<Vec<(f64, u64)>> = Mutex::new(Vec::new());
 
 /// The sequencer's span, one per pass.
 const PASS_SPAN: &str = "outbox.sequence";
@@ -25,8 +26,8 @@ pub(crate) fn time_passes() {
     TIME_PASSES.store(true, Ordering::Relaxed);
 }
 
-/// The pass durations recorded so far, in order, emptying the record.
-pub(crate) fn take_pass_times() -> Vec<f64> {
+/// The passes recorded so far, in order, emptying the record.
+pub(crate) fn take_pass_times() -> Vec<(f64, u64)> {
     PASS_TIMES
         .lock()
         .map(|mut v| std::mem::take(&mut *v))
@@ -45,13 +46,13 @@ struct CountStatements;
 /// When a timed span began (kept in the span's extensions).
 struct Began(Instant);
 
-/// Whether a pass moved rows (its `moved` field, recorded when it ends).
-struct Moved(bool);
+/// Rows a pass moved (its `moved` field, recorded when it ends).
+struct Moved(u64);
 
 impl tracing::field::Visit for Moved {
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
         if field.name() == "moved" {
-            self.0 = value > 0;
+            self.0 = value;
         }
     }
 
@@ -91,9 +92,9 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for CountStatements {
 
     fn on_record(&self, id: &Id, values: &tracing::span::Record<'_>, ctx: Context<'_, S>) {
         if let Some(span) = ctx.span(id) {
-            let mut moved = Moved(false);
+            let mut moved = Moved(0);
             values.record(&mut moved);
-            if moved.0 {
+            if moved.0 > 0 {
                 span.extensions_mut().insert(moved);
             }
         }
@@ -105,10 +106,10 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for CountStatements {
             return;
         };
         let ext = span.extensions();
-        if let (Some(began), Some(_)) = (ext.get::<Began>(), ext.get::<Moved>())
+        if let (Some(began), Some(moved)) = (ext.get::<Began>(), ext.get::<Moved>())
             && let Ok(mut v) = PASS_TIMES.lock()
         {
-            v.push(began.0.elapsed().as_secs_f64() * 1e3);
+            v.push((began.0.elapsed().as_secs_f64() * 1e3, moved.0));
         }
     }
 }
