@@ -133,16 +133,35 @@ async fn prepare(pool: &PgPool, pq: &PartitionedQueue) -> anyhow::Result<()> {
 /// claim batch 512).
 ///
 /// `AWA_PEER_MAX_WORKERS` overrides the worker count per queue (diagnostics only: above 1,
-/// jobs of one partition run concurrently and the order check is expected to fail).
+/// jobs of one partition run concurrently, so the peer checks exactly-once delivery but not
+/// order; see [`unordered`]).
 fn ordered() -> QueueConfig {
-    let max_workers = std::env::var("AWA_PEER_MAX_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
     QueueConfig {
-        max_workers,
+        max_workers: max_workers(),
         ..Default::default()
     }
+}
+
+fn max_workers() -> u32 {
+    std::env::var("AWA_PEER_MAX_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
+/// The diagnostic mode with more than one worker per queue: the checker then gets one
+/// "partition" per message, so it checks that each is handled once and none is lost, not
+/// their order.
+fn unordered() -> bool {
+    max_workers() > 1
+}
+
+fn new_checker(partitions: u32, n: u64) -> Arc<Checker> {
+    Arc::new(Checker::new(if unordered() {
+        n as u32
+    } else {
+        partitions
+    }))
 }
 
 /// Enqueues `jobs` in one transaction: `insert_many` (one `INSERT` statement) for one job,
@@ -243,7 +262,18 @@ fn runtime(
                 let _ = slot.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
             }
             let p = index.get(&ctx.job.queue).copied().unwrap_or(u32::MAX);
-            checker.see(p, Some(ctx.job.id), &body);
+            if unordered() {
+                let one = Payload {
+                    p: body.i as u32,
+                    k: 0,
+                    i: body.i,
+                    t: body.t,
+                    pad: String::new(),
+                };
+                checker.see(body.i as u32, None, &one);
+            } else {
+                checker.see(p, Some(ctx.job.id), &body);
+            }
             async { Ok::<_, JobError>(JobResult::Completed) }
         })
         .build()?)
@@ -286,7 +316,7 @@ async fn s2(args: &Args, handler: &str, partitions: u32, n: u64) -> anyhow::Resu
         enqueue_tx(&pool, jobs).await?;
         i = end;
     }
-    let checker = Arc::new(Checker::new(partitions));
+    let checker = new_checker(partitions, n);
     let client = runtime(&pool, &pq, checker.clone(), None)?;
     let t0 = Instant::now();
     client.start().await?;
@@ -301,6 +331,7 @@ async fn s2(args: &Args, handler: &str, partitions: u32, n: u64) -> anyhow::Resu
         ),
         ("secs".into(), drained.as_secs_f64()),
         ("duplicates".into(), checker.duplicates() as f64),
+        ("max_workers".into(), f64::from(max_workers())),
     ]);
     let check = waited.and_then(|()| checker.verdict(n, true));
     Ok(checked(check, metrics))
@@ -310,7 +341,7 @@ async fn s3(args: &Args, n: u64, interval: Duration) -> anyhow::Result<Outcome> 
     let pool = connect(&args.url, 32).await?;
     let pq = PartitionedQueue::new(QUEUE, 8)?;
     prepare(&pool, &pq).await?;
-    let checker = Arc::new(Checker::new(8));
+    let checker = new_checker(8, n);
     let start_us: Arc<Vec<AtomicI64>> = Arc::new((0..n).map(|_| AtomicI64::new(0)).collect());
     let client = runtime(&pool, &pq, checker.clone(), Some(start_us.clone()))?;
     client.start().await?;
