@@ -1,7 +1,8 @@
 //! `outbox-bench`: scenarios S1–S4 of BENCHMARKS.md on SQLite, PostgreSQL and MySQL/MariaDB,
 //! each cell on a fresh database, side by side with the raw SQL ceilings and (with
-//! `--peer modkit,awa`) cf-modkit-db 0.7.2 and awa 0.6.9 run as child processes. Every cell checks correctness;
-//! the process exits non-zero if a cell of ours or of a ceiling failed its check.
+//! `--peer modkit,awa`) cf-modkit-db 0.7.2 and awa 0.6.9 run as child processes. Every cell
+//! checks correctness; the process exits non-zero if a cell of ours or of a ceiling failed its
+//! check (a peer's failure is reported, not counted).
 //!
 //! ```sh
 //! cargo run --release -p outbox-bench -- --backends sqlite,postgres,mysql --reps 3
@@ -62,7 +63,7 @@ impl Peer {
     }
 }
 
-/// Benchmarks of the outbox, side by side with raw SQL and cf-modkit-db.
+/// Benchmarks of the outbox, side by side with raw SQL, cf-modkit-db and awa.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
