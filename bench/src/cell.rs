@@ -1,4 +1,4 @@
-//! What one benchmark cell is, and what it measured. The modkit peer prints the same shapes.
+//! What one benchmark cell is, and what it measured. The peers print the same shapes.
 
 use std::collections::BTreeMap;
 
@@ -223,6 +223,15 @@ pub(crate) enum System {
     SeqCeiling,
     /// cf-modkit-db 0.7.2.
     Modkit,
+    /// awa 0.6.9.
+    Awa,
+}
+
+impl System {
+    /// Whether this is a peer run as a child process (its failures do not fail the run).
+    pub(crate) fn is_peer(self) -> bool {
+        matches!(self, System::Modkit | System::Awa)
+    }
 }
 
 /// One result line (also the JSON output shape).

@@ -1,7 +1,8 @@
 //! `outbox-bench`: scenarios S1–S4 of BENCHMARKS.md on SQLite, PostgreSQL and MySQL/MariaDB,
 //! each cell on a fresh database, side by side with the raw SQL ceilings and (with
-//! `--peer modkit`) cf-modkit-db 0.7.2 run as a child process. Every cell checks correctness;
-//! the process exits non-zero if a cell of ours or of a ceiling failed its check.
+//! `--peer modkit,awa`) cf-modkit-db 0.7.2 and awa 0.6.9 run as child processes. Every cell
+//! checks correctness; the process exits non-zero if a cell of ours or of a ceiling failed its
+//! check (a peer's failure is reported, not counted).
 //!
 //! ```sh
 //! cargo run --release -p outbox-bench -- --backends sqlite,postgres,mysql --reps 3
@@ -51,9 +52,20 @@ enum Scenario {
 enum Peer {
     /// cf-modkit-db 0.7.2 (bench/modkit-peer, built separately).
     Modkit,
+    /// awa 0.6.9, PostgreSQL only (bench/awa-peer, built separately).
+    Awa,
 }
 
-/// Benchmarks of the outbox, side by side with raw SQL and cf-modkit-db.
+impl Peer {
+    fn system(self) -> System {
+        match self {
+            Peer::Modkit => System::Modkit,
+            Peer::Awa => System::Awa,
+        }
+    }
+}
+
+/// Benchmarks of the outbox, side by side with raw SQL, cf-modkit-db and awa.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -115,6 +127,14 @@ struct Args {
     /// 100 msgs/s by design, so a full backlog would take minutes; the rate is what is compared).
     #[arg(long, default_value_t = 5_000)]
     peer_default_messages: u64,
+    /// S2: messages the awa peer drains (in its ordered mode, one worker per partition, it
+    /// handles a few hundred msgs/s on this machine; the rate is what is compared).
+    #[arg(long, default_value_t = 20_000)]
+    awa_s2_messages: u64,
+    /// S1: messages the awa peer enqueues per cell at most (its enqueue costs about 1 ms per
+    /// job here; the rate is what is compared).
+    #[arg(long, default_value_t = 10_000)]
+    awa_s1_messages: usize,
     /// S2: count the statements sent per message (sqlx statement events; costs some CPU).
     #[arg(long)]
     count_statements: bool,
@@ -131,16 +151,23 @@ struct Args {
     /// Skip the raw SQL ceilings.
     #[arg(long)]
     no_ceiling: bool,
-    /// Run a peer next to ours in every cell it supports.
-    #[arg(long)]
-    peer: Option<Peer>,
-    /// The peer's binary (build: see docs/BENCHMARKS.md).
+    /// Run peers next to ours in every cell they support (`modkit`, `awa`, or both).
+    #[arg(long, value_delimiter = ',')]
+    peer: Vec<Peer>,
+    /// The cf-modkit-db peer's binary (build: see docs/BENCHMARKS.md).
     #[arg(
         long,
         env = "OUTBOX_BENCH_PEER_BIN",
         default_value = "bench/modkit-peer/target/release/outbox-bench-modkit-peer"
     )]
     peer_bin: PathBuf,
+    /// The awa peer's binary (build: see docs/BENCHMARKS.md).
+    #[arg(
+        long,
+        env = "OUTBOX_BENCH_AWA_PEER_BIN",
+        default_value = "bench/awa-peer/target/release/outbox-bench-awa-peer"
+    )]
+    awa_peer_bin: PathBuf,
     /// PostgreSQL server (a database of it to connect to for CREATE/DROP DATABASE).
     #[arg(
         long,
@@ -377,7 +404,8 @@ async fn run_cell(
         System::Ours => run_ours(a, &db, cell).await,
         System::Ceiling => run_ceiling(a, &db, cell, false).await,
         System::SeqCeiling => run_ceiling(a, &db, cell, true).await,
-        System::Modkit => run_peer(a, &db, cell).await,
+        System::Modkit => run_peer(a, Peer::Modkit, &db, cell).await,
+        System::Awa => run_peer(a, Peer::Awa, &db, cell).await,
     };
     db.drop_db().await;
     result.unwrap_or_else(|e| Outcome::failed(e.to_string(), Default::default()))
@@ -459,17 +487,28 @@ async fn run_ceiling(a: &Args, db: &FreshDb, cell: &Cell, sequenced: bool) -> Re
     }
 }
 
-async fn run_peer(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
+async fn run_peer(a: &Args, peer: Peer, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
     let mut cell = cell.clone();
     if let Cell::S2 {
-        profile: ProfileName::Default,
-        messages,
-        ..
+        profile, messages, ..
     } = &mut cell
     {
-        *messages = (*messages).min(a.peer_default_messages);
+        match peer {
+            Peer::Modkit if *profile == ProfileName::Default => {
+                *messages = (*messages).min(a.peer_default_messages);
+            }
+            Peer::Awa => *messages = (*messages).min(a.awa_s2_messages),
+            Peer::Modkit => {}
+        }
     }
-    let out = tokio::process::Command::new(&a.peer_bin)
+    if let (Peer::Awa, Cell::S1 { total, .. }) = (peer, &mut cell) {
+        *total = (*total).min(a.awa_s1_messages);
+    }
+    let bin = match peer {
+        Peer::Modkit => &a.peer_bin,
+        Peer::Awa => &a.awa_peer_bin,
+    };
+    let out = tokio::process::Command::new(bin)
         .arg("--backend")
         .arg(db.backend.name())
         .arg("--url")
@@ -487,12 +526,32 @@ async fn run_peer(a: &Args, db: &FreshDb, cell: &Cell) -> Res<Outcome> {
     Ok(serde_json::from_str(line)?)
 }
 
-/// Whether the peer runs this cell (it implements S1 and S2).
-fn peer_supports(a: &Args, cell: &Cell) -> bool {
-    match cell {
-        Cell::S1 { .. } => true,
-        Cell::S2 { partitions, .. } => a.peer_partitions.contains(partitions),
-        _ => false,
+/// Whether the peer runs this cell. cf-modkit-db implements S1 and S2. awa implements S1,
+/// S2 with the leased handler (its handlers run outside the transaction that completes the
+/// job; it has no profiles, so it runs the HighThroughput cells only) and S3 with the producer
+/// in its process, on PostgreSQL.
+fn peer_supports(a: &Args, peer: Peer, backend: Backend, cell: &Cell) -> bool {
+    match (peer, cell) {
+        (Peer::Modkit, Cell::S1 { .. }) => true,
+        (Peer::Modkit, Cell::S2 { partitions, .. }) => a.peer_partitions.contains(partitions),
+        (Peer::Modkit, _) => false,
+        (Peer::Awa, _) if backend != Backend::Postgres => false,
+        (Peer::Awa, Cell::S1 { .. }) => true,
+        (
+            Peer::Awa,
+            Cell::S2 {
+                handler,
+                profile,
+                partitions,
+                ..
+            },
+        ) => {
+            *handler == HandlerKind::Leased
+                && *profile == ProfileName::HighThroughput
+                && a.peer_partitions.contains(partitions)
+        }
+        (Peer::Awa, Cell::S3 { cross_process, .. }) => !cross_process,
+        (Peer::Awa, Cell::S4 { .. }) => false,
     }
 }
 
@@ -695,14 +754,23 @@ async fn async_main(args: Args) -> std::process::ExitCode {
         mysql: args.mysql_url.clone(),
     };
     let cells = plan(&args);
-    let peer_missing = match args.peer {
-        Some(Peer::Modkit) if !args.peer_bin.exists() => {
-            Some(format!("peer binary {} not built", args.peer_bin.display()))
+    let mut peer_missing = std::collections::BTreeMap::new();
+    let mut peers = Vec::new();
+    for (peer, bin, name) in [
+        (Peer::Modkit, &args.peer_bin, "modkit"),
+        (Peer::Awa, &args.awa_peer_bin, "awa"),
+    ] {
+        if !args.peer.contains(&peer) {
+            peer_missing.insert(peer.system(), format!("peer not run; pass --peer {name}"));
+        } else if !bin.exists() {
+            peer_missing.insert(
+                peer.system(),
+                format!("peer binary {} not built", bin.display()),
+            );
+        } else {
+            peers.push(peer);
         }
-        Some(Peer::Modkit) => None,
-        None => Some("peer not run; pass --peer modkit".into()),
-    };
-    let run_peer = peer_missing.is_none();
+    }
     let reps = args.reps.unwrap_or(if args.smoke { 1 } else { 3 });
 
     let mut jobs: Vec<(Backend, Cell, u32, System)> = Vec::new();
@@ -725,8 +793,10 @@ async fn async_main(args: Args) -> std::process::ExitCode {
                     }
                     jobs.push((backend, c, rep, System::Ceiling));
                 }
-                if run_peer && peer_supports(&args, cell) {
-                    jobs.push((backend, cell.clone(), rep, System::Modkit));
+                for &peer in &peers {
+                    if peer_supports(&args, peer, backend, cell) {
+                        jobs.push((backend, cell.clone(), rep, peer.system()));
+                    }
                 }
             }
         }

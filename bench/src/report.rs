@@ -1,6 +1,6 @@
 //! Aggregation over repetitions and the Markdown tables.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use crate::cell::{Cell, Outcome, Record, System};
@@ -72,7 +72,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub(crate) struct Results {
     map: HashMap<(String, System, String), Vec<Outcome>>,
     order: Vec<(String, Cell)>,
-    peer_missing: Option<String>,
+    peer_missing: BTreeMap<System, String>,
 }
 
 fn key(cell: &Cell) -> String {
@@ -80,7 +80,7 @@ fn key(cell: &Cell) -> String {
 }
 
 impl Results {
-    pub(crate) fn new(records: &[Record], peer_missing: Option<String>) -> Self {
+    pub(crate) fn new(records: &[Record], peer_missing: BTreeMap<System, String>) -> Self {
         let mut r = Results {
             peer_missing,
             ..Default::default()
@@ -110,10 +110,10 @@ impl Results {
         metric: &str,
     ) -> Summary {
         let Some(outs) = self.map.get(&(backend.to_owned(), system, key(cell))) else {
-            return Summary::Missing(match (system, &self.peer_missing) {
-                (System::Modkit, Some(why)) => why.clone(),
-                (System::Modkit, None) => "peer not run for this cell".into(),
-                _ => "not run".into(),
+            return Summary::Missing(match self.peer_missing.get(&system) {
+                Some(why) => why.clone(),
+                None if system.is_peer() => "peer not run for this cell".into(),
+                None => "not run".into(),
             });
         };
         if let Some(bad) = outs.iter().find(|o| !o.ok) {
@@ -138,7 +138,7 @@ impl Results {
     pub(crate) fn all_passed(&self) -> bool {
         self.map
             .iter()
-            .filter(|((_, s, _), _)| *s != System::Modkit)
+            .filter(|((_, s, _), _)| !s.is_peer())
             .all(|(_, outs)| outs.iter().all(|o| o.ok))
     }
 
@@ -183,14 +183,15 @@ impl Results {
             );
             let _ = writeln!(
                 o,
-                "| backend | cell | ours msgs/s | ours p50 / p99 ms | raw ceiling msgs/s | ceiling p50 / p99 ms | ours ÷ ceiling | cf-modkit-db msgs/s | ours ÷ modkit |"
+                "| backend | cell | ours msgs/s | ours p50 / p99 ms | raw ceiling msgs/s | ceiling p50 / p99 ms | ours ÷ ceiling | cf-modkit-db msgs/s | ours ÷ modkit | awa msgs/s | awa p50 / p99 ms | ours ÷ awa |"
             );
-            let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|");
             for (b, c) in s1 {
                 let ceil = c.ceiling().unwrap_or_else(|| c.clone());
                 let ours = self.summary(b, System::Ours, c, "msgs_per_s");
                 let ce = self.summary(b, System::Ceiling, &ceil, "msgs_per_s");
                 let mk = self.summary(b, System::Modkit, c, "msgs_per_s");
+                let awa = self.summary(b, System::Awa, c, "msgs_per_s");
                 let lat = |s: System, c: &Cell| {
                     format!(
                         "{} / {}",
@@ -200,7 +201,7 @@ impl Results {
                 };
                 let _ = writeln!(
                     o,
-                    "| {b} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {b} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     c.label(),
                     show(&ours),
                     lat(System::Ours, c),
@@ -208,7 +209,10 @@ impl Results {
                     lat(System::Ceiling, &ceil),
                     ratio(&ours, &ce),
                     show(&mk),
-                    ratio(&ours, &mk)
+                    ratio(&ours, &mk),
+                    show(&awa),
+                    lat(System::Awa, c),
+                    ratio(&ours, &awa)
                 );
             }
             let _ = writeln!(o);
@@ -222,7 +226,7 @@ impl Results {
             let stmts = self.has_metric("stmts_per_1k_msgs");
             let _ = writeln!(
                 o,
-                "| backend | cell | ours msgs/s | raw ceiling (same batch) msgs/s | ours ÷ ceiling | ceiling with sequencing msgs/s | ours ÷ it | cf-modkit-db msgs/s | ours ÷ modkit |{}",
+                "| backend | cell | ours msgs/s | raw ceiling (same batch) msgs/s | ours ÷ ceiling | ceiling with sequencing msgs/s | ours ÷ it | cf-modkit-db msgs/s | ours ÷ modkit | awa msgs/s | ours ÷ awa |{}",
                 if stmts {
                     " statements per 1,000 msgs ours / ceiling |"
                 } else {
@@ -231,7 +235,7 @@ impl Results {
             );
             let _ = writeln!(
                 o,
-                "|---|---|---|---|---|---|---|---|---|{}",
+                "|---|---|---|---|---|---|---|---|---|---|---|{}",
                 if stmts { "---|" } else { "" }
             );
             for (b, c) in s2 {
@@ -240,6 +244,7 @@ impl Results {
                 let ce = self.summary(b, System::Ceiling, &ceil, "msgs_per_s");
                 let sq = self.summary(b, System::SeqCeiling, &ceil, "msgs_per_s");
                 let mk = self.summary(b, System::Modkit, c, "msgs_per_s");
+                let awa = self.summary(b, System::Awa, c, "msgs_per_s");
                 let extra = if stmts {
                     format!(
                         " {} / {} |",
@@ -251,7 +256,7 @@ impl Results {
                 };
                 let _ = writeln!(
                     o,
-                    "| {b} | {} | {} | {} | {} | {} | {} | {} | {} |{extra}",
+                    "| {b} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{extra}",
                     c.label(),
                     show(&ours),
                     show(&ce),
@@ -259,7 +264,9 @@ impl Results {
                     show(&sq),
                     ratio(&ours, &sq),
                     show(&mk),
-                    ratio(&ours, &mk)
+                    ratio(&ours, &mk),
+                    show(&awa),
+                    ratio(&ours, &awa)
                 );
             }
             let _ = writeln!(o);
@@ -268,21 +275,26 @@ impl Results {
         if !s3.is_empty() {
             let _ = writeln!(
                 o,
-                "### S3 commit→handler-start latency, LowLatency, 1 message per commit every 2 ms (ms, median of reps [min–max])\n"
+                "### S3 commit→handler-start latency (ours: LowLatency), 1 message per commit every 2 ms (ms, median of reps [min–max])\n"
             );
-            let _ = writeln!(o, "| backend | producer | p50 | p95 | p99 | max |");
-            let _ = writeln!(o, "|---|---|---|---|---|---|");
+            let _ = writeln!(o, "| backend | system | producer | p50 | p95 | p99 | max |");
+            let _ = writeln!(o, "|---|---|---|---|---|---|---|");
             for (b, c) in s3 {
-                let m = |k: &str| show(&self.summary(b, System::Ours, c, k));
-                let _ = writeln!(
-                    o,
-                    "| {b} | {} | {} | {} | {} | {} |",
-                    c.label(),
-                    m("p50_ms"),
-                    m("p95_ms"),
-                    m("p99_ms"),
-                    m("max_ms")
-                );
+                for (system, name) in [(System::Ours, "ours"), (System::Awa, "awa")] {
+                    if system.is_peer() && !self.map.contains_key(&(b.clone(), system, key(c))) {
+                        continue;
+                    }
+                    let m = |k: &str| show(&self.summary(b, system, c, k));
+                    let _ = writeln!(
+                        o,
+                        "| {b} | {name} | {} | {} | {} | {} | {} |",
+                        c.label(),
+                        m("p50_ms"),
+                        m("p95_ms"),
+                        m("p99_ms"),
+                        m("max_ms")
+                    );
+                }
             }
             let _ = writeln!(o);
         }
