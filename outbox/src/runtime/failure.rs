@@ -14,7 +14,7 @@ use crate::queue::PoisonPolicy;
 use crate::storage::Verdict;
 
 /// The longest error text stored with a failing cursor or a dead letter, in bytes. A longer
-/// text is cut at a character boundary and ends with [`TRUNCATED`].
+/// text is cut at a character boundary and ends with ` [truncated]`.
 pub const MAX_ERROR_BYTES: usize = 8 * 1024;
 
 /// What ends a cut error text.
