@@ -534,7 +534,7 @@ fn peer_supports(a: &Args, peer: Peer, backend: Backend, cell: &Cell) -> bool {
     match (peer, cell) {
         (Peer::Modkit, Cell::S1 { .. }) => true,
         (Peer::Modkit, Cell::S2 { partitions, .. }) => a.peer_partitions.contains(partitions),
-        (Peer::Modkit, _) => false,
+        (Peer::Modkit, _) | (Peer::Awa, Cell::S4 { .. }) => false,
         (Peer::Awa, _) if backend != Backend::Postgres => false,
         (Peer::Awa, Cell::S1 { .. }) => true,
         (
@@ -551,7 +551,6 @@ fn peer_supports(a: &Args, peer: Peer, backend: Backend, cell: &Cell) -> bool {
                 && a.peer_partitions.contains(partitions)
         }
         (Peer::Awa, Cell::S3 { cross_process, .. }) => !cross_process,
-        (Peer::Awa, Cell::S4 { .. }) => false,
     }
 }
 
