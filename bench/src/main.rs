@@ -554,6 +554,26 @@ fn peer_supports(a: &Args, peer: Peer, backend: Backend, cell: &Cell) -> bool {
     }
 }
 
+impl Args {
+    fn servers(&self) -> Servers {
+        Servers {
+            postgres: self.postgres_url.clone(),
+            mysql: self.mysql_url.clone(),
+        }
+    }
+}
+
+/// The exit code of a subcommand; a failure is said on stderr.
+fn finished(what: &str, r: Res<()>) -> std::process::ExitCode {
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{what} failed: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -591,10 +611,7 @@ async fn async_main(args: Args) -> std::process::ExitCode {
         println!("opentelemetry={}", tracecost::FEATURE_ON);
         // The same subscriber as a cell of the main run.
         sys::install_counter();
-        let servers = Servers {
-            postgres: args.postgres_url.clone(),
-            mysql: args.mysql_url.clone(),
-        };
+        let servers = args.servers();
         let outcome = match serde_json::from_str::<Cell>(cell) {
             Ok(cell) => run_cell(&args, *backend, &servers, System::Ours, &cell).await,
             Err(e) => Outcome::failed(format!("bad --cell: {e}"), Default::default()),
@@ -627,13 +644,7 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             messages: *messages,
             reps: *reps,
         };
-        return match tracecost::run(&args, &o).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("trace-cost failed: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        };
+        return finished("trace-cost", tracecost::run(&args, &o).await);
     }
     if let Some(Cmd::Scheduled {
         backends,
@@ -649,18 +660,9 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             future: *future,
             drain: *drain,
             reps: (*reps).max(1),
-            servers: Servers {
-                postgres: args.postgres_url.clone(),
-                mysql: args.mysql_url.clone(),
-            },
+            servers: args.servers(),
         };
-        return match scheduled::run(&o).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("scheduled benchmark failed: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        };
+        return finished("scheduled benchmark", scheduled::run(&o).await);
     }
     if let Some(Cmd::Horizon {
         backends,
@@ -675,18 +677,9 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             partitions: *partitions,
             messages: *messages,
             reps: (*reps).max(1),
-            servers: Servers {
-                postgres: args.postgres_url.clone(),
-                mysql: args.mysql_url.clone(),
-            },
+            servers: args.servers(),
         };
-        return match horizon::run(&o).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("horizon benchmark failed: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        };
+        return finished("horizon benchmark", horizon::run(&o).await);
     }
     if let Some(Cmd::Partitions {
         backends,
@@ -705,18 +698,9 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             messages: *messages,
             reps: (*reps).max(1),
             idle_secs: *idle_secs,
-            servers: Servers {
-                postgres: args.postgres_url.clone(),
-                mysql: args.mysql_url.clone(),
-            },
+            servers: args.servers(),
         };
-        return match partitions::run(&o).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("partitions benchmark failed: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        };
+        return finished("partitions benchmark", partitions::run(&o).await);
     }
     if let Some(Cmd::Relay {
         backends,
@@ -734,24 +718,12 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             latency_messages: *latency_messages,
             nats_url: nats_url.clone(),
             amqp_url: amqp_url.clone(),
-            servers: Servers {
-                postgres: args.postgres_url.clone(),
-                mysql: args.mysql_url.clone(),
-            },
+            servers: args.servers(),
         };
-        return match relay::run(&o).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("relay benchmark failed: {e}");
-                std::process::ExitCode::FAILURE
-            }
-        };
+        return finished("relay benchmark", relay::run(&o).await);
     }
     sys::install_counter();
-    let servers = Servers {
-        postgres: args.postgres_url.clone(),
-        mysql: args.mysql_url.clone(),
-    };
+    let servers = args.servers();
     let cells = plan(&args);
     let mut peer_missing = std::collections::BTreeMap::new();
     let mut peers = Vec::new();
