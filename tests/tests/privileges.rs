@@ -197,7 +197,53 @@ async fn a_rows_only_user_runs_on_a_current_schema(t: Arc<TestDb>) {
     drop_user(&t, &admin, &rw).await;
 }
 
+/// PostgreSQL: the sequencer's low-water mark reads `pg_locks`. Where an administrator has
+/// revoked that view, sequencing and delivery go on (the mark stays where it is, the scan
+/// starts lower), across several passes and looks at the mark.
+async fn sequencing_goes_on_where_pg_locks_is_not_readable(t: Arc<TestDb>) {
+    let admin = t.pool(4).await;
+    Outbox::admin(admin.clone(), "outbox_")
+        .expect("admin")
+        .migrate()
+        .await
+        .expect("migrate");
+    // Per database: the view's grants live in this throwaway database's catalog.
+    admin
+        .execute_unprepared("REVOKE SELECT ON pg_catalog.pg_locks FROM PUBLIC")
+        .await
+        .expect("revoke pg_locks");
+    let rw = rows_only_user(&t, &admin).await;
+    let denied = rw
+        .query_one_raw(outbox::sea_orm::Statement::from_string(
+            rw.get_database_backend(),
+            "SELECT COUNT(*) FROM pg_locks",
+        ))
+        .await;
+    assert!(denied.is_err(), "pg_locks still readable: {denied:?}");
+    let seen = Seen::default();
+    let rt = builder(rw.clone(), &seen)
+        .start()
+        .await
+        .expect("start without pg_locks");
+    for round in 0..5u32 {
+        let batch: Vec<_> = (0..10u32)
+            .map(|i| NewMessage::new("least", i % 2, format!("{round}-{i}")))
+            .collect();
+        rt.enqueue_batch(&rw, &batch).await.expect("enqueue");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    wait_drained(rt.outbox(), "least", WAIT).await;
+    assert_eq!(seen.all().len(), 50);
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    drop_user(&t, &admin, &rw).await;
+}
+
 on_every_backend!(
     #[skip(sqlite = "skipped on SQLite: no database users")]
     a_rows_only_user_runs_on_a_current_schema,
+    #[skip(
+        sqlite = "skipped on SQLite: no pg_locks",
+        mysql = "skipped on MariaDB: no pg_locks (and no low-water mark)"
+    )]
+    sequencing_goes_on_where_pg_locks_is_not_readable,
 );

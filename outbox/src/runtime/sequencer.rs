@@ -52,6 +52,8 @@ struct LowWater {
     floor: i64,
     candidate: Option<Candidate>,
     looked_at: Option<Instant>,
+    /// A failure to advance was logged as a warning (later ones go to debug).
+    warned: bool,
 }
 
 #[derive(Debug)]
@@ -142,8 +144,21 @@ impl Sequencer {
         let pass =
             crate::trace::traced(span.clone(), self.shared.store.sequence_pass(limit, floor))
                 .await?;
-        if self.shared.store.is_pg() {
-            self.advance_low_water(pass.max_id).await?;
+        if self.shared.store.is_pg()
+            && let Err(e) = self.advance_low_water(pass.max_id).await
+        {
+            // The mark only saves work: left where it is, the scan starts lower and still
+            // finds every row. The pass itself has committed; its wake-ups below still go out.
+            let first = self
+                .low_water
+                .lock()
+                .map(|mut l| !std::mem::replace(&mut l.warned, true))
+                .unwrap_or(false);
+            if first {
+                tracing::warn!(error = %e, "sequencer low-water mark not advanced (reading pg_locks failed); passes read incoming from the mark they have");
+            } else {
+                tracing::debug!(error = %e, "sequencer low-water mark not advanced");
+            }
         }
         span.record("scanned", pass.scanned);
         span.record("moved", pass.moved_total());
