@@ -171,6 +171,12 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The middle value (the upper one of an even count) of unsorted figures; NaN for none.
+pub(crate) fn upper_median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// Sorts latencies and returns them in milliseconds.
 pub(crate) fn sorted_ms(lat: &[Duration]) -> Vec<f64> {
     let mut v: Vec<f64> = lat.iter().map(|d| d.as_secs_f64() * 1e3).collect();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use outbox::{HandlerSpec, NewMessage, Outbox, Profile, QueueSpec};
 
 use crate::Res;
-use crate::check::{Checker, Payload, payload};
+use crate::check::{Checker, Payload, payload, upper_median};
 use crate::db::{Backend, FreshDb, Servers};
 use crate::sys;
 
@@ -132,11 +132,6 @@ async fn idle(db: &FreshDb, partitions: u32, handlers: u32, secs: f64) -> Res<(f
     Ok((cpu, st))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 /// Runs every cell and prints a Markdown table; `Err` if a cell failed.
 pub(crate) async fn run(o: &Options) -> Res<()> {
     let mut failed = Vec::new();
@@ -180,7 +175,7 @@ pub(crate) async fn run(o: &Options) -> Res<()> {
             let (lo, hi) = runs
                 .iter()
                 .fold((f64::INFINITY, 0f64), |(lo, hi), &s| (lo.min(s), hi.max(s)));
-            let m = median(runs);
+            let m = upper_median(runs);
             medians.push((p, m));
             cells.push(format!("{m:.2} [{lo:.2}-{hi:.2}]"));
         }

@@ -9,7 +9,7 @@ use outbox::sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement}
 use outbox::{HandlerSpec, NewMessage, Outbox, Profile, QueueSpec};
 
 use crate::Res;
-use crate::check::{payload, percentile};
+use crate::check::{payload, percentile, upper_median};
 use crate::db::{Backend, FreshDb, Servers};
 
 /// Options of the scheduled-delivery scenario.
@@ -219,11 +219,6 @@ async fn cost(db: &FreshDb, future: u64, drain: u64) -> Res<(f64, f64)> {
     Ok((rate, reads[reads.len() / 2]))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 /// Runs every cell and prints two Markdown tables; `Err` if a cell failed.
 pub(crate) async fn run(o: &Options) -> Res<()> {
     let mut failed = Vec::new();
@@ -301,8 +296,8 @@ pub(crate) async fn run(o: &Options) -> Res<()> {
             failed.push(format!("{backend}/cost: {e}"));
             continue;
         }
-        let rate = |s: usize| median(runs[s].iter().map(|r| r.0).collect());
-        let status = |s: usize| median(runs[s].iter().map(|r| r.1).collect());
+        let rate = |s: usize| upper_median(runs[s].iter().map(|r| r.0).collect());
+        let status = |s: usize| upper_median(runs[s].iter().map(|r| r.1).collect());
         println!(
             "| {backend} | {:.0} | {:.0} | {:.2}x | {:.1} | {:.1} |",
             rate(0),
