@@ -32,6 +32,8 @@
 //!   meanwhile gets a `409 Conflict` page instead of skipping the wrong message.
 //!
 //! The dashboard serves plain HTTP: keep it on localhost or behind a TLS-terminating proxy.
+// A library reports through `tracing` and its errors, never by printing.
+#![deny(clippy::print_stdout, clippy::print_stderr, clippy::dbg_macro)]
 
 mod actions;
 mod html;

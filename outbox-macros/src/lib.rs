@@ -1,6 +1,8 @@
 //! Procedural macros of `outbox`. Implementation detail: use the attributes re-exported by
 //! `outbox` (`#[outbox::queue]`, `#[outbox::handler]`); their documentation lives there.
 #![doc(test(no_crate_inject, attr(deny(warnings))))]
+// A library reports through `tracing` and its errors, never by printing.
+#![deny(clippy::print_stdout, clippy::print_stderr, clippy::dbg_macro)]
 
 mod args;
 mod check;

@@ -121,10 +121,7 @@ impl Sequencer {
         let raised = waiting.map_or(c.upto, |id| id - 1);
         if let Ok(mut l) = self.low_water.lock() {
             l.floor = l.floor.max(raised);
-            eprintln!(
-                "TMP floor {} (upto {}, waiting {:?})",
-                l.floor, c.upto, waiting
-            );
+            tracing::trace!(floor = l.floor, upto = c.upto, waiting = ?waiting, "sequencer low-water mark");
         }
         Ok(())
     }
