@@ -24,6 +24,7 @@ pub(crate) mod sym {
     pub(crate) const BATCH: &str = "batch";
     pub(crate) const KEY: &str = "key";
     pub(crate) const DEDUP: &str = "dedup";
+    pub(crate) const HEADER: &str = "header";
     pub(crate) const DELAY_MS: &str = "delay_ms";
     pub(crate) const STRICT_ORDER: &str = "strict_order";
 }
@@ -144,7 +145,7 @@ where
 }
 
 /// Parses `= "<string>"`.
-fn string(
+pub(crate) fn string(
     meta: &ParseNestedMeta<'_>,
     key: &str,
     errors: &mut Errors,

@@ -63,6 +63,25 @@ pub(crate) fn name_problem(name: &str) -> Option<&'static str> {
     }
 }
 
+/// Most `#[outbox(header)]` fields of one message (keep in step with `outbox::MAX_HEADERS`).
+pub(crate) const MAX_HEADERS: usize = 32;
+
+/// Why `name` is not a valid header name (keep in step with `outbox::Headers::validate`).
+pub(crate) fn header_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("must not be empty")
+    } else if name.len() > 128 {
+        Some("must be at most 128 bytes")
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        Some("may contain only ASCII letters, digits, `-`, `_` and `.`")
+    } else {
+        None
+    }
+}
+
 /// `OrderPlaced` → `order_placed`, `HTTPRequest` → `http_request`, `V2Event` → `v2_event`.
 pub(crate) fn snake_case(ident: &str) -> String {
     let chars: Vec<char> = ident.chars().collect();

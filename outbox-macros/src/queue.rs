@@ -107,13 +107,68 @@ fn check_generics(generics: &syn::Generics, errors: &mut Errors) -> bool {
     plain
 }
 
-/// The fields that `#[outbox(key)]` and `#[outbox(dedup)]` name.
+/// The fields that `#[outbox(key)]`, `#[outbox(dedup)]` and `#[outbox(header)]` name.
 #[derive(Default)]
 struct Keys {
     /// The routing key.
     key: Option<Key>,
     /// The deduplication key.
     dedup: Option<Key>,
+    /// The header fields: header name and field, in field order.
+    headers: Vec<(String, Key)>,
+}
+
+impl Key {
+    fn of(field: &syn::Field, index: usize) -> Key {
+        match &field.ident {
+            Some(i) => Key::Named(i.clone()),
+            None => Key::Index(syn::Index {
+                index: index as u32,
+                span: field.ty.span(),
+            }),
+        }
+    }
+
+    fn span(&self) -> Span {
+        match self {
+            Key::Named(i) => i.span(),
+            Key::Index(i) => i.span,
+        }
+    }
+}
+
+/// The header name of `#[outbox(header)]` (the field's name) or `#[outbox(header = "…")]`,
+/// checked; `None` after an error.
+fn header_name(
+    meta: &syn::meta::ParseNestedMeta<'_>,
+    field: &syn::Field,
+    errors: &mut Errors,
+) -> syn::Result<Option<String>> {
+    let (name, span) = if meta.input.peek(syn::Token![=]) {
+        match crate::args::string(meta, sym::HEADER, errors)? {
+            Some(lit) => (lit.value(), lit.span()),
+            None => return Ok(None),
+        }
+    } else if let Some(ident) = &field.ident {
+        let name = ident.to_string();
+        let name = name.strip_prefix("r#").unwrap_or(&name).to_owned();
+        (name, meta.path.span())
+    } else {
+        errors.at(
+            meta.path.span(),
+            "a tuple field has no name to use as the header name; write `#[outbox(header = \"…\")]`",
+        );
+        return Ok(None);
+    };
+    if let Some(problem) = check::header_name_problem(&name) {
+        if name.is_empty() {
+            errors.at(span, format_args!("a header name {problem}"));
+        } else {
+            errors.at(span, format_args!("header name `{name}` {problem}"));
+        }
+        return Ok(None);
+    }
+    Ok(Some(name))
 }
 
 /// Removes every `#[outbox(…)]` helper attribute from `fields` and returns the key fields.
@@ -124,6 +179,7 @@ fn take_keys<'a>(
 ) -> Keys {
     let mut key: Option<(Key, syn::Attribute)> = None;
     let mut dedup: Option<(Key, syn::Attribute)> = None;
+    let mut headers: Vec<(String, Key, Span)> = Vec::new();
     for (index, field) in fields.enumerate() {
         let mut keep = Vec::with_capacity(field.attrs.len());
         for attr in std::mem::take(&mut field.attrs) {
@@ -132,17 +188,29 @@ fn take_keys<'a>(
                 continue;
             }
             let (mut is_key, mut is_dedup) = (false, false);
+            let mut header: Option<(String, Span)> = None;
             let parsed = attr.parse_nested_meta(|meta| {
                 if meta.path.is_ident(sym::KEY) {
                     is_key = true;
                 } else if meta.path.is_ident(sym::DEDUP) {
                     is_dedup = true;
+                } else if meta.path.is_ident(sym::HEADER) {
+                    let span = meta.path.span();
+                    if !allowed {
+                        errors.at(
+                            span,
+                            "`#[outbox(header)]` is supported on struct fields only; give an enum queue's headers at enqueue (`enqueue_with_headers`)",
+                        );
+                    }
+                    if let Some(name) = header_name(&meta, field, errors)? {
+                        header = Some((name, span));
+                    }
                 } else {
                     let name = meta.path.to_token_stream().to_string();
                     errors.at(
                         meta.path.span(),
                         format_args!(
-                            "unknown `outbox` field attribute `{name}`; expected `key` or `dedup`"
+                            "unknown `outbox` field attribute `{name}`; expected `key`, `dedup` or `header`"
                         ),
                     );
                 }
@@ -150,6 +218,32 @@ fn take_keys<'a>(
             });
             if let Err(e) = parsed {
                 errors.push(e);
+            }
+            if let Some((name, span)) = header.filter(|_| allowed) {
+                if let Some((_, _, first)) = headers.iter().find(|(n, _, _)| *n == name) {
+                    let mut e = syn::Error::new(
+                        span,
+                        format!(
+                            "two fields carry header `{name}`; a message has one value per header name"
+                        ),
+                    );
+                    e.combine(syn::Error::new(
+                        *first,
+                        format!("first header `{name}` here"),
+                    ));
+                    errors.push(e);
+                } else if headers.len() == check::MAX_HEADERS {
+                    errors.at(
+                        span,
+                        format_args!(
+                            "more than {} `#[outbox(header)]` fields; a message carries at most {} headers",
+                            check::MAX_HEADERS,
+                            check::MAX_HEADERS
+                        ),
+                    );
+                } else {
+                    headers.push((name, Key::of(field, index), span));
+                }
             }
             for (wanted, word, slot, what) in [
                 (
@@ -186,14 +280,7 @@ fn take_keys<'a>(
                     ));
                     errors.push(e);
                 } else {
-                    let access = match &field.ident {
-                        Some(i) => Key::Named(i.clone()),
-                        None => Key::Index(syn::Index {
-                            index: index as u32,
-                            span: field.ty.span(),
-                        }),
-                    };
-                    *slot = Some((access, attr.clone()));
+                    *slot = Some((Key::of(field, index), attr.clone()));
                 }
             }
         }
@@ -202,6 +289,7 @@ fn take_keys<'a>(
     Keys {
         key: key.map(|(k, _)| k),
         dedup: dedup.map(|(k, _)| k),
+        headers: headers.into_iter().map(|(n, k, _)| (n, k)).collect(),
     }
 }
 
@@ -241,15 +329,25 @@ fn impl_queue(args: &QueueArgs, ident: &syn::Ident, keys: &Keys) -> TokenStream 
     };
     // `Display` of the field, spanned there so a field without it is reported at the field.
     let dedup = keys.dedup.as_ref().map(|field| {
-        let span = match field {
-            Key::Named(i) => i.span(),
-            Key::Index(i) => i.span,
-        };
-        let text = quote_spanned!(span=> #private::DedupKey::dedup_text(&self.#field));
+        let text = quote_spanned!(field.span()=> #private::DedupKey::dedup_text(&self.#field));
         quote! {
             #[inline]
             fn dedup_key(&self) -> #private::Option<::std::string::String> {
                 #private::Option::Some(#text)
+            }
+        }
+    });
+    let headers = (!keys.headers.is_empty()).then(|| {
+        let inserts = keys.headers.iter().map(|(name, field)| {
+            let text =
+                quote_spanned!(field.span()=> #private::HeaderValue::header_text(&self.#field));
+            quote!(headers.insert(#name, #text);)
+        });
+        quote! {
+            fn headers(&self) -> #private::Headers {
+                let mut headers = #private::Headers::new();
+                #(#inserts)*
+                headers
             }
         }
     });
@@ -284,6 +382,7 @@ fn impl_queue(args: &QueueArgs, ident: &syn::Ident, keys: &Keys) -> TokenStream 
                     #partition
                 }
                 #dedup
+                #headers
             }
             const #decl: #private::QueueDecl = #private::QueueDecl::new(
                 #name,

@@ -75,11 +75,12 @@ pub mod __private {
 
     pub use crate::error::{HandlerError, IntoHandlerResult};
     pub use crate::handler::{HandlerFuture, HandlerSpec, LeaseContext};
+    pub use crate::headers::Headers;
     pub use crate::profile::Overrides;
     pub use crate::queue::PoisonPolicy;
     pub use crate::state::{FromStates, StateKey, States, missing, with_state};
     pub use crate::typed::{
-        DedupKey, HandlerDecl, HandlerMode, Queue, QueueDecl, leased, leased_batch,
+        DedupKey, HandlerDecl, HandlerMode, HeaderValue, Queue, QueueDecl, leased, leased_batch,
         partition_for_key, spread, transactional, transactional_batch,
     };
     pub use ::std::sync::Arc;

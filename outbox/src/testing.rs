@@ -715,7 +715,7 @@ impl TestKit {
             .await?
             .iter()
             .map(|p| {
-                serde_json::from_slice(p).map_err(|source| TestError::Decode {
+                T::from_json(p).map_err(|source| TestError::Decode {
                     queue: T::NAME.to_owned(),
                     source,
                 })

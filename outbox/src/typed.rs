@@ -41,7 +41,7 @@ use crate::runtime::{Builder, Outbox, Running};
     label = "not declared with `#[outbox::queue]`",
     note = "declare it: `#[outbox::queue(partitions = 8)]` on the type, together with `#[derive(Serialize, Deserialize)]`"
 )]
-pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
+pub trait Queue: Payload + Send + Sync + 'static {
     /// The durable queue name (see [`validate_name`](crate::validate_name)).
     const NAME: &'static str;
     /// The partition count, 1 to [`MAX_PARTITIONS`](crate::MAX_PARTITIONS).
@@ -68,17 +68,30 @@ pub trait Queue: Serialize + DeserializeOwned + Send + Sync + 'static {
         None
     }
 
+    /// The headers this message carries by itself ([`NewMessage::headers`]): with
+    /// `#[outbox(header)]` fields, each field's `Display` text under its header name; none
+    /// otherwise. Headers given at enqueue ([`enqueue_with_headers`](Queue::enqueue_with_headers))
+    /// come on top and win over a header of the same name.
+    fn headers(&self) -> Headers {
+        Headers::new()
+    }
+
     /// This message as untyped bytes: JSON payload, routed by [`partition`](Queue::partition),
-    /// with its [`dedup_key`](Queue::dedup_key) and the queue's [`DELAY`](Queue::DELAY). Add a
-    /// delivery time with [`NewMessage::deliver_at`] or [`NewMessage::deliver_after`].
+    /// with its [`dedup_key`](Queue::dedup_key), its [`headers`](Queue::headers) and the
+    /// queue's [`DELAY`](Queue::DELAY). Add a delivery time with [`NewMessage::deliver_at`] or
+    /// [`NewMessage::deliver_after`].
     fn to_message(&self) -> Result<NewMessage, EnqueueError> {
-        let payload = serde_json::to_vec(self).map_err(|source| EnqueueError::Serialize {
+        let payload = self.to_json().map_err(|source| EnqueueError::Serialize {
             queue: Self::NAME.to_owned(),
             source,
         })?;
         let mut message = NewMessage::new(Self::NAME, self.partition(), payload);
         if let Some(key) = self.dedup_key() {
             message = message.dedup_key(key);
+        }
+        let headers = self.headers();
+        if !headers.is_empty() {
+            message = message.headers(headers);
         }
         if let Some(delay) = Self::DELAY {
             message = message.deliver_after(delay);
@@ -288,6 +301,49 @@ impl<T: fmt::Display + ?Sized> DedupKey for T {
     }
 }
 
+/// The stored form of a queue's messages: JSON through serde. Implemented for every type
+/// that is `Serialize` and `DeserializeOwned`; a type without them gets one error that names
+/// the fix (rather than one per missing serde trait).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a queue message: it must be `Serialize` and `Deserialize`",
+    label = "needs `#[derive(serde::Serialize, serde::Deserialize)]`",
+    note = "add `#[derive(serde::Serialize, serde::Deserialize)]` to `{Self}` (messages are stored as JSON)"
+)]
+pub trait Payload: Sized {
+    /// This message as the JSON bytes that are stored.
+    fn to_json(&self) -> serde_json::Result<Vec<u8>>;
+    /// A message back from its stored JSON bytes.
+    fn from_json(bytes: &[u8]) -> serde_json::Result<Self>;
+}
+
+impl<T: Serialize + DeserializeOwned> Payload for T {
+    fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(self)
+    }
+
+    fn from_json(bytes: &[u8]) -> serde_json::Result<Self> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// The text of an `#[outbox(header)]` field (for generated code): its `Display` text.
+#[doc(hidden)]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a header value: it has no text form",
+    label = "`#[outbox(header)]` on a field of type `{Self}`",
+    note = "a header value is text: use a `String`, an integer, or a type that implements `Display`"
+)]
+pub trait HeaderValue {
+    /// The value's text.
+    fn header_text(&self) -> String;
+}
+
+impl<T: fmt::Display + ?Sized> HeaderValue for T {
+    fn header_text(&self) -> String {
+        self.to_string()
+    }
+}
+
 /// A queue declared with `#[outbox::queue]`, as collected in this binary's registry.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueDecl {
@@ -486,7 +542,7 @@ impl std::error::Error for DecodeError {
 
 /// Decodes a delivered message's payload as `T`.
 pub fn decode<T: Queue>(message: &Message) -> Result<T, DecodeError> {
-    serde_json::from_slice(message.payload()).map_err(|source| DecodeError {
+    T::from_json(message.payload()).map_err(|source| DecodeError {
         queue: message.queue().to_owned(),
         type_name: std::any::type_name::<T>(),
         source,

@@ -307,7 +307,95 @@ async fn bad_headers_are_refused_and_nothing_is_written(t: Arc<TestDb>) {
         .expect("shutdown");
 }
 
+/// A typed message whose fields carry headers (`#[outbox(header)]`).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[outbox::queue(partitions = 2, name = "hdr_typed")]
+struct Invoice {
+    #[outbox(key, header)]
+    account: i64,
+    #[outbox(header = "tenant-id")]
+    tenant: String,
+    body: String,
+}
+
+/// `#[outbox(header)]` fields reach the handler as headers, beside headers given at enqueue
+/// (which win over a field's header of the same name); a field value a header cannot hold is
+/// refused at enqueue with nothing written.
+async fn header_fields_of_a_typed_message_reach_the_handler(t: Arc<TestDb>) {
+    use outbox::Queue;
+
+    let db = t.pool(16).await;
+    let log = Log::default();
+    let seen = log.clone();
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new(Invoice::NAME, Invoice::PARTITIONS))
+        .handler(HandlerSpec::transactional(
+            Invoice::NAME,
+            "tx",
+            move |m, _| {
+                seen.push("tx", m);
+                Box::pin(async { Ok(()) })
+            },
+        ))
+        .start()
+        .await
+        .expect("start");
+    let invoice = |tenant: &str, body: &str| Invoice {
+        account: 7,
+        tenant: tenant.to_owned(),
+        body: body.to_owned(),
+    };
+    let txn = db.begin().await.expect("begin");
+    invoice("acme", "fields")
+        .enqueue_with(&rt, &txn)
+        .await
+        .expect("enqueue fields");
+    let explicit = invoice("acme", "explicit")
+        .to_message()
+        .expect("message")
+        .headers(headers(&[("tenant-id", "override"), ("request-id", "r-9")]));
+    rt.enqueue(&txn, explicit).await.expect("enqueue explicit");
+    txn.commit().await.expect("commit");
+
+    // A line break cannot travel in a header: typed error, nothing written.
+    let txn = db.begin().await.expect("begin");
+    let bad = invoice("evil\r\nX-Injected: 1", "bad")
+        .enqueue_with(&rt, &txn)
+        .await;
+    assert!(
+        matches!(bad, Err(EnqueueError::InvalidHeaders { .. })),
+        "a header value with CR LF is refused: {bad:?}"
+    );
+    txn.commit().await.expect("commit");
+
+    log.wait("both messages handled", 2).await;
+    let body = |b: &str| format!(r#"{{"account":7,"tenant":"acme","body":"{b}"}}"#);
+    assert_eq!(
+        log.headers("tx", &body("fields")),
+        Some(headers(&[("account", "7"), ("tenant-id", "acme")]))
+    );
+    assert_eq!(
+        log.headers("tx", &body("explicit")),
+        Some(headers(&[
+            ("account", "7"),
+            ("request-id", "r-9"),
+            ("tenant-id", "override")
+        ]))
+    );
+    rt.shutdown(Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    assert_eq!(
+        log.all().len(),
+        2,
+        "the refused message was never delivered"
+    );
+    assert_invariants(&db, "outbox_").await;
+}
+
 on_every_backend!(
+    header_fields_of_a_typed_message_reach_the_handler,
     every_kind_of_handler_sees_the_headers,
     dead_letter_and_replay_keep_the_headers,
     a_scheduled_message_keeps_its_headers,

@@ -27,16 +27,20 @@ struct OrderPlaced {
     crate = "::outbox"
 )]
 #[derive(Serialize, Deserialize)]
-struct Email(#[outbox(key)] String, u32);
+struct Email(#[outbox(key, header = "to")] String, u32);
 
-/// A deduplication key (any field with a `Display` text) and a delay for every message.
+/// A deduplication key (any field with a `Display` text), headers from fields, and a delay
+/// for every message.
 #[derive(Serialize, Deserialize)]
 #[outbox::queue(partitions = 4, delay_ms = 900_000)]
 struct Reminder {
-    #[outbox(key)]
+    #[outbox(key, header)]
     user_id: u64,
     #[outbox(dedup)]
+    #[outbox(header = "request.id")]
     request_id: u64,
+    #[outbox(header)]
+    r#type: String,
 }
 
 /// A strict-order queue: commit order only, scheduled delivery refused.
@@ -114,8 +118,16 @@ fn main() {
     let reminder = Reminder {
         user_id: 1,
         request_id: 42,
+        r#type: "trial".into(),
     };
     assert_eq!(reminder.dedup_key().as_deref(), Some("42"));
+    let headers = reminder.headers();
+    assert_eq!(headers.len(), 3);
+    assert_eq!(headers.get("user_id"), Some("1"));
+    assert_eq!(headers.get("request.id"), Some("42"));
+    assert_eq!(headers.get("type"), Some("trial"));
+    assert_eq!(email.headers().get("to"), Some("a@example.com"));
+    assert!(OrderPlaced { customer_id: 1, total_cents: 1 }.headers().is_empty());
     assert_eq!(Reminder::DELAY, Some(Duration::from_secs(900)));
     assert!(Reminder::SCHEDULING);
     assert_eq!(OrderPlaced::DELAY, None);
