@@ -74,9 +74,11 @@ async fn handler_span_continues_the_producers_trace(t: Arc<TestDb>) {
     .await;
     let mut body_of: HashMap<i64, String> = HashMap::new();
     let mut spans = Vec::new();
+    let mut sequenced: Vec<String> = Vec::new();
     for l in &lines {
         let w: Vec<&str> = l.split(' ').collect();
         match w.as_slice() {
+            ["sequenced", given] => sequenced.extend(given.split(',').map(str::to_owned)),
             ["handled", seq, body, _] => {
                 body_of.insert(seq.parse().expect("seq"), (*body).to_owned());
             }
@@ -104,6 +106,18 @@ async fn handler_span_continues_the_producers_trace(t: Arc<TestDb>) {
         v.sort_by_key(|s| s.attempt);
         v
     };
+
+    // The sequencer's spans name the sequence numbers they gave: 1 and 2 of `traced/0`, each
+    // once.
+    let mut given: Vec<i64> = Vec::new();
+    for range in &sequenced {
+        let (at, seqs) = range.split_once(':').expect("queue/partition:first-last");
+        assert_eq!(at, "traced/0", "{sequenced:?}");
+        let (first, last) = seqs.split_once('-').expect("first-last");
+        given.extend(first.parse::<i64>().expect("first")..=last.parse::<i64>().expect("last"));
+    }
+    given.sort_unstable();
+    assert_eq!(given, [1, 2], "sequencer spans: {sequenced:?}");
 
     // First attempt: a child of the producer's span, in its trace.
     let (trace, parent) = &produced["first"];

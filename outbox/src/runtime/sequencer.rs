@@ -134,13 +134,19 @@ impl Sequencer {
             scanned = Empty,
             moved = Empty,
             queues = Empty,
+            sequenced = Empty,
             otel.status_code = Empty,
             otel.status_message = Empty
         );
         let floor = self.floor();
-        let pass =
-            crate::trace::traced(span.clone(), self.shared.store.sequence_pass(limit, floor))
-                .await?;
+        // The sequence numbers given are worth their text only to a subscriber that takes
+        // the span.
+        let detail = !span.is_disabled();
+        let pass = crate::trace::traced(
+            span.clone(),
+            self.shared.store.sequence_pass(limit, floor, detail),
+        )
+        .await?;
         if self.shared.store.is_pg()
             && let Err(e) = self.advance_low_water(pass.max_id).await
         {
@@ -163,6 +169,9 @@ impl Sequencer {
             // Which queues got how many new sequence numbers, `queue:n` separated by commas.
             let queues: Vec<String> = pass.moved.iter().map(|(q, n)| format!("{q}:{n}")).collect();
             span.record("queues", queues.join(",").as_str());
+        }
+        if let Some(sequenced) = &pass.sequenced {
+            span.record("sequenced", sequenced.as_str());
         }
         for (queue, _) in &pass.moved {
             self.shared.wake.sequenced(queue);

@@ -26,6 +26,9 @@ pub(crate) struct Pass {
     pub(crate) moved: Vec<(String, u64)>,
     /// The highest id read (PostgreSQL), a candidate for the scan's low-water mark.
     pub(crate) max_id: Option<i64>,
+    /// With `detail`: the sequence numbers given, `queue/partition:first-last` per partition,
+    /// comma-separated in queue and partition order.
+    pub(crate) sequenced: Option<String>,
 }
 
 impl Pass {
@@ -47,10 +50,17 @@ impl Store {
     /// Sequences up to `limit` of the oldest committed messages, across queues and partitions,
     /// in one transaction.
     /// On PostgreSQL the scan starts above `floor`, a low-water mark below which no row can
-    /// still commit (see [`LowWater`](crate::runtime)); elsewhere it is ignored.
-    pub(crate) async fn sequence_pass(&self, limit: u32, floor: i64) -> Result<Pass, DbErr> {
+    /// still commit (see [`LowWater`](crate::runtime)); elsewhere it is ignored. With `detail`
+    /// the pass also reports the sequence numbers it gave ([`Pass::sequenced`]), for the
+    /// sequencer's span.
+    pub(crate) async fn sequence_pass(
+        &self,
+        limit: u32,
+        floor: i64,
+        detail: bool,
+    ) -> Result<Pass, DbErr> {
         if self.is_pg() {
-            return self.sequence_pass_pg(limit, floor).await;
+            return self.sequence_pass_pg(limit, floor, detail).await;
         }
         // An idle runtime polls here: one plain read, no write transaction (on SQLite that
         // would take the write lock, on MySQL cost three more statements).
@@ -176,6 +186,26 @@ impl Store {
             );
         }
         let n = pairs.len() as u64;
+        if detail {
+            let mut ranges: Vec<(&str, i64, i64, i64)> = groups
+                .iter()
+                .map(|g| {
+                    let base = g.base.unwrap_or(0);
+                    (
+                        g.queue.as_str(),
+                        g.partition,
+                        base + 1,
+                        base + g.ids.len() as i64,
+                    )
+                })
+                .collect();
+            ranges.sort_unstable();
+            pass.sequenced = Some(seq_ranges(
+                ranges
+                    .iter()
+                    .map(|&(q, p, a, b)| format!("{q}/{p}:{a}-{b}")),
+            ));
+        }
         let moved = self.copy_numbered(&*txn, &pairs).await?;
         let ids: Vec<i64> = pairs.iter().map(|&(id, _)| id).collect();
         let deleted = self.delete_incoming(&*txn, &ids).await?;
@@ -319,7 +349,7 @@ impl Store {
     /// queues' handlers. Rows another sequencer moved after this statement's snapshot are not
     /// deleted again (the DELETE re-checks them), so they are not numbered twice; the locked
     /// partition row is read at its latest version.
-    async fn sequence_pass_pg(&self, limit: u32, floor: i64) -> Result<Pass, DbErr> {
+    async fn sequence_pass_pg(&self, limit: u32, floor: i64, detail: bool) -> Result<Pass, DbErr> {
         let t = &self.t;
         let sql = format!(
             "WITH scan AS (SELECT id, queue, partition_no FROM {inc} WHERE id > $3 ORDER BY id LIMIT $1), \
@@ -337,12 +367,15 @@ impl Store {
                      FROM moved m \
                      RETURNING queue, partition_no, seq), \
              upd AS (UPDATE {parts} p SET last_seq = x.last \
-                     FROM (SELECT queue, partition_no, MAX(seq) AS last FROM ins GROUP BY queue, partition_no) x \
-                     WHERE p.queue = x.queue AND p.partition_no = x.partition_no RETURNING p.queue), \
+                     FROM (SELECT queue, partition_no, MIN(seq) AS lo, MAX(seq) AS last FROM ins GROUP BY queue, partition_no) x \
+                     WHERE p.queue = x.queue AND p.partition_no = x.partition_no \
+                     RETURNING p.queue, p.partition_no, x.lo, x.last), \
              per_queue AS (SELECT queue, COUNT(*) AS n FROM ins GROUP BY queue), \
              woke AS (SELECT pg_notify($2, 's:' || queue) FROM per_queue) \
              SELECT (SELECT COUNT(*) FROM scan), q.queue, q.n, (SELECT COUNT(*) FROM woke), (SELECT COUNT(*) FROM upd), \
-                    (SELECT MAX(id) FROM scan) \
+                    (SELECT MAX(id) FROM scan), \
+                    CASE WHEN $4 THEN (SELECT string_agg(queue || '/' || partition_no || ':' || lo || '-' || last, ',' \
+                                                         ORDER BY queue, partition_no) FROM upd) END \
              FROM (SELECT 1) one LEFT JOIN per_queue q ON true",
             parts = t.partitions,
             inc = t.incoming,
@@ -357,6 +390,7 @@ impl Store {
                     i64::from(limit).into(),
                     t.channel.clone().into(),
                     floor.into(),
+                    detail.into(),
                 ],
             ))
             .await?;
@@ -364,12 +398,18 @@ impl Store {
         for r in &rows {
             pass.scanned = col::<i64>(r, 0)? as u64;
             pass.max_id = col::<Option<i64>>(r, 5)?;
+            pass.sequenced = col::<Option<String>>(r, 6)?;
             if let Some(queue) = col::<Option<String>>(r, 1)? {
                 pass.moved.push((queue, col::<i64>(r, 2)? as u64));
             }
         }
         Ok(pass)
     }
+}
+
+/// `ranges` joined with commas.
+fn seq_ranges(ranges: impl Iterator<Item = String>) -> String {
+    ranges.collect::<Vec<_>>().join(",")
 }
 
 impl Store {

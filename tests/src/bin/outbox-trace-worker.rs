@@ -5,7 +5,8 @@
 //!
 //! Lines on stdout: `handled <seq> <body> <attempt>` for each call, then one line per
 //! `outbox.handle` span: `span <seq> <attempt> <trace id> <span id> <parent span id>
-//! <status> <links>`, links as `trace:span` separated by commas (`-` for none).
+//! <status> <links>`, links as `trace:span` separated by commas (`-` for none); and one line
+//! per `outbox.sequence` span that gave sequence numbers: `sequenced <queue/partition:first-last,…>`.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -101,15 +102,21 @@ async fn main() {
         .expect("shutdown");
     let _ = provider.force_flush();
     for s in exporter.get_finished_spans().expect("spans") {
-        if s.name != "outbox.handle" {
-            continue;
-        }
         let attr = |key: &str| {
             s.attributes
                 .iter()
                 .find(|kv| kv.key.as_str() == key)
                 .map(|kv| kv.value.clone())
         };
+        if s.name == "outbox.sequence" {
+            if let Some(given) = attr("sequenced") {
+                say(&format!("sequenced {}", given.as_str()));
+            }
+            continue;
+        }
+        if s.name != "outbox.handle" {
+            continue;
+        }
         let status = match &s.status {
             Status::Error { .. } => "error",
             Status::Ok => "ok",
