@@ -86,6 +86,23 @@ fn num(n: i64) -> String {
     if n < 0 { format!("-{out}") } else { out }
 }
 
+/// A queue's scheduled count; `10000+` where status stopped counting.
+fn scheduled(q: &QueueStatus) -> String {
+    if q.scheduled_capped {
+        format!("{}+", num(q.scheduled))
+    } else {
+        num(q.scheduled)
+    }
+}
+
+/// When a queue's next scheduled message is due, by the database's clock.
+fn next_due(q: &QueueStatus) -> String {
+    q.next_due_at_ms.map_or_else(
+        || "nothing scheduled".to_owned(),
+        |ms| format!("next due {}", time(ms)),
+    )
+}
+
 fn lag(ms: Option<i64>) -> String {
     ms.map_or_else(|| "—".to_owned(), dur)
 }
@@ -178,18 +195,20 @@ pub(crate) fn overview_body(d: &Dashboard, status: &Status, acting: bool) -> Str
         window_ms / 60_000,
         samples::chart(&rates, now, window_ms, 720, 140, true)
     );
-    b.push_str(r#"<h2>Queues</h2><table id="queues"><thead><tr><th>Queue</th><th>Partitions</th><th>Unsequenced</th><th>Handler</th><th>Waiting</th><th>Lag</th><th>Retrying</th><th>Leased</th><th>Blocked</th><th>Dead letters</th><th>Served</th><th>Throughput</th><th></th></tr></thead><tbody>"#);
+    b.push_str(r#"<h2>Queues</h2><table id="queues"><thead><tr><th>Queue</th><th>Partitions</th><th>Unsequenced</th><th>Scheduled</th><th>Handler</th><th>Waiting</th><th>Lag</th><th>Retrying</th><th>Leased</th><th>Blocked</th><th>Dead letters</th><th>Served</th><th>Throughput</th><th></th></tr></thead><tbody>"#);
     if status.queues.is_empty() {
-        b.push_str(r#"<tr><td colspan="13" class="muted">No queue is registered in this database yet.</td></tr>"#);
+        b.push_str(r#"<tr><td colspan="14" class="muted">No queue is registered in this database yet.</td></tr>"#);
     }
     for q in &status.queues {
         let rows = q.handlers.len().max(1);
         let qlink = esc(&d.link(&format!("/queues/{}", enc(&q.name))));
         let head = format!(
-            r#"<td rowspan="{rows}"><a href="{qlink}" class="queue-link">{}</a></td><td rowspan="{rows}" class="n">{}</td><td rowspan="{rows}" class="n">{}</td>"#,
+            r#"<td rowspan="{rows}"><a href="{qlink}" class="queue-link">{}</a></td><td rowspan="{rows}" class="n">{}</td><td rowspan="{rows}" class="n">{}</td><td rowspan="{rows}" class="n scheduled" title="{}">{}</td>"#,
             esc(&q.name),
             q.partitions,
-            num(q.unsequenced)
+            num(q.unsequenced),
+            esc(&next_due(q)),
+            scheduled(q),
         );
         if q.handlers.is_empty() {
             let _ = write!(
@@ -282,10 +301,12 @@ pub(crate) async fn queue(
 fn queue_body(d: &Dashboard, q: &QueueStatus, show_all: bool, acting: bool) -> String {
     let qe = enc(&q.name);
     let mut b = format!(
-        r#"<h1>Queue <span id="queue-name">{}</span></h1><p>{} partitions · <span id="unsequenced">{}</span> unsequenced · <a href="{}" id="queue-dead">{} dead letters</a> · showing {} partitions (<a href="{}">busy</a> | <a href="{}">all</a>)</p>"#,
+        r#"<h1>Queue <span id="queue-name">{}</span></h1><p>{} partitions · <span id="unsequenced">{}</span> unsequenced · <span id="scheduled">{}</span> scheduled (<span id="next-due">{}</span>) · <a href="{}" id="queue-dead">{} dead letters</a> · showing {} partitions (<a href="{}">busy</a> | <a href="{}">all</a>)</p>"#,
         esc(&q.name),
         q.partitions,
         num(q.unsequenced),
+        scheduled(q),
+        esc(&next_due(q)),
         esc(&d.link(&format!("/dead-letters?queue={qe}"))),
         num(q.dead_letters),
         if show_all { "all" } else { "busy" },

@@ -332,6 +332,13 @@ async fn seeded(t: &TestDb) -> (outbox::Running, Arc<AtomicBool>) {
     batch.push(NewMessage::new("payments", 0, r#""ok-a""#));
     batch.push(NewMessage::new("payments", 1, r#""poison-b""#));
     rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    // Due in an hour: counted as scheduled, nowhere else.
+    rt.enqueue(
+        &db,
+        NewMessage::new("payments", 1, r#""later""#).deliver_after(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("enqueue a scheduled message");
     eventually(
         WAIT,
         "4 dead letters, 2 blocked partitions, a stale handler",
@@ -371,6 +378,8 @@ async fn every_page_and_action(t: Arc<TestDb>) {
     assert_eq!(b.text("#h-orders-mailer .dead").await, "4");
     assert_eq!(b.text("#h-payments-charge .blocked").await, "2");
     assert!(b.text("#h-orders-legacy").await.contains("stale for"));
+    assert_eq!(b.text("#h-payments-charge .scheduled").await, "1");
+    assert_eq!(b.text("#h-orders-audit .scheduled").await, "0");
     assert!(b.has("#login").await);
     assert!(
         !b.has("form[method=post] button.danger").await,
@@ -421,6 +430,12 @@ async fn every_page_and_action(t: Arc<TestDb>) {
     // Queue page: head and processed seq per partition.
     b.goto("/queues/payments").await;
     assert_eq!(b.text("#queue-name").await, "payments");
+    assert_eq!(b.text("#scheduled").await, "1");
+    assert!(
+        b.text("#next-due").await.starts_with("next due 20"),
+        "{}",
+        b.text("#next-due").await
+    );
     assert_eq!(b.text("#p-charge-0 .head-seq").await, "1");
     assert_eq!(b.text("#p-charge-0 .processed-seq").await, "0");
     assert_eq!(b.text("#p-charge-0 .state").await, "blocked");
