@@ -83,8 +83,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "sqlite://{}?mode=rwc",
         dir.path().join("quickstart.db").display()
     );
-    // The runtime needs two pooled connections on SQLite besides the application's own.
-    let mut options = sea_orm::ConnectOptions::new(url);
+    // WAL and a 30 s busy timeout. Any pool size works on SQLite (writes take turns); advice in
+    // docs/OPERATIONS.md, "What a SQLite user can rely on".
+    let mut options = outbox::sqlite::connect_options(url);
     options.max_connections(4);
     let db = sea_orm::Database::connect(options).await?;
     db.execute_unprepared(

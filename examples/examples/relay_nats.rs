@@ -37,7 +37,7 @@ async fn sqlite(
     name: &str,
 ) -> Result<sea_orm::DatabaseConnection, sea_orm::DbErr> {
     let mut o =
-        sea_orm::ConnectOptions::new(format!("sqlite://{}?mode=rwc", dir.join(name).display()));
+        outbox::sqlite::connect_options(format!("sqlite://{}?mode=rwc", dir.join(name).display()));
     o.max_connections(4);
     sea_orm::Database::connect(o).await
 }
