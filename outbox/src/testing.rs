@@ -70,15 +70,14 @@
 //!
 //! # The process-wide outbox
 //!
-//! Typed [`Queue::enqueue`] uses the process-wide outbox ([`global`](crate::global)); the kit
-//! installs its own there (see [`TestKitBuilder::install_global`]), and also as the outbox of
-//! the current thread, which `global` prefers while the kit lives. With `#[tokio::test]`'s
-//! default current-thread runtime the test and the handlers the kit runs share that thread, so
-//! tests of one binary can each use a kit in parallel. On a multi-thread runtime the handlers
-//! run on other threads and see the process-wide outbox, which the last kit built replaced:
-//! run such tests one at a time, or enqueue with [`Queue::enqueue_with`]`(kit.outbox(), …)`.
+//! Typed [`Queue::enqueue`] uses the current outbox ([`global`](crate::global)): the one of
+//! the enclosing [scope](Outbox::scope), else the process-wide one. The handlers the kit runs
+//! are scoped to the kit's outbox, on any runtime flavor, so tests of one binary can each use a
+//! kit in parallel. The kit also installs its outbox process-wide (see
+//! [`TestKitBuilder::install_global`]) for the test's own code; with several kits in parallel,
+//! wrap that code in [`kit.outbox().scope(…)`](Outbox::scope) or enqueue with
+//! [`Queue::enqueue_with`]`(kit.outbox(), …)`.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -94,20 +93,9 @@ use crate::runtime::{Builder, Outbox};
 use crate::status::Status;
 use crate::typed::{Queue, set_global};
 
-thread_local! {
-    /// The outbox of the kit living on this thread, preferred by [`crate::global`].
-    static THREAD_GLOBAL: RefCell<Option<Outbox>> = const { RefCell::new(None) };
-}
-
-/// The outbox of the kit living on this thread, if any.
-pub(crate) fn thread_global() -> Option<Outbox> {
-    THREAD_GLOBAL.with(|g| g.borrow().clone())
-}
-
-/// Makes `outbox` the process-wide outbox and this thread's.
+/// Makes `outbox` the process-wide outbox.
 fn install(outbox: &Outbox) {
     set_global(outbox.clone());
-    THREAD_GLOBAL.with(|g| *g.borrow_mut() = Some(outbox.clone()));
 }
 
 /// A fault to inject into one delivery (see the [module docs](self#faults)).
@@ -456,21 +444,6 @@ impl fmt::Debug for TestKit {
             .field("queues", &self.queues)
             .field("handlers", &self.handlers)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for TestKit {
-    fn drop(&mut self) {
-        // Forget this kit's outbox on this thread (its database is about to be deleted), but
-        // not another kit's.
-        let _ = THREAD_GLOBAL.try_with(|g| {
-            let mut g = g.borrow_mut();
-            if g.as_ref()
-                .is_some_and(|o| std::ptr::eq(o.store(), self.outbox.store()))
-            {
-                *g = None;
-            }
-        });
     }
 }
 

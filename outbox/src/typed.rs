@@ -181,12 +181,19 @@ pub trait Queue: Payload + Send + Sync + 'static {
     }
 }
 
-// ---- the process-wide outbox -------------------------------------------------------------
+// ---- the current outbox: a task's scope, else the process-wide one -----------------------
 
 static GLOBAL: RwLock<Option<Outbox>> = RwLock::new(None);
 
-/// Makes `outbox` the one that typed enqueue ([`Queue::enqueue`]) uses in this process,
-/// replacing any previous one. [`start`], [`connect`] and [`Discover`] call it for you.
+tokio::task_local! {
+    /// The outbox of the scope this task runs in ([`Outbox::scope`]); a runtime scopes every
+    /// handler call with its own.
+    static CURRENT: Outbox;
+}
+
+/// Makes `outbox` the one that typed enqueue ([`Queue::enqueue`]) uses in this process outside
+/// any [scope](Outbox::scope), replacing any previous one. [`start`], [`connect`] and
+/// [`Discover`] call it for you.
 pub fn set_global(outbox: Outbox) {
     match GLOBAL.write() {
         Ok(mut g) => *g = Some(outbox),
@@ -194,15 +201,27 @@ pub fn set_global(outbox: Outbox) {
     }
 }
 
-/// The outbox that typed enqueue uses in this process, if one was installed.
+/// The outbox that typed enqueue uses here: the one of the enclosing [scope](Outbox::scope)
+/// (inside a handler, the runtime that runs it), else the process-wide one installed by
+/// [`start`], [`connect`] or [`set_global`], if any.
 pub fn global() -> Option<Outbox> {
-    #[cfg(feature = "testing")]
-    if let Some(outbox) = crate::testing::thread_global() {
+    if let Ok(outbox) = CURRENT.try_with(Outbox::clone) {
         return Some(outbox);
     }
     match GLOBAL.read() {
         Ok(g) => g.clone(),
         Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+impl Outbox {
+    /// Runs `fut` with this outbox as the current one: typed enqueue ([`Queue::enqueue`]) and
+    /// [`global`] inside it, on this task, use it instead of the process-wide outbox. The way
+    /// `tracing` scopes a dispatcher, for a process with several outboxes or tests that run in
+    /// parallel. A runtime runs every handler call in a scope of its own outbox, so a handler's
+    /// typed enqueue goes to the outbox that runs it, on any runtime flavor.
+    pub async fn scope<F: Future>(&self, fut: F) -> F::Output {
+        CURRENT.scope(self.clone(), fut).await
     }
 }
 

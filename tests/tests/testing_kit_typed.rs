@@ -1,5 +1,6 @@
 //! The testing kit with typed queues and handlers: tests of one binary each use a kit in
-//! parallel (current-thread runtimes) without seeing each other's messages.
+//! parallel, on current-thread and multi-thread runtimes, without seeing each other's messages
+//! (a handler's typed enqueue goes to the outbox that runs it).
 
 use outbox::testing::{Fault, TestKit};
 use outbox::{HandlerError, LeaseContext, Queue};
@@ -18,7 +19,7 @@ struct Reply {
     to: String,
 }
 
-/// Replies to each greeting through the process's outbox (the kit's, on this thread).
+/// Replies to each greeting through the current outbox: the one running this handler.
 #[outbox::handler(leased)]
 async fn reply(msg: Greeting, _ctx: &LeaseContext) -> Result<(), HandlerError> {
     let outbox =
@@ -67,4 +68,14 @@ async fn a_kit_per_test_a() {
 #[tokio::test]
 async fn a_kit_per_test_b() {
     greet(&["cy", "dee", "eve"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kit_per_test_on_a_multi_thread_runtime_c() {
+    greet(&["fay", "gus"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kit_per_test_on_a_multi_thread_runtime_d() {
+    greet(&["hal", "ivy", "jo", "kim"]).await;
 }

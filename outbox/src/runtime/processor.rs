@@ -297,6 +297,11 @@ impl Processor {
         limit: impl std::future::Future<Output = ()>,
         limit_error: impl FnOnce() -> CallError,
     ) -> Result<(), CallError> {
+        // Typed enqueue inside the handler goes to the outbox that runs it.
+        let current = super::Outbox {
+            shared: self.shared.clone(),
+        };
+        let fut = current.scope(fut);
         tokio::select! {
             biased;
             () = self.hard.cancelled() => Err(CallError::Interrupted),
