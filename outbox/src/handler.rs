@@ -188,45 +188,7 @@ pub struct LeaseContext {
     pub(crate) partition: u32,
     pub(crate) seq: i64,
     pub(crate) attempt: u64,
-    pub(crate) lease: Arc<Lease>,
-}
-
-/// The lease of one batch, shared by the contexts of its messages.
-pub(crate) struct Lease {
-    pub(crate) shared: Arc<crate::runtime::Shared>,
-    pub(crate) token: String,
-    pub(crate) length: Duration,
-    pub(crate) headroom: Duration,
-    pub(crate) state: std::sync::Mutex<LeaseState>,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct LeaseState {
-    /// When the handler is cancelled: lease end minus headroom.
-    pub(crate) deadline: tokio::time::Instant,
-    pub(crate) expires_at_ms: i64,
-}
-
-impl fmt::Debug for Lease {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Lease")
-            .field("length", &self.length)
-            .field("state", &self.state())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Lease {
-    pub(crate) fn state(&self) -> LeaseState {
-        match self.state.lock() {
-            Ok(s) => *s,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
-    }
-
-    pub(crate) fn deadline(&self) -> tokio::time::Instant {
-        self.state().deadline
-    }
+    pub(crate) lease: Arc<crate::runtime::lease::Lease>,
 }
 
 impl LeaseContext {
@@ -286,26 +248,8 @@ impl LeaseContext {
     /// taken over (a renewal never resurrects a lost lease): stop work whose effects are not
     /// idempotent.
     pub async fn renew(&self) -> Result<Duration, crate::Error> {
-        let lease = &self.lease;
-        let now = crate::storage::now_ms();
-        let expires_at_ms = now + lease.length.as_millis() as i64;
-        let started = tokio::time::Instant::now();
-        let key = crate::storage::CursorKey {
-            queue: &self.queue,
-            handler: &self.handler,
-            partition: self.partition,
-        };
-        let renewed = lease
-            .shared
-            .store
-            .renew_lease(key, &lease.token, lease.length)
-            .await?;
-        if !renewed {
+        if !self.lease.renew().await? {
             return Err(crate::Error::LeaseLost);
-        }
-        if let Ok(mut s) = lease.state.lock() {
-            s.deadline = started + lease.length.saturating_sub(lease.headroom);
-            s.expires_at_ms = expires_at_ms;
         }
         Ok(self.remaining())
     }

@@ -389,7 +389,7 @@ impl Core {
         let instance = self
             .instance
             .get_or_try_init(|| async {
-                match ctx.lease.shared.store.instance_id().await {
+                match ctx.lease.store().instance_id().await {
                     Ok(Some(id)) => Ok(id),
                     Ok(None) => Err(HandlerError::retry(
                         "the outbox has no instance id (schema older than version 2)",

@@ -2,6 +2,7 @@
 //! [`Running`] workers with graceful shutdown.
 
 pub(crate) mod failure;
+pub(crate) mod lease;
 mod processor;
 mod scheduler;
 mod sequencer;

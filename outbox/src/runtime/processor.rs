@@ -21,18 +21,16 @@ use tracing::Instrument;
 
 use super::Shared;
 use super::failure::{self, Failed};
+use super::lease::Lease;
 use super::worker::Next;
 use crate::error::HandlerError;
 use crate::handler::{
-    Call, HandlerFuture, Lease, LeaseContext, LeaseState, LeasedBatchFn, LeasedFn, Mode, TxBatchFn,
-    TxFn,
+    Call, HandlerFuture, LeaseContext, LeasedBatchFn, LeasedFn, Mode, TxBatchFn, TxFn,
 };
 use crate::metrics;
 use crate::profile::Tuning;
 use crate::queue::{Message, PoisonPolicy};
-use crate::storage::{
-    CursorKey, CursorRow, Fence, Outcome, StoredMessage, Verdict, WriteTxn, now_ms,
-};
+use crate::storage::{CursorKey, CursorRow, Fence, Outcome, StoredMessage, Verdict, WriteTxn};
 use crate::trace;
 
 /// One handler as the runtime runs it.
@@ -342,16 +340,7 @@ impl Processor {
 
     /// Runs one leased handler call until the lease's deadline, which `renew` may move.
     async fn call_leased(&self, fut: HandlerFuture<'_>, lease: &Lease) -> Result<(), CallError> {
-        let watchdog = async {
-            loop {
-                let deadline = lease.deadline();
-                tokio::time::sleep_until(deadline).await;
-                if lease.deadline() <= deadline {
-                    return;
-                }
-            }
-        };
-        self.guarded(fut, watchdog, || CallError::Limit {
+        self.guarded(fut, lease.expired(), || CallError::Limit {
             budget: false,
             what: "lease deadline reached (lease end minus headroom)".to_owned(),
         })
@@ -834,30 +823,19 @@ impl Processor {
             }
             // Attempts left: redeliver now, with the attempt raised.
         }
-        let token = new_token();
-        let started = Instant::now();
-        store
-            .take_lease(
-                &*claim_txn,
-                key,
-                &token,
-                &self.owner,
-                self.tuning.lease,
-                attempts,
-            )
-            .await?;
+        let lease = Lease::take(
+            &self.shared,
+            &*claim_txn,
+            &self.queue,
+            &self.handler,
+            partition,
+            &self.owner,
+            &self.tuning,
+            attempts,
+        )
+        .await?;
         claim_txn.commit().await?;
 
-        let lease = Arc::new(Lease {
-            shared: self.shared.clone(),
-            token: token.clone(),
-            length: self.tuning.lease,
-            headroom: self.tuning.lease_headroom,
-            state: Mutex::new(LeaseState {
-                deadline: started + self.tuning.lease.saturating_sub(self.tuning.lease_headroom),
-                expires_at_ms: now_ms() + self.tuning.lease.as_millis() as i64,
-            }),
-        });
         let span = tracing::info_span!("outbox.batch", queue = %self.queue, handler = %self.handler,
             partition, first_seq = first.seq, last_seq = last.seq, attempt = attempts + 1, mode = "leased");
         async {
@@ -933,13 +911,7 @@ impl Processor {
                     }
                 }
             }
-            // SQLite: the ack may wait behind the engine's own writer; judge it by when it was
-            // asked for (one host, one clock). Elsewhere the database's clock judges it.
-            let judged_at = store.is_sqlite().then(now_ms);
-            let fence = Fence::Lease {
-                token: &token,
-                judged_at,
-            };
+            let fence = lease.fence();
             let head_attempts = if handled == 0 { attempts } else { 0 };
             let mine = batch.iter().filter(|m| self.mine(m)).count();
             let (recorded, progress, more) = match failure {
@@ -1040,7 +1012,7 @@ fn seq_before(batch: &[StoredMessage], seq: i64, start: i64) -> i64 {
 }
 
 /// A lease token or claim marker: 128 random bits, not derivable from ids.
-fn new_token() -> String {
+pub(super) fn new_token() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
