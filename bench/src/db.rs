@@ -209,24 +209,9 @@ impl FreshDb {
     }
 }
 
-/// Executes raw SQL with `?` placeholders (rewritten to `$n` for PostgreSQL).
-pub(crate) fn stmt(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
-    if backend != DbBackend::Postgres {
-        return Statement::from_sql_and_values(backend, sql, values);
-    }
-    let mut out = String::with_capacity(sql.len() + 16);
-    let mut n = 0;
-    for c in sql.chars() {
-        if c == '?' {
-            n += 1;
-            out.push('$');
-            out.push_str(&n.to_string());
-        } else {
-            out.push(c);
-        }
-    }
-    Statement::from_sql_and_values(backend, out, values)
-}
+/// Raw SQL with `?` placeholders (rewritten to `$n` for PostgreSQL), as the engine writes its
+/// own.
+pub(crate) use outbox::__workspace::statement as stmt;
 
 /// A write transaction as the raw ceilings take it: `BEGIN IMMEDIATE` on SQLite, READ COMMITTED
 /// on MySQL/MariaDB (as the engine does), the default on PostgreSQL.

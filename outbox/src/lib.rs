@@ -61,6 +61,14 @@ pub use typed::{
 #[doc(inline)]
 pub use outbox_macros::{handler, queue};
 
+/// Helpers for this workspace's own tools (`outbox-bench`), so they do not copy the engine.
+///
+/// **Not public API**: no semver promise; may change or go in any release.
+#[doc(hidden)]
+pub mod __workspace {
+    pub use crate::storage::statement;
+}
+
 /// Support for the code that `#[outbox::queue]` and `#[outbox::handler]` generate.
 ///
 /// **Not public API.** Nothing here is covered by semver: it may change in any release, in step

@@ -263,7 +263,7 @@ pub(crate) async fn exec<C: ConnectionTrait>(c: &C, s: Statement) -> Result<u64,
 
 /// A statement from SQL written with `?` placeholders, rewritten to `$n` on PostgreSQL. Every
 /// value is bound, never spliced.
-pub(crate) fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
+pub fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
     if backend != DbBackend::Postgres {
         return Statement::from_sql_and_values(backend, sql, values);
     }
