@@ -239,13 +239,6 @@ impl Outbox {
             .next()
             .ok_or_else(|| Error::UnknownQueue(queue.to_owned()))
     }
-
-    /// Creates the outbox tables if they do not exist (idempotent, safe from several processes
-    /// at once). [`Builder::connect`](crate::Builder::connect) and `start` do it too.
-    pub async fn migrate(&self) -> Result<(), Error> {
-        self.store().migrate().await?;
-        Ok(())
-    }
 }
 
 /// How long no process has served a handler, `None` while one does.

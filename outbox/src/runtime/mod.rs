@@ -5,6 +5,7 @@ pub(crate) mod failure;
 pub(crate) mod lease;
 mod processor;
 mod scheduler;
+mod schema;
 mod sequencer;
 mod vacuum;
 mod wake;
@@ -517,24 +518,6 @@ impl Outbox {
                 handler: handler.to_owned(),
                 seen_ms_ago,
             }),
-        }
-    }
-
-    /// The id of this outbox: random, created once with the schema, the same for every process
-    /// on this database and table prefix. Relays use it to build message ids that stay unique
-    /// if the outbox tables are ever created anew.
-    pub async fn instance_id(&self) -> Result<String, Error> {
-        let store = &self.shared.store;
-        match store.instance_id().await {
-            Ok(Some(id)) => Ok(id),
-            Ok(None) | Err(_) => {
-                let found = store.schema_version().await?;
-                Err(Error::SchemaOutdated {
-                    found,
-                    expected: SCHEMA_VERSION,
-                    migration: migration_name(found.unwrap_or(0) + 1),
-                })
-            }
         }
     }
 
