@@ -7,7 +7,8 @@ use syn::meta::ParseNestedMeta;
 use syn::parse::Parser;
 use syn::spanned::Spanned;
 
-use crate::check::{self, Errors};
+use crate::check::Errors;
+use crate::names;
 
 /// Argument names, written once.
 pub(crate) mod sym {
@@ -176,7 +177,7 @@ fn name(
         return Ok(None);
     };
     let value = lit.value();
-    if let Some(why) = check::name_problem(&value) {
+    if let Some(why) = names::name_problem(&value) {
         errors.at(
             lit.span(),
             format_args!("invalid {kind} name `{value}`: {why}"),
@@ -294,7 +295,7 @@ impl QueueArgs {
             match key.as_str() {
                 sym::PARTITIONS => {
                     out.partitions_written = true;
-                    let v = int(meta, &key, 1, check::MAX_PARTITIONS, errors)?;
+                    let v = int(meta, &key, 1, u64::from(names::MAX_PARTITIONS), errors)?;
                     set(&mut out.partitions, v, &key, span, errors);
                 }
                 sym::NAME => {

@@ -41,47 +41,6 @@ impl Errors {
     }
 }
 
-/// Largest partition count (keep in step with `outbox::MAX_PARTITIONS`).
-pub(crate) const MAX_PARTITIONS: u64 = 4096;
-
-/// Why `name` is not a valid queue or handler name (keep in step with
-/// `outbox::validate_name`).
-pub(crate) fn name_problem(name: &str) -> Option<&'static str> {
-    if name.is_empty() {
-        Some("must not be empty")
-    } else if name.len() > 64 {
-        Some("must be at most 64 characters")
-    } else if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
-        Some("must start with an ASCII letter")
-    } else if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    {
-        Some("may contain only ASCII letters, digits, `_`, `-` and `.`")
-    } else {
-        None
-    }
-}
-
-/// Most `#[outbox(header)]` fields of one message (keep in step with `outbox::MAX_HEADERS`).
-pub(crate) const MAX_HEADERS: usize = 32;
-
-/// Why `name` is not a valid header name (keep in step with `outbox::Headers::validate`).
-pub(crate) fn header_name_problem(name: &str) -> Option<&'static str> {
-    if name.is_empty() {
-        Some("must not be empty")
-    } else if name.len() > 128 {
-        Some("must be at most 128 bytes")
-    } else if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    {
-        Some("may contain only ASCII letters, digits, `-`, `_` and `.`")
-    } else {
-        None
-    }
-}
-
 /// `OrderPlaced` → `order_placed`, `HTTPRequest` → `http_request`, `V2Event` → `v2_event`.
 pub(crate) fn snake_case(ident: &str) -> String {
     let chars: Vec<char> = ident.chars().collect();

@@ -5,7 +5,8 @@ use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
 
 use crate::args::{HandlerArgs, Mode};
-use crate::check::{self, Errors};
+use crate::check::Errors;
+use crate::names;
 use crate::paths;
 
 /// What the checks learned about the fn.
@@ -264,7 +265,7 @@ fn register(
     let fn_name = ident.to_string();
     let fn_name = fn_name.strip_prefix("r#").unwrap_or(&fn_name).to_owned();
     let name = args.name.as_ref().map_or(fn_name, |n| n.value.clone());
-    debug_assert!(check::name_problem(&name).is_none() || args.name.is_none());
+    debug_assert!(names::name_problem(&name).is_none() || args.name.is_none());
     let lt = syn::Lifetime::new("'__outbox_a", Span::call_site());
     let batch = args.batch.is_some();
     let (cx_ty, wrap, mode_tokens) = match (mode, batch) {

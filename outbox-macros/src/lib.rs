@@ -7,6 +7,7 @@
 mod args;
 mod check;
 mod handler;
+mod names;
 mod paths;
 mod queue;
 

@@ -6,6 +6,7 @@ use syn::spanned::Spanned;
 
 use crate::args::{Knobs, Poison, QueueArgs, sym};
 use crate::check::{self, Errors};
+use crate::names;
 use crate::paths;
 
 /// The routing key: a field access on `self`.
@@ -69,7 +70,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
             format_args!(
                 "`#[outbox::queue]` requires `{} = N` (1 to {}), as in `#[outbox::queue(partitions = 8)]`",
                 sym::PARTITIONS,
-                check::MAX_PARTITIONS
+                names::MAX_PARTITIONS
             ),
         );
     }
@@ -160,11 +161,12 @@ fn header_name(
         );
         return Ok(None);
     };
-    if let Some(problem) = check::header_name_problem(&name) {
+    if let Some(problem) = names::header_name_problem(&name) {
+        let rule = problem.rule();
         if name.is_empty() {
-            errors.at(span, format_args!("a header name {problem}"));
+            errors.at(span, format_args!("a header name {rule}"));
         } else {
-            errors.at(span, format_args!("header name `{name}` {problem}"));
+            errors.at(span, format_args!("header name `{name}` {rule}"));
         }
         return Ok(None);
     }
@@ -232,13 +234,13 @@ fn take_keys<'a>(
                         format!("first header `{name}` here"),
                     ));
                     errors.push(e);
-                } else if headers.len() == check::MAX_HEADERS {
+                } else if headers.len() == names::MAX_HEADERS {
                     errors.at(
                         span,
                         format_args!(
                             "more than {} `#[outbox(header)]` fields; a message carries at most {} headers",
-                            check::MAX_HEADERS,
-                            check::MAX_HEADERS
+                            names::MAX_HEADERS,
+                            names::MAX_HEADERS
                         ),
                     );
                 } else {

@@ -4,12 +4,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::names::{self, HeaderNameProblem};
+
 /// Most headers a message may carry (trace context added by the `opentelemetry` feature comes
 /// on top of these).
-pub const MAX_HEADERS: usize = 32;
+pub const MAX_HEADERS: usize = names::MAX_HEADERS;
 
 /// Longest header name, in bytes.
-pub const MAX_HEADER_NAME_BYTES: usize = 128;
+pub const MAX_HEADER_NAME_BYTES: usize = names::MAX_HEADER_NAME_BYTES;
 
 /// Longest header value, in bytes (a W3C `tracestate` may be 512).
 pub const MAX_HEADER_VALUE_BYTES: usize = 1024;
@@ -62,7 +64,7 @@ pub enum HeaderError {
         limit: usize,
     },
     /// A header name with a character other than ASCII letters, digits, `-`, `_` and `.`.
-    #[error("header name `{name}` may contain only ASCII letters, digits, `-`, `_` and `.`")]
+    #[error("header name `{name}` {}", HeaderNameProblem::BadCharacter.rule())]
     BadName {
         /// The name (with the offending characters escaped).
         name: String,
@@ -167,29 +169,24 @@ impl Headers {
 }
 
 fn check_name(name: &str) -> Result<(), HeaderError> {
-    if name.is_empty() {
-        return Err(HeaderError::EmptyName);
-    }
-    if name.len() > MAX_HEADER_NAME_BYTES {
-        let mut cut = MAX_HEADER_NAME_BYTES;
-        while !name.is_char_boundary(cut) {
-            cut -= 1;
+    match names::header_name_problem(name) {
+        None => Ok(()),
+        Some(HeaderNameProblem::Empty) => Err(HeaderError::EmptyName),
+        Some(HeaderNameProblem::TooLong) => {
+            let mut cut = MAX_HEADER_NAME_BYTES;
+            while !name.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            Err(HeaderError::NameTooLong {
+                name: name[..cut].to_owned(),
+                len: name.len(),
+                limit: MAX_HEADER_NAME_BYTES,
+            })
         }
-        return Err(HeaderError::NameTooLong {
-            name: name[..cut].to_owned(),
-            len: name.len(),
-            limit: MAX_HEADER_NAME_BYTES,
-        });
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err(HeaderError::BadName {
+        Some(HeaderNameProblem::BadCharacter) => Err(HeaderError::BadName {
             name: name.escape_default().to_string(),
-        });
+        }),
     }
-    Ok(())
 }
 
 fn check_value(name: &str, value: &str) -> Result<(), HeaderError> {

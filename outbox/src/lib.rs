@@ -8,6 +8,7 @@ mod handler;
 mod headers;
 pub mod inbox;
 pub mod metrics;
+mod names;
 #[cfg(feature = "migration")]
 #[cfg_attr(docsrs, doc(cfg(feature = "migration")))]
 pub mod migration;

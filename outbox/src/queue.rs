@@ -6,10 +6,11 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::InvalidName;
 use crate::headers::Headers;
+use crate::names;
 use crate::profile::Overrides;
 
 /// Largest partition count of a queue.
-pub const MAX_PARTITIONS: u32 = 4096;
+pub const MAX_PARTITIONS: u32 = names::MAX_PARTITIONS;
 
 /// Default limit of a payload, in bytes (1 MiB). Change it with
 /// [`Builder::max_payload_bytes`](crate::Builder::max_payload_bytes).
@@ -93,20 +94,7 @@ impl QueueSpec {
 /// Checks a queue or handler name: 1 to 64 ASCII letters, digits, `_`, `-`, `.`, starting with
 /// a letter.
 pub fn validate_name(kind: &'static str, name: &str) -> Result<(), InvalidName> {
-    let reason = if name.is_empty() {
-        Some("must not be empty")
-    } else if name.len() > 64 {
-        Some("must be at most 64 characters")
-    } else if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
-        Some("must start with an ASCII letter")
-    } else if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-    {
-        Some("may contain only ASCII letters, digits, `_`, `-` and `.`")
-    } else {
-        None
-    };
+    let reason = names::name_problem(name);
     match reason {
         None => Ok(()),
         Some(reason) => Err(InvalidName {
