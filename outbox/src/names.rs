@@ -71,3 +71,35 @@ pub(crate) fn header_name_problem(name: &str) -> Option<HeaderNameProblem> {
 fn allowed_in_name(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_and_handler_names() {
+        assert_eq!(name_problem("order_placed"), None);
+        assert_eq!(name_problem("a.b-c_9"), None);
+        assert_eq!(name_problem(&"x".repeat(64)), None);
+        assert!(name_problem("").is_some());
+        assert!(name_problem("1x").is_some());
+        assert!(name_problem("a b").is_some());
+        assert!(name_problem("é").is_some());
+        assert!(name_problem(&"x".repeat(65)).is_some());
+    }
+
+    #[test]
+    fn header_names() {
+        assert_eq!(header_name_problem("trace-id"), None);
+        assert_eq!(header_name_problem("1.x_Y"), None);
+        assert_eq!(header_name_problem(""), Some(HeaderNameProblem::Empty));
+        assert_eq!(
+            header_name_problem(&"h".repeat(129)),
+            Some(HeaderNameProblem::TooLong)
+        );
+        assert_eq!(
+            header_name_problem("a:b"),
+            Some(HeaderNameProblem::BadCharacter)
+        );
+    }
+}
