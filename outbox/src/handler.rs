@@ -187,7 +187,7 @@ pub struct LeaseContext {
     pub(crate) handler: Arc<str>,
     pub(crate) partition: u32,
     pub(crate) seq: i64,
-    pub(crate) attempt: u64,
+    pub(crate) attempt: u32,
     pub(crate) lease: Arc<crate::runtime::lease::Lease>,
 }
 
@@ -215,7 +215,7 @@ impl LeaseContext {
 
     /// Which attempt this delivery is, starting at 1. Raised after a failure and after a
     /// lease that expired without an ack (a crashed or stalled worker).
-    pub fn attempt(&self) -> u64 {
+    pub fn attempt(&self) -> u32 {
         self.attempt
     }
 

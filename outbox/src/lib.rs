@@ -8,10 +8,10 @@ mod handler;
 mod headers;
 pub mod inbox;
 pub mod metrics;
-mod names;
 #[cfg(feature = "migration")]
 #[cfg_attr(docsrs, doc(cfg(feature = "migration")))]
 pub mod migration;
+mod names;
 mod profile;
 mod queue;
 pub mod relay;

@@ -285,8 +285,8 @@ impl Tuning {
 
     /// Retry delay after the `attempts`-th failure: `base * 2^(attempts-1)` capped at `max`,
     /// then a random point in its upper half (jitter).
-    pub fn backoff(&self, attempts: u64) -> Duration {
-        let exp = attempts.saturating_sub(1).min(32) as u32;
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let exp = attempts.saturating_sub(1).min(32);
         let raw = self
             .backoff_base
             .saturating_mul(1u32 << exp.min(31))
@@ -328,7 +328,7 @@ mod tests {
         let t = Profile::Default
             .tuning()
             .with(&Overrides::NONE.backoff_base(ms(100)).backoff_max(ms(1_000)));
-        for attempts in 1..40u64 {
+        for attempts in 1..40u32 {
             let d = t.backoff(attempts);
             let raw = ms(100)
                 .saturating_mul(1 << (attempts - 1).min(31))

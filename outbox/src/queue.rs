@@ -249,7 +249,7 @@ pub struct Message {
     pub(crate) seq: i64,
     pub(crate) payload: Vec<u8>,
     pub(crate) enqueued_at_ms: i64,
-    pub(crate) attempt: u64,
+    pub(crate) attempt: u32,
     pub(crate) headers: Headers,
 }
 
@@ -281,7 +281,7 @@ impl Message {
     }
 
     /// Which attempt this delivery is, starting at 1.
-    pub fn attempt(&self) -> u64 {
+    pub fn attempt(&self) -> u32 {
         self.attempt
     }
 

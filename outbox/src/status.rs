@@ -33,8 +33,8 @@ use serde::Serialize;
 use crate::error::Error;
 use crate::queue::validate_name;
 use crate::runtime::Outbox;
-use crate::storage::STALE_AFTER_HEARTBEATS;
 use crate::storage::status::StatusRows;
+use crate::storage::{STALE_AFTER_HEARTBEATS, attempts_from_db};
 
 /// The state of every queue of one outbox, read at [`taken_at_ms`](Status::taken_at_ms).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -190,7 +190,7 @@ pub struct PartitionStatus {
     /// holder crashed or stalled; the next claim takes it over).
     pub lease: Option<Lease>,
     /// Failed attempts of the head message.
-    pub attempts: i64,
+    pub attempts: u32,
     /// When the head is retried, if it waits for a retry (ms since the Unix epoch).
     pub retry_at_ms: Option<i64>,
     /// Whether a poisoned head blocks the partition (block policy) until an operator acts.
@@ -373,7 +373,7 @@ fn build(rows: &StatusRows) -> Status {
             oldest_unhandled_at_ms: oldest,
             lag_ms,
             lease,
-            attempts: c.attempts,
+            attempts: attempts_from_db(c.attempts),
             retry_at_ms,
             blocked: c.blocked,
             last_error: c.last_error.clone(),

@@ -308,7 +308,7 @@ pub struct Delivery {
     /// Payload as text.
     pub body: String,
     /// Attempt number.
-    pub attempt: u64,
+    pub attempt: u32,
 }
 
 impl Seen {

@@ -74,7 +74,7 @@ async fn hostile_error_texts_are_stored_and_counted(t: Arc<TestDb>) {
     })
     .await;
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    let attempts: Vec<u64> = seen.all().iter().map(|d| d.attempt).collect();
+    let attempts: Vec<u32> = seen.all().iter().map(|d| d.attempt).collect();
     assert_eq!(attempts, [1, 2], "each failure counted once");
     let dead = rt
         .dead_letters(&DeadLetterFilter::all(), 0, 10)
@@ -129,7 +129,7 @@ async fn a_transaction_rolled_back_behind_the_handler_is_a_failure(t: Arc<TestDb
     })
     .await;
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    let attempts: Vec<u64> = seen.all().iter().map(|d| d.attempt).collect();
+    let attempts: Vec<u32> = seen.all().iter().map(|d| d.attempt).collect();
     assert_eq!(attempts, [1, 2]);
     assert_eq!(
         effects(&db).await.len(),
@@ -206,7 +206,7 @@ async fn a_swallowed_database_error_counts_as_a_failed_attempt(t: Arc<TestDb>) {
     })
     .await;
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    let attempts: Vec<u64> = seen.all().iter().map(|d| d.attempt).collect();
+    let attempts: Vec<u32> = seen.all().iter().map(|d| d.attempt).collect();
     assert_eq!(attempts, [1, 2], "the swallowed error counted as attempt 1");
     assert_eq!(
         effects(&db).await.len(),
@@ -299,7 +299,7 @@ async fn a_failure_inside_a_batch_counts_once_for_its_message(t: Arc<TestDb>) {
     })
     .await;
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    let of = |body: &str| -> Vec<u64> {
+    let of = |body: &str| -> Vec<u32> {
         seen.all()
             .iter()
             .filter(|d| d.body == body)

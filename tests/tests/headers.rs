@@ -16,7 +16,7 @@ use outbox_tests::{TestDb, assert_invariants, eventually, on_every_backend, scal
 const WAIT: Duration = Duration::from_secs(60);
 
 /// One delivery: (handler, body, attempt, headers).
-type Delivery = (String, String, u64, Headers);
+type Delivery = (String, String, u32, Headers);
 
 /// What handlers saw.
 #[derive(Clone, Default)]

@@ -70,7 +70,7 @@ async fn a_slow_transactional_handler_does_not_fail_producers(t: Arc<TestDb>) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     wait_drained(&rt, "slow", WAIT).await;
-    let first: Vec<u64> = seen
+    let first: Vec<u32> = seen
         .all()
         .iter()
         .filter(|d| d.body == "first")
@@ -154,7 +154,7 @@ async fn a_leased_ack_that_waited_for_the_writer_keeps_its_lease(t: Arc<TestDb>)
     tokio::time::sleep(Duration::from_secs(3)).await;
     txn.commit().await.expect("commit");
     wait_drained(&rt, "acks", WAIT).await;
-    let runs: Vec<(String, u64)> = seen
+    let runs: Vec<(String, u32)> = seen
         .all()
         .into_iter()
         .map(|d| (d.body, d.attempt))

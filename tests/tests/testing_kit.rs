@@ -9,7 +9,7 @@ use outbox::{
     DeadLetterFilter, HandlerError, HandlerSpec, NewMessage, Overrides, PoisonPolicy, QueueSpec,
 };
 
-type Log = Arc<Mutex<Vec<(String, u64)>>>;
+type Log = Arc<Mutex<Vec<(String, u32)>>>;
 
 fn leased(log: &Log) -> HandlerSpec {
     let log = log.clone();
@@ -49,7 +49,7 @@ async fn leased_faults_redeliver_with_the_attempt_raised() {
         let status = kit.run_until_idle().await.expect("idle");
         assert_eq!(status.queue("mail").map(|q| q.handlers[0].waiting), Some(0));
         let seen = log.lock().expect("log").clone();
-        let expected: Vec<(String, u64)> = match fault {
+        let expected: Vec<(String, u32)> = match fault {
             // The handler never ran on the failed attempt.
             Fault::Fail => vec![("hello".into(), 2)],
             // It ran, its ack was lost, it ran again: the side effect happened twice.

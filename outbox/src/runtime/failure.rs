@@ -11,7 +11,7 @@ use std::time::Duration;
 use crate::error::{HandlerError, full_chain};
 use crate::profile::Tuning;
 use crate::queue::PoisonPolicy;
-use crate::storage::Verdict;
+use crate::storage::{Verdict, attempts_from_db};
 
 /// The longest error text stored with a failing cursor or a dead letter, in bytes. A longer
 /// text is cut at a character boundary and ends with ` [truncated]`.
@@ -64,7 +64,7 @@ pub(crate) fn decide(
 }
 
 fn backoff(tuning: &Tuning, attempts: i64) -> Duration {
-    tuning.backoff(u64::try_from(attempts).unwrap_or(1))
+    tuning.backoff(attempts_from_db(attempts))
 }
 
 /// An error text that every backend stores as given: at most [`MAX_ERROR_BYTES`] bytes, cut

@@ -30,7 +30,9 @@ use crate::handler::{
 use crate::metrics;
 use crate::profile::Tuning;
 use crate::queue::{Message, PoisonPolicy};
-use crate::storage::{CursorKey, CursorRow, Fence, Outcome, StoredMessage, Verdict, WriteTxn};
+use crate::storage::{
+    CursorKey, CursorRow, Fence, Outcome, StoredMessage, Verdict, WriteTxn, attempts_from_db,
+};
 use crate::trace;
 
 /// One handler as the runtime runs it.
@@ -368,7 +370,11 @@ impl Processor {
             .filter(|m| self.mine(m))
             .enumerate()
             .map(|(i, m)| {
-                let attempt = if i == 0 { head_attempts as u64 + 1 } else { 1 };
+                let attempt = if i == 0 {
+                    next_attempt(head_attempts)
+                } else {
+                    1
+                };
                 m.clone().into_message(&self.queue, partition, attempt)
             })
             .collect()
@@ -526,7 +532,7 @@ impl Processor {
                             break;
                         }
                         let attempt = if handled == 0 {
-                            cur.attempts as u64 + 1
+                            next_attempt(cur.attempts)
                         } else {
                             1
                         };
@@ -843,7 +849,7 @@ impl Processor {
             let mut processed = cur.processed_seq;
             let mut handled = 0usize;
             let mut failure: Option<(usize, CallError)> = None;
-            let ctx_for = |seq: i64, attempt: u64| LeaseContext {
+            let ctx_for = |seq: i64, attempt: u32| LeaseContext {
                 queue: self.queue.clone(),
                 handler: self.handler.clone(),
                 partition,
@@ -883,7 +889,11 @@ impl Processor {
                             failure = Some((i, CallError::Interrupted));
                             break;
                         }
-                        let attempt = if handled == 0 { attempts as u64 + 1 } else { 1 };
+                        let attempt = if handled == 0 {
+                            next_attempt(attempts)
+                        } else {
+                            1
+                        };
                         let msg = m.clone().into_message(&self.queue, partition, attempt);
                         let ctx = ctx_for(m.seq, attempt);
                         let result = if lease.deadline() <= Instant::now() {
@@ -1024,4 +1034,9 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     } else {
         "non-string panic payload".to_owned()
     }
+}
+
+/// The attempt number of the next delivery after `failed` stored failed attempts (1 for none).
+fn next_attempt(failed: i64) -> u32 {
+    attempts_from_db(failed).saturating_add(1)
 }

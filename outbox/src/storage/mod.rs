@@ -256,6 +256,13 @@ pub(crate) fn col<T: sea_orm::TryGetable>(
     row.try_get_by_index::<T>(i)
 }
 
+/// An attempt count as the public API gives it: stored as a 64-bit integer, counted in `u32`
+/// like [`Tuning::max_attempts`](crate::Tuning::max_attempts) (a negative count, written by
+/// hand, reads as 0).
+pub(crate) fn attempts_from_db(stored: i64) -> u32 {
+    u32::try_from(stored.max(0)).unwrap_or(u32::MAX)
+}
+
 /// Runs `f` on any connection: shorthand for executing one statement.
 pub(crate) async fn exec<C: ConnectionTrait>(c: &C, s: Statement) -> Result<u64, DbErr> {
     Ok(c.execute_raw(s).await?.rows_affected())

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use sea_orm::{ConnectionTrait, DbErr, Value};
 
-use super::{Store, col, exec};
+use super::{Store, attempts_from_db, col, exec};
 use crate::headers::Headers;
 use crate::queue::Message;
 
@@ -25,7 +25,7 @@ pub(crate) struct StoredMessage {
 pub(crate) const VACUUM_PARTITIONS_PER_STEP: usize = 64;
 
 impl StoredMessage {
-    pub(crate) fn into_message(self, queue: &Arc<str>, partition: u32, attempt: u64) -> Message {
+    pub(crate) fn into_message(self, queue: &Arc<str>, partition: u32, attempt: u32) -> Message {
         Message {
             queue: queue.clone(),
             partition,
@@ -57,7 +57,7 @@ pub struct DeadLetter {
     /// The last error, with its sources.
     pub last_error: String,
     /// Attempts made.
-    pub attempts: i64,
+    pub attempts: u32,
     /// When the message was enqueued (ms since the Unix epoch).
     pub enqueued_at_ms: i64,
     /// When it was dead-lettered (ms since the Unix epoch).
@@ -203,7 +203,7 @@ fn dead_letter_from_row(r: &sea_orm::QueryResult) -> Result<DeadLetter, DbErr> {
         handler: col(r, 4)?,
         payload: col(r, 5)?,
         last_error: col(r, 6)?,
-        attempts: col(r, 7)?,
+        attempts: attempts_from_db(col(r, 7)?),
         enqueued_at_ms: col(r, 8)?,
         failed_at_ms: col(r, 9)?,
         headers: Headers::from_json(col::<Option<String>>(r, 10)?.as_deref()),
