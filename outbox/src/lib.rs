@@ -43,8 +43,11 @@ pub use queue::{
 pub use runtime::failure::MAX_ERROR_BYTES;
 pub use runtime::{Builder, DEFAULT_TABLE_PREFIX, Outbox, Running, SHUTDOWN_RELEASE_WINDOW};
 pub use state::{MissingState, State};
-pub use status::{HandlerStatus, Lease, PartitionStatus, QueueStatus, SCHEDULED_COUNT_CAP, Status};
-pub use storage::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
+pub use status::{
+    HandlerDepth, HandlerStatus, Lease, PartitionStatus, QueueDepth, QueueStatus,
+    SCHEDULED_COUNT_CAP, Status,
+};
+pub use storage::{DeadLetter, DeadLetterFilter};
 
 /// Re-exported so users and generated code name one sea-orm.
 pub use sea_orm;

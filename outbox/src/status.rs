@@ -221,6 +221,68 @@ pub struct Lease {
     pub expired: bool,
 }
 
+/// Counts of one handler's view of a queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HandlerDepth {
+    /// Handler name.
+    pub handler: String,
+    /// Sequenced messages this handler has not processed yet.
+    pub pending: i64,
+    /// Partitions whose head is waiting for a retry.
+    pub retrying_partitions: u32,
+    /// Partitions held by a live lease.
+    pub leased_partitions: u32,
+    /// Partitions blocked by a poisoned head (block policy).
+    pub blocked_partitions: u32,
+    /// Dead letters of this handler.
+    pub dead: i64,
+}
+
+/// Depth of one queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueDepth {
+    /// Queue name.
+    pub queue: String,
+    /// Committed messages not yet sequenced.
+    pub unsequenced: i64,
+    /// Sequenced messages still stored (not yet vacuumed).
+    pub stored: i64,
+    /// One entry per registered handler.
+    pub handlers: Vec<HandlerDepth>,
+}
+
+impl QueueDepth {
+    fn empty(queue: &str) -> Self {
+        QueueDepth {
+            queue: queue.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// The depth as a summary of a queue's status.
+    fn of(status: &QueueStatus, stored: i64) -> Self {
+        QueueDepth {
+            queue: status.name.clone(),
+            unsequenced: status.unsequenced,
+            stored,
+            handlers: status
+                .handlers
+                .iter()
+                .map(|h| HandlerDepth {
+                    handler: h.name.clone(),
+                    pending: h.pending,
+                    retrying_partitions: h.retrying_partitions,
+                    leased_partitions: h.leased_partitions,
+                    blocked_partitions: h.blocked_partitions,
+                    dead: h.dead_letters,
+                })
+                .collect(),
+        }
+    }
+}
+
 impl Outbox {
     /// The state of every registered queue, handler and partition. Only reads: a running
     /// outbox refreshes the gauges of [`metrics`](crate::metrics) from it on its own timer.
@@ -238,6 +300,19 @@ impl Outbox {
             .into_iter()
             .next()
             .ok_or_else(|| Error::UnknownQueue(queue.to_owned()))
+    }
+
+    /// Counts of a queue: unsequenced, stored, and per handler pending, retrying, leased,
+    /// blocked and dead. A summary of [`queue_status`](Outbox::queue_status) plus the count of
+    /// sequenced messages not vacuumed yet; a queue that is not registered has all counts 0.
+    pub async fn depth(&self, queue: &str) -> Result<QueueDepth, Error> {
+        let status = match self.queue_status(queue).await {
+            Ok(status) => status,
+            Err(Error::UnknownQueue(_)) => return Ok(QueueDepth::empty(queue)),
+            Err(e) => return Err(e),
+        };
+        let stored = self.store().stored(queue).await?;
+        Ok(QueueDepth::of(&status, stored))
     }
 }
 

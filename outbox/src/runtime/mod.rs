@@ -33,8 +33,8 @@ use crate::queue::{
 use crate::relay::RelaySpec;
 use crate::storage::schema::{SCHEMA_VERSION, migration_name};
 use crate::storage::{
-    CursorKey, DeadLetter, DeadLetterFilter, DueAt, InsertRow, QueueDepth, Refused, Registered,
-    RetireRefused, Store,
+    CursorKey, DeadLetter, DeadLetterFilter, DueAt, InsertRow, Refused, Registered, RetireRefused,
+    Store,
 };
 
 /// A message as the storage layer writes it.
@@ -519,13 +519,6 @@ impl Outbox {
                 seen_ms_ago,
             }),
         }
-    }
-
-    /// Counts of a queue: unsequenced, stored, and per handler pending, retrying, leased,
-    /// blocked and dead.
-    pub async fn depth(&self, queue: &str) -> Result<QueueDepth, Error> {
-        validate_name("queue", queue)?;
-        Ok(self.shared.store.depth(queue).await?)
     }
 }
 

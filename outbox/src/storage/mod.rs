@@ -12,7 +12,7 @@ pub(crate) mod status;
 pub(crate) use cursor::{
     CursorKey, CursorRow, Fence, Outcome, Refused, RetireRefused, STALE_AFTER_HEARTBEATS, Verdict,
 };
-pub use ops::{DeadLetter, DeadLetterFilter, HandlerDepth, QueueDepth};
+pub use ops::{DeadLetter, DeadLetterFilter};
 pub(crate) use ops::{InsertRow, StoredMessage};
 pub(crate) use scheduled::{DueAt, ScheduledCount};
 pub(crate) use schema::Registered;

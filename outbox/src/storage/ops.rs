@@ -132,38 +132,6 @@ impl DeadLetterFilter {
     }
 }
 
-/// Counts of one handler's view of a queue.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct HandlerDepth {
-    /// Handler name.
-    pub handler: String,
-    /// Sequenced messages this handler has not processed yet.
-    pub pending: i64,
-    /// Partitions whose head is waiting for a retry.
-    pub retrying_partitions: u32,
-    /// Partitions held by a live lease.
-    pub leased_partitions: u32,
-    /// Partitions blocked by a poisoned head (block policy).
-    pub blocked_partitions: u32,
-    /// Dead letters of this handler.
-    pub dead: i64,
-}
-
-/// Depth of one queue.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct QueueDepth {
-    /// Queue name.
-    pub queue: String,
-    /// Committed messages not yet sequenced.
-    pub unsequenced: i64,
-    /// Sequenced messages still stored (not yet vacuumed).
-    pub stored: i64,
-    /// One entry per registered handler.
-    pub handlers: Vec<HandlerDepth>,
-}
-
 /// Rows per INSERT statement: at most 500, and at most about 4 MiB of payload (MySQL's
 /// `max_allowed_packet` defaults to 16 or 64 MiB), but always at least one row.
 /// One message for `incoming`.
@@ -447,76 +415,18 @@ impl Store {
 
     // ---------------------------------------------------------------- status
 
-    pub(crate) async fn depth(&self, queue: &str) -> Result<QueueDepth, DbErr> {
-        let one = |sql: String, values: Vec<Value>| async move {
-            let row = self.db.query_one_raw(self.stmt(&sql, values)).await?;
-            row.map(|r| col::<Option<i64>>(&r, 0))
-                .transpose()
-                .map(|n| n.flatten().unwrap_or(0))
-        };
-        let unsequenced = one(
-            format!("SELECT COUNT(*) FROM {} WHERE queue = ?", self.t.incoming),
-            vec![queue.into()],
-        )
-        .await?;
-        let stored = one(
-            format!("SELECT COUNT(*) FROM {} WHERE queue = ?", self.t.outgoing),
-            vec![queue.into()],
-        )
-        .await?;
-        let rows = self
+    /// Sequenced messages of `queue` still stored (not yet vacuumed).
+    pub(crate) async fn stored(&self, queue: &str) -> Result<i64, DbErr> {
+        let sql = format!("SELECT COUNT(*) FROM {} WHERE queue = ?", self.t.outgoing);
+        let row = self
             .db
-            .query_all_raw(self.stmt(
-                &format!(
-                    "SELECT c.handler, p.last_seq - {}, c.retry_at, c.lease_expires_at, c.blocked, {} FROM {} c JOIN {} p \
-                     ON p.queue = c.queue AND p.partition_no = c.partition_no WHERE c.queue = ? ORDER BY c.handler, c.partition_no",
-                    self.greatest("c.processed_seq", "p.vacuumed_seq"),
-                    self.now_sql(),
-                    self.t.cursors, self.t.partitions
-                ),
-                vec![queue.into()],
-            ))
+            .query_one_raw(self.stmt(&sql, vec![queue.into()]))
             .await?;
-        let mut handlers: Vec<HandlerDepth> = Vec::new();
-        for r in rows {
-            let name: String = col(&r, 0)?;
-            if handlers.last().is_none_or(|h| h.handler != name) {
-                handlers.push(HandlerDepth {
-                    handler: name.clone(),
-                    ..Default::default()
-                });
-            }
-            let Some(h) = handlers.last_mut() else {
-                continue;
-            };
-            let pending: i64 = col(&r, 1)?;
-            let now: i64 = col(&r, 5)?;
-            h.pending += pending;
-            if pending > 0 && col::<i64>(&r, 2)? > now {
-                h.retrying_partitions += 1;
-            }
-            if col::<Option<i64>>(&r, 3)?.is_some_and(|e| e > now) {
-                h.leased_partitions += 1;
-            }
-            if col::<i64>(&r, 4)? != 0 {
-                h.blocked_partitions += 1;
-            }
-        }
-        for h in &mut handlers {
-            h.dead = self
-                .count_dead_letters(
-                    &DeadLetterFilter::all()
-                        .queue(queue)
-                        .handler(h.handler.clone()),
-                )
-                .await?;
-        }
-        Ok(QueueDepth {
-            queue: queue.to_owned(),
-            unsequenced,
-            stored,
-            handlers,
-        })
+        Ok(row
+            .map(|r| col::<Option<i64>>(&r, 0))
+            .transpose()?
+            .flatten()
+            .unwrap_or(0))
     }
 }
 
