@@ -226,7 +226,7 @@ pub(crate) async fn s2(
     let drained = t0.elapsed();
     let statements = sys::statements() - st0;
     rt.shutdown(GRACE).await?;
-    let depth = rt.depth(QUEUE).await?;
+    let depth = rt.outbox().depth(QUEUE).await?;
     let pending = depth.handlers.first().map_or(-1, |h| h.pending);
     let mut metrics = BTreeMap::from([
         (

@@ -234,7 +234,7 @@ async fn relay_rate(o: &Options, db: &FreshDb, kind: BrokerKind) -> Res<f64> {
         .queue(QueueSpec::new("bench", PARTITIONS))
         .start()
         .await?;
-    while sequencer.depth("bench").await?.unsequenced > 0 {
+    while sequencer.outbox().depth("bench").await?.unsequenced > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     sequencer.shutdown(Duration::from_secs(10)).await?;
@@ -382,6 +382,7 @@ async fn latency(o: &Options, db: &FreshDb, kind: BrokerKind) -> Res<(f64, f64)>
         tick.tick().await;
         let txn = pool.begin().await?;
         running
+            .outbox()
             .enqueue(
                 &txn,
                 NewMessage::new(

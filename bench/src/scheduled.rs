@@ -86,7 +86,7 @@ async fn latency(db: &FreshDb, profile: Profile, n: u64) -> Res<Vec<f64>> {
         due.push(epoch_ms(at));
         let m = NewMessage::new(QUEUE, (i % u64::from(PARTITIONS)) as u32, i.to_string())
             .deliver_at(at);
-        rt.enqueue(&pool, m).await?;
+        rt.outbox().enqueue(&pool, m).await?;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -202,7 +202,7 @@ async fn cost(db: &FreshDb, future: u64, drain: u64) -> Res<(f64, f64)> {
     let mut reads = Vec::new();
     for _ in 0..11 {
         let t = Instant::now();
-        let s = rt.queue_status(QUEUE).await?;
+        let s = rt.outbox().queue_status(QUEUE).await?;
         reads.push(t.elapsed().as_secs_f64() * 1e3);
         let shown_ok = if future as i64 > outbox::SCHEDULED_COUNT_CAP {
             s.scheduled_capped && s.scheduled == outbox::SCHEDULED_COUNT_CAP

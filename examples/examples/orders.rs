@@ -167,7 +167,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = producer.await;
     running.shutdown(Duration::from_secs(10)).await?;
 
-    let depth = running.depth(OrderPlaced::NAME).await?;
+    let depth = running.outbox().depth(OrderPlaced::NAME).await?;
     println!("left to handle after shutdown: {depth:?}");
     let stats = db
         .query_one_raw(Statement::from_string(

@@ -71,7 +71,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     loop {
         // `status()` also refreshes the depth and lag gauges (a running outbox does it every
         // `outbox::metrics::GAUGE_INTERVAL` by itself).
-        let status = running.status().await?;
+        let status = running.outbox().status().await?;
         let waiting: i64 = status
             .queues
             .iter()

@@ -71,12 +71,15 @@ async fn prepare(t: &TestDb) {
         NewMessage::new("cli", 1, vec![b'p', b'o', b'i', b's', b'o', b'n', 0xff]),
         NewMessage::new("held", 0, "poison-c"),
     ];
-    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    rt.outbox()
+        .enqueue_batch(&db, &batch)
+        .await
+        .expect("enqueue");
     eventually(
         Duration::from_secs(30),
         "dead letters and a block",
         || async {
-            let s = rt.status().await.expect("status");
+            let s = rt.outbox().status().await.expect("status");
             s.dead_letters() == 3 && s.blocked().len() == 1
         },
     )

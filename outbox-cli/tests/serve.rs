@@ -37,20 +37,23 @@ async fn serves_the_dashboard(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    rt.enqueue(
-        &db,
-        NewMessage::new("served", 1, r#"{"secret":"personal"}"#),
-    )
-    .await
-    .expect("enqueue");
+    rt.outbox()
+        .enqueue(
+            &db,
+            NewMessage::new("served", 1, r#"{"secret":"personal"}"#),
+        )
+        .await
+        .expect("enqueue");
     eventually(Duration::from_secs(30), "a dead letter", || async {
-        rt.count_dead_letters(&outbox::DeadLetterFilter::all())
+        rt.outbox()
+            .count_dead_letters(&outbox::DeadLetterFilter::all())
             .await
             .is_ok_and(|n| n == 1)
     })
     .await;
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
     let id = rt
+        .outbox()
         .dead_letters(&outbox::DeadLetterFilter::all(), 0, 1)
         .await
         .expect("list")[0]
@@ -106,7 +109,10 @@ async fn serves_the_dashboard(t: Arc<TestDb>) {
     )
     .await;
     assert_eq!(code, 403, "no login, no action");
-    assert!(rt.dead_letter(id).await.is_ok(), "nothing was discarded");
+    assert!(
+        rt.outbox().dead_letter(id).await.is_ok(),
+        "nothing was discarded"
+    );
     let (code, _) = http(&addr, "GET", "/queues/nope", "").await;
     assert_eq!(code, 404);
     // Guessing the token: ten wrong ones are refused one by one, then every attempt is

@@ -68,12 +68,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 )
             })
             .collect();
-        rt.enqueue_batch(&db, &msgs).await?;
+        rt.outbox().enqueue_batch(&db, &msgs).await?;
         sent += n;
     }
     println!("enqueued {messages} messages in {:.1?}", started.elapsed());
     loop {
-        let s = rt.status().await?;
+        let s = rt.outbox().status().await?;
         let unsequenced: i64 = s.queues.iter().map(|q| q.unsequenced).sum();
         if unsequenced == 0 {
             break;

@@ -331,19 +331,23 @@ async fn seeded(t: &TestDb) -> (outbox::Running, Arc<AtomicBool>) {
     batch.push(NewMessage::new("payments", 0, r#""poison-a""#));
     batch.push(NewMessage::new("payments", 0, r#""ok-a""#));
     batch.push(NewMessage::new("payments", 1, r#""poison-b""#));
-    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    rt.outbox()
+        .enqueue_batch(&db, &batch)
+        .await
+        .expect("enqueue");
     // Due in an hour: counted as scheduled, nowhere else.
-    rt.enqueue(
-        &db,
-        NewMessage::new("payments", 1, r#""later""#).deliver_after(Duration::from_secs(3600)),
-    )
-    .await
-    .expect("enqueue a scheduled message");
+    rt.outbox()
+        .enqueue(
+            &db,
+            NewMessage::new("payments", 1, r#""later""#).deliver_after(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("enqueue a scheduled message");
     eventually(
         WAIT,
         "4 dead letters, 2 blocked partitions, a stale handler",
         || async {
-            let Ok(s) = rt.status().await else {
+            let Ok(s) = rt.outbox().status().await else {
                 return false;
             };
             s.dead_letters() == 4
@@ -389,12 +393,13 @@ async fn every_page_and_action(t: Arc<TestDb>) {
 
     // Live refresh: a new dead letter shows up without a page load.
     b.js("window.__same_page = 42; return null;").await;
-    rt.enqueue(
-        rt.db(),
-        NewMessage::new("orders", 1, r#"{"kind":"poison","order":200}"#),
-    )
-    .await
-    .expect("enqueue");
+    rt.outbox()
+        .enqueue(
+            rt.outbox().db(),
+            NewMessage::new("orders", 1, r#"{"kind":"poison","order":200}"#),
+        )
+        .await
+        .expect("enqueue");
     let deadline = tokio::time::Instant::now() + WAIT;
     while b.text("#total-dead").await != "5" {
         assert!(
@@ -452,7 +457,14 @@ async fn every_page_and_action(t: Arc<TestDb>) {
         b.text("main").await
     );
     assert!(b.text("main").await.contains("Nothing was changed"));
-    let p0 = rt.queue_status("payments").await.expect("status").handlers[0].partitions[0].clone();
+    let p0 = rt
+        .outbox()
+        .queue_status("payments")
+        .await
+        .expect("status")
+        .handlers[0]
+        .partitions[0]
+        .clone();
     assert!(
         p0.blocked && p0.processed_seq == 0 && p0.head_seq == Some(1),
         "{p0:?}"
@@ -465,7 +477,7 @@ async fn every_page_and_action(t: Arc<TestDb>) {
     b.click_and_load("#skip-charge-0").await;
     assert!(b.text("#refusal").await.starts_with("400"));
     assert_eq!(
-        dead(&rt, DeadLetterFilter::all().queue("payments")).await,
+        dead(rt.outbox(), DeadLetterFilter::all().queue("payments")).await,
         0
     );
 
@@ -476,7 +488,7 @@ async fn every_page_and_action(t: Arc<TestDb>) {
     b.click_and_load("#skip-charge-1").await;
     assert!(b.text("#refusal").await.starts_with("403"));
     assert_eq!(
-        dead(&rt, DeadLetterFilter::all().queue("payments")).await,
+        dead(rt.outbox(), DeadLetterFilter::all().queue("payments")).await,
         0
     );
 
@@ -485,10 +497,21 @@ async fn every_page_and_action(t: Arc<TestDb>) {
     b.click_and_load("#skip-charge-1").await;
     assert_eq!(b.text("#done").await, "Done", "{}", b.text("main").await);
     assert_eq!(
-        dead(&rt, DeadLetterFilter::all().queue("payments").partition(1)).await,
+        dead(
+            rt.outbox(),
+            DeadLetterFilter::all().queue("payments").partition(1)
+        )
+        .await,
         1
     );
-    let p1 = rt.queue_status("payments").await.expect("status").handlers[0].partitions[1].clone();
+    let p1 = rt
+        .outbox()
+        .queue_status("payments")
+        .await
+        .expect("status")
+        .handlers[0]
+        .partitions[1]
+        .clone();
     assert!(
         !p1.blocked && p1.processed_seq == 1 && p1.head_seq.is_none(),
         "{p1:?}"
@@ -500,13 +523,17 @@ async fn every_page_and_action(t: Arc<TestDb>) {
     b.click_and_load("#unblock-charge-0").await;
     assert_eq!(b.text("#done").await, "Done", "{}", b.text("main").await);
     eventually(WAIT, "partition 0 drained after unblock", || async {
-        rt.queue_status("payments").await.is_ok_and(|q| {
+        rt.outbox().queue_status("payments").await.is_ok_and(|q| {
             q.handlers[0].partitions[0].processed_seq == 2 && !q.handlers[0].partitions[0].blocked
         })
     })
     .await;
     assert_eq!(
-        dead(&rt, DeadLetterFilter::all().queue("payments").partition(0)).await,
+        dead(
+            rt.outbox(),
+            DeadLetterFilter::all().queue("payments").partition(0)
+        )
+        .await,
         0
     );
 
@@ -541,6 +568,7 @@ async fn every_page_and_action(t: Arc<TestDb>) {
 
     // Detail: pretty JSON, error, attempts; then replay it (the handler is fixed now).
     let first = rt
+        .outbox()
         .dead_letters(&DeadLetterFilter::all().queue("orders").partition(1), 0, 1)
         .await
         .expect("list")[0]
@@ -557,13 +585,14 @@ async fn every_page_and_action(t: Arc<TestDb>) {
     b.click_and_load("#replay").await;
     assert_eq!(b.text("#done").await, "Done");
     assert!(matches!(
-        rt.dead_letter(first.id).await,
+        rt.outbox().dead_letter(first.id).await,
         Err(Error::DeadLetterNotFound(_))
     ));
-    assert_eq!(dead(&rt, DeadLetterFilter::all()).await, 5);
+    assert_eq!(dead(rt.outbox(), DeadLetterFilter::all()).await, 5);
 
     // The binary payload shows as hex; discard it.
     let binary = rt
+        .outbox()
         .dead_letters(&DeadLetterFilter::all().partition(3), 0, 1)
         .await
         .expect("list")[0]
@@ -578,14 +607,15 @@ async fn every_page_and_action(t: Arc<TestDb>) {
     b.click_and_load("#discard").await;
     assert_eq!(b.text("#done").await, "Done");
     assert!(matches!(
-        rt.dead_letter(binary.id).await,
+        rt.outbox().dead_letter(binary.id).await,
         Err(Error::DeadLetterNotFound(_))
     ));
-    assert_eq!(dead(&rt, DeadLetterFilter::all()).await, 4);
+    assert_eq!(dead(rt.outbox(), DeadLetterFilter::all()).await, 4);
 
     // Bulk: replay two selected, then discard one selected.
     b.goto("/dead-letters?queue=orders").await;
     let ids: Vec<i64> = rt
+        .outbox()
         .dead_letters(&DeadLetterFilter::all().queue("orders"), 0, 10)
         .await
         .expect("list")
@@ -613,7 +643,10 @@ async fn every_page_and_action(t: Arc<TestDb>) {
         "{}",
         b.text("main").await
     );
-    assert_eq!(dead(&rt, DeadLetterFilter::all().queue("orders")).await, 1);
+    assert_eq!(
+        dead(rt.outbox(), DeadLetterFilter::all().queue("orders")).await,
+        1
+    );
     b.goto("/dead-letters?queue=orders").await;
     b.client
         .find(Locator::Css(&format!("#sel-{}", ids[2])))
@@ -624,10 +657,14 @@ async fn every_page_and_action(t: Arc<TestDb>) {
         .expect("tick");
     b.click_and_load("#bulk-discard").await;
     assert!(b.text("#done-detail").await.starts_with("Discarded 1"));
-    assert_eq!(dead(&rt, DeadLetterFilter::all().queue("orders")).await, 0);
+    assert_eq!(
+        dead(rt.outbox(), DeadLetterFilter::all().queue("orders")).await,
+        0
+    );
     // The replayed messages were handled this time.
     eventually(WAIT, "replayed messages handled", || async {
-        rt.queue_status("orders")
+        rt.outbox()
+            .queue_status("orders")
             .await
             .is_ok_and(|q| q.handler("mailer").is_some_and(|h| h.pending == 0))
     })
@@ -639,7 +676,7 @@ async fn every_page_and_action(t: Arc<TestDb>) {
     b.click_and_load("#purge").await;
     assert!(b.text("#refusal").await.starts_with("400"));
     assert_eq!(
-        dead(&rt, DeadLetterFilter::all().queue("payments")).await,
+        dead(rt.outbox(), DeadLetterFilter::all().queue("payments")).await,
         1
     );
     b.goto("/dead-letters?queue=payments").await;
@@ -652,7 +689,7 @@ async fn every_page_and_action(t: Arc<TestDb>) {
         .expect("tick");
     b.click_and_load("#purge").await;
     assert_eq!(b.text("#done-detail").await, "Purged 1 dead letter(s).");
-    assert_eq!(dead(&rt, DeadLetterFilter::all()).await, 0);
+    assert_eq!(dead(rt.outbox(), DeadLetterFilter::all()).await, 0);
 
     // Retire: a handler still served is refused with 409; the stale one goes.
     b.goto("/").await;
@@ -665,7 +702,8 @@ async fn every_page_and_action(t: Arc<TestDb>) {
         b.text("main").await
     );
     assert!(
-        rt.queue_status("orders")
+        rt.outbox()
+            .queue_status("orders")
             .await
             .expect("status")
             .handler("mailer")
@@ -674,7 +712,7 @@ async fn every_page_and_action(t: Arc<TestDb>) {
     b.goto("/").await;
     b.click_and_load("#retire-orders-legacy").await;
     assert_eq!(b.text("#done").await, "Done");
-    let orders = rt.queue_status("orders").await.expect("status");
+    let orders = rt.outbox().queue_status("orders").await.expect("status");
     assert!(orders.handler("legacy").is_none(), "{orders:?}");
     assert!(orders.handler("mailer").is_some());
 
@@ -724,6 +762,7 @@ async fn read_only_hides_payloads_and_refuses_actions(t: Arc<TestDb>) {
     b.goto("/login").await;
     assert!(b.text("#refusal").await.starts_with("403"));
     let id = rt
+        .outbox()
         .dead_letters(&DeadLetterFilter::all(), 0, 1)
         .await
         .expect("list")[0]
@@ -748,8 +787,8 @@ async fn read_only_hides_payloads_and_refuses_actions(t: Arc<TestDb>) {
     }
     assert!(b.text("#refusal").await.starts_with("403"));
     assert!(b.text("main").await.contains("read-only"));
-    assert_eq!(dead(&rt, DeadLetterFilter::all()).await, 4);
-    assert!(rt.dead_letter(id).await.is_ok());
+    assert_eq!(dead(rt.outbox(), DeadLetterFilter::all()).await, 4);
+    assert!(rt.outbox().dead_letter(id).await.is_ok());
     b.close().await;
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
 }

@@ -118,7 +118,8 @@ async fn a_key_holds_while_pending_and_for_its_retention(t: Arc<TestDb>) {
     })
     .await;
     assert_eq!(
-        rt.enqueue(&db, key("after-handled"))
+        rt.outbox()
+            .enqueue(&db, key("after-handled"))
             .await
             .expect("enqueue"),
         Enqueued::Duplicate,
@@ -129,7 +130,10 @@ async fn a_key_holds_while_pending_and_for_its_retention(t: Arc<TestDb>) {
         "the key is free after the retention window",
         || async {
             // Each try writes nothing while the key is held.
-            matches!(rt.enqueue(&db, key("later")).await, Ok(Enqueued::Stored))
+            matches!(
+                rt.outbox().enqueue(&db, key("later")).await,
+                Ok(Enqueued::Stored)
+            )
         },
     )
     .await;
@@ -142,7 +146,7 @@ async fn a_key_holds_while_pending_and_for_its_retention(t: Arc<TestDb>) {
             .iter()
             .any(|b| b == "again" || b == "other-2" || b == "after-handled")
     );
-    let snap = rt.status().await.expect("status");
+    let snap = rt.outbox().status().await.expect("status");
     assert_eq!(snap.queue("dd").map(|q| q.scheduled), Some(0));
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
     assert_invariants(&db, "outbox_").await;
@@ -180,7 +184,7 @@ async fn racing_transactions_store_one_message_per_key(t: Arc<TestDb>) {
         .expect("start");
     let mut tasks = Vec::new();
     for p in 0..PRODUCERS {
-        let (db, rt) = (db.clone(), (*rt).clone());
+        let (db, rt) = (db.clone(), rt.outbox().clone());
         tasks.push(tokio::spawn(async move {
             // (key, body) of every committed Stored result.
             let mut committed: Vec<(usize, String)> = Vec::new();

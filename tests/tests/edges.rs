@@ -142,7 +142,8 @@ async fn shutdown_returns_while_a_database_call_hangs(t: Arc<TestDb>) {
             .await
             .expect("hold the row");
     }
-    rt.enqueue(&db, NewMessage::new("hang", 0, "m"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("hang", 0, "m"))
         .await
         .expect("enqueue");
     eventually(WAIT, held_by_the_other, || {
@@ -211,7 +212,10 @@ async fn the_listener_is_counted_in_the_pool(t: Arc<TestDb>) {
     let batch: Vec<_> = (0..200)
         .map(|i| NewMessage::new("pool", i % 4, format!("{i}")))
         .collect();
-    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    rt.outbox()
+        .enqueue_batch(&db, &batch)
+        .await
+        .expect("enqueue");
     wait_drained(rt.outbox(), "pool", WAIT).await;
     assert_eq!(seen.all().len(), 200);
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");

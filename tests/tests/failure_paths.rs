@@ -66,17 +66,19 @@ async fn hostile_error_texts_are_stored_and_counted(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    rt.enqueue(&db, NewMessage::new("hostile", 0, "m"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("hostile", 0, "m"))
         .await
         .expect("enqueue");
     eventually(WAIT, "the message dead-lettered", || async {
-        dead_count(&rt, "h").await == 1
+        dead_count(rt.outbox(), "h").await == 1
     })
     .await;
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
     let attempts: Vec<u32> = seen.all().iter().map(|d| d.attempt).collect();
     assert_eq!(attempts, [1, 2], "each failure counted once");
     let dead = rt
+        .outbox()
         .dead_letters(&DeadLetterFilter::all(), 0, 10)
         .await
         .expect("list");
@@ -117,13 +119,15 @@ async fn a_transaction_rolled_back_behind_the_handler_is_a_failure(t: Arc<TestDb
         .start()
         .await
         .expect("start");
-    rt.enqueue(&db, NewMessage::new("rolled", 0, "m"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("rolled", 0, "m"))
         .await
         .expect("enqueue");
     seen.wait_until(WAIT, "a second attempt", |d| d.len() >= 2)
         .await;
     eventually(WAIT, "the cursor past the message", || async {
-        rt.depth("rolled")
+        rt.outbox()
+            .depth("rolled")
             .await
             .is_ok_and(|d| d.handlers[0].pending == 0)
     })
@@ -194,13 +198,15 @@ async fn a_swallowed_database_error_counts_as_a_failed_attempt(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    rt.enqueue(&db, NewMessage::new("swallow", 0, "m"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("swallow", 0, "m"))
         .await
         .expect("enqueue");
     seen.wait_until(WAIT, "a second attempt", |d| d.len() >= 2)
         .await;
     eventually(WAIT, "the cursor past the message", || async {
-        rt.depth("swallow")
+        rt.outbox()
+            .depth("swallow")
             .await
             .is_ok_and(|d| d.handlers[0].pending == 0)
     })
@@ -289,11 +295,12 @@ async fn a_failure_inside_a_batch_counts_once_for_its_message(t: Arc<TestDb>) {
         .await
         .expect("start");
     eventually(WAIT, "two dead letters", || async {
-        dead_count(&rt, "h").await == 2
+        dead_count(rt.outbox(), "h").await == 2
     })
     .await;
     eventually(WAIT, "the partition drained", || async {
-        rt.depth("inside")
+        rt.outbox()
+            .depth("inside")
             .await
             .is_ok_and(|d| d.handlers[0].pending == 0)
     })
@@ -366,13 +373,15 @@ async fn a_commit_failure_charges_only_the_guilty_message(t: Arc<TestDb>) {
         .await
         .expect("start");
     eventually(WAIT, "the partition drained", || async {
-        rt.depth("deferred")
+        rt.outbox()
+            .depth("deferred")
             .await
             .is_ok_and(|d| d.handlers[0].pending == 0 && d.unsequenced == 0)
     })
     .await;
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
     let dead = rt
+        .outbox()
         .dead_letters(&DeadLetterFilter::all(), 0, 10)
         .await
         .expect("list");
@@ -430,11 +439,12 @@ async fn a_takeover_never_dead_letters_another_handlers_copy(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    rt.enqueue(&db, NewMessage::new("copies", 0, "m"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("copies", 0, "m"))
         .await
         .expect("enqueue");
     eventually(WAIT, "a's dead letter", || async {
-        dead_count(&rt, "a").await == 1
+        dead_count(rt.outbox(), "a").await == 1
     })
     .await;
     seen.wait_until(WAIT, "b handled the message", |d| {
@@ -452,11 +462,16 @@ async fn a_takeover_never_dead_letters_another_handlers_copy(t: Arc<TestDb>) {
         .await
         .expect("start a");
     let id = only_a
+        .outbox()
         .dead_letters(&DeadLetterFilter::all(), 0, 1)
         .await
         .expect("list")[0]
         .id;
-    only_a.replay_dead_letter(id).await.expect("replay");
+    only_a
+        .outbox()
+        .replay_dead_letter(id)
+        .await
+        .expect("replay");
     seen.wait_until(WAIT, "a handled the copy", |d| {
         d.iter().filter(|d| d.handler == "a").count() == 2
     })
@@ -482,6 +497,7 @@ async fn a_takeover_never_dead_letters_another_handlers_copy(t: Arc<TestDb>) {
         .expect("start b");
     eventually(WAIT, "b past the copy", || async {
         only_b
+            .outbox()
             .depth("copies")
             .await
             .is_ok_and(|d| d.handlers.iter().all(|h| h.pending == 0))
@@ -492,7 +508,7 @@ async fn a_takeover_never_dead_letters_another_handlers_copy(t: Arc<TestDb>) {
         .await
         .expect("shutdown");
     assert_eq!(
-        dead_count(&only_b, "b").await,
+        dead_count(only_b.outbox(), "b").await,
         0,
         "b dead-lettered a's copy"
     );

@@ -74,7 +74,10 @@ async fn connections_killed_mid_drain_lose_nothing(t: Arc<TestDb>) {
     let batch: Vec<_> = (0..n)
         .map(|i| NewMessage::new("faults", i % 4, format!("{i:05}")))
         .collect();
-    rt.enqueue_batch(&txn, &batch).await.expect("enqueue");
+    rt.outbox()
+        .enqueue_batch(&txn, &batch)
+        .await
+        .expect("enqueue");
     txn.commit().await.expect("commit");
     let admin = t.pool(1).await;
     let mut killed = 0;
@@ -83,7 +86,7 @@ async fn connections_killed_mid_drain_lose_nothing(t: Arc<TestDb>) {
         killed += kill_connections(&admin).await;
     }
     assert!(killed > 0, "no connection was killed");
-    outbox_tests::wait_drained(&rt, "faults", WAIT).await;
+    outbox_tests::wait_drained(rt.outbox(), "faults", WAIT).await;
     let rows = effects(&admin).await;
     assert_eq!(
         rows.len(),
@@ -151,14 +154,19 @@ async fn long_producer_transaction_stalls_nothing(t: Arc<TestDb>) {
     let early: Vec<_> = (0..4)
         .map(|i| NewMessage::new("faults", i % 2, format!("early-{i}")))
         .collect();
-    rt.enqueue_batch(&before, &early).await.expect("enqueue");
+    rt.outbox()
+        .enqueue_batch(&before, &early)
+        .await
+        .expect("enqueue");
     let long = db.begin().await.expect("begin");
-    rt.enqueue(&long, NewMessage::new("faults", 0, "long"))
+    rt.outbox()
+        .enqueue(&long, NewMessage::new("faults", 0, "long"))
         .await
         .expect("enqueue");
     before.commit().await.expect("commit");
     for i in 0..16 {
-        rt.enqueue(&db, NewMessage::new("faults", i % 2, format!("short-{i}")))
+        rt.outbox()
+            .enqueue(&db, NewMessage::new("faults", i % 2, format!("short-{i}")))
             .await
             .expect("enqueue");
     }
@@ -190,7 +198,8 @@ async fn queue_nobody_handles_keeps_its_messages(t: Arc<TestDb>) {
         .expect("start");
     create_effects_table(&db).await;
     for i in 0..5 {
-        rt.enqueue(&db, NewMessage::new("orphan", i % 2, "x"))
+        rt.outbox()
+            .enqueue(&db, NewMessage::new("orphan", i % 2, "x"))
             .await
             .expect("enqueue");
     }
@@ -206,10 +215,11 @@ async fn queue_nobody_handles_keeps_its_messages(t: Arc<TestDb>) {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let d = rt.depth("orphan").await.expect("depth");
+    let d = rt.outbox().depth("orphan").await.expect("depth");
     assert_eq!((d.stored, d.handlers.len()), (5, 0), "{d:?}");
     assert_eq!(
-        rt.count_dead_letters(&outbox::DeadLetterFilter::all().queue("orphan"))
+        rt.outbox()
+            .count_dead_letters(&outbox::DeadLetterFilter::all().queue("orphan"))
             .await
             .expect("count"),
         0
@@ -236,12 +246,13 @@ async fn sqlite_runs_on_a_single_connection() {
         .expect("start on one connection");
     for i in 0..20 {
         let txn = db.begin().await.expect("begin");
-        rt.enqueue(&txn, NewMessage::new("faults", i % 2, format!("{i}")))
+        rt.outbox()
+            .enqueue(&txn, NewMessage::new("faults", i % 2, format!("{i}")))
             .await
             .expect("enqueue");
         txn.commit().await.expect("commit");
     }
-    outbox_tests::wait_drained(&rt, "faults", WAIT).await;
+    outbox_tests::wait_drained(rt.outbox(), "faults", WAIT).await;
     assert_eq!(effects(&db).await.len(), 20);
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
 }
@@ -271,11 +282,12 @@ async fn large_batch_of_large_payloads(t: Arc<TestDb>) {
         .map(|i| NewMessage::new("faults", 0, vec![i; 1 << 20]))
         .collect();
     let txn = db.begin().await.expect("begin");
-    rt.enqueue_batch(&txn, &batch)
+    rt.outbox()
+        .enqueue_batch(&txn, &batch)
         .await
         .expect("enqueue 24 MiB in one transaction");
     txn.commit().await.expect("commit");
-    outbox_tests::wait_drained(&rt, "faults", WAIT).await;
+    outbox_tests::wait_drained(rt.outbox(), "faults", WAIT).await;
     let got = got.lock().expect("lock").clone();
     assert_eq!(got, (0..24u8).map(|i| (1 << 20, i)).collect::<Vec<_>>());
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");

@@ -96,21 +96,23 @@ async fn every_kind_of_handler_sees_the_headers(t: Arc<TestDb>) {
         .expect("start");
     let one = headers(&[("request-id", "r-1"), ("tenant", "acme")]);
     let two = headers(&[("request-id", "r-2"), ("note", "é \"quoted\" {json} 'x'")]);
-    rt.enqueue(&db, NewMessage::new("hdr", 0, "one").headers(one.clone()))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("hdr", 0, "one").headers(one.clone()))
         .await
         .expect("enqueue one");
     let txn = db.begin().await.expect("begin");
-    rt.enqueue_batch(
-        &txn,
-        &[
-            NewMessage::new("hdr", 1, "two")
-                .header("request-id", "r-2")
-                .header("note", "é \"quoted\" {json} 'x'"),
-            NewMessage::new("hdr", 1, "none"),
-        ],
-    )
-    .await
-    .expect("enqueue batch");
+    rt.outbox()
+        .enqueue_batch(
+            &txn,
+            &[
+                NewMessage::new("hdr", 1, "two")
+                    .header("request-id", "r-2")
+                    .header("note", "é \"quoted\" {json} 'x'"),
+                NewMessage::new("hdr", 1, "none"),
+            ],
+        )
+        .await
+        .expect("enqueue batch");
     txn.commit().await.expect("commit");
     log.wait("every handler saw the three messages", 12).await;
     for handler in ["tx", "leased", "tx-batch", "leased-batch"] {
@@ -159,28 +161,37 @@ async fn dead_letter_and_replay_keep_the_headers(t: Arc<TestDb>) {
         "traceparent",
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
     )]);
-    rt.enqueue(
-        &db,
-        NewMessage::new("hdr", 0, "poison").headers(sent.clone()),
-    )
-    .await
-    .expect("enqueue");
+    rt.outbox()
+        .enqueue(
+            &db,
+            NewMessage::new("hdr", 0, "poison").headers(sent.clone()),
+        )
+        .await
+        .expect("enqueue");
     let all = DeadLetterFilter::all();
     eventually(WAIT, "the message is dead-lettered", || async {
-        rt.count_dead_letters(&all).await.expect("count") == 1
+        rt.outbox().count_dead_letters(&all).await.expect("count") == 1
     })
     .await;
-    let dead = rt.dead_letters(&all, 0, 10).await.expect("dead letters");
+    let dead = rt
+        .outbox()
+        .dead_letters(&all, 0, 10)
+        .await
+        .expect("dead letters");
     assert_eq!(dead[0].headers, sent, "the dead letter keeps the headers");
     assert_eq!(
-        rt.dead_letter(dead[0].id)
+        rt.outbox()
+            .dead_letter(dead[0].id)
             .await
             .expect("one dead letter")
             .headers,
         sent
     );
     refuse.store(false, Ordering::SeqCst);
-    rt.replay_dead_letter(dead[0].id).await.expect("replay");
+    rt.outbox()
+        .replay_dead_letter(dead[0].id)
+        .await
+        .expect("replay");
     log.wait("the replayed message is handled", 2).await;
     let seen = log.all();
     assert_eq!(
@@ -214,6 +225,7 @@ async fn a_scheduled_message_keeps_its_headers(t: Arc<TestDb>) {
     let sent = headers(&[("request-id", "later")]);
     let txn = db.begin().await.expect("begin");
     let done = rt
+        .outbox()
         .enqueue(
             &txn,
             NewMessage::new("hdr", 0, "later")
@@ -286,7 +298,7 @@ async fn bad_headers_are_refused_and_nothing_is_written(t: Arc<TestDb>) {
             };
             // A good message first: the batch is refused as a whole.
             let batch = [NewMessage::new("hdr", 0, "good").header("ok", "1"), bad];
-            match rt.enqueue_batch(&db, &batch).await {
+            match rt.outbox().enqueue_batch(&db, &batch).await {
                 Err(EnqueueError::InvalidHeaders { queue, source }) => {
                     assert_eq!(queue, "hdr");
                     assert!(expected(&source), "unexpected {source:?}");
@@ -348,20 +360,23 @@ async fn header_fields_of_a_typed_message_reach_the_handler(t: Arc<TestDb>) {
     };
     let txn = db.begin().await.expect("begin");
     invoice("acme", "fields")
-        .enqueue_with(&rt, &txn)
+        .enqueue_with(rt.outbox(), &txn)
         .await
         .expect("enqueue fields");
     let explicit = invoice("acme", "explicit")
         .to_message()
         .expect("message")
         .headers(headers(&[("tenant-id", "override"), ("request-id", "r-9")]));
-    rt.enqueue(&txn, explicit).await.expect("enqueue explicit");
+    rt.outbox()
+        .enqueue(&txn, explicit)
+        .await
+        .expect("enqueue explicit");
     txn.commit().await.expect("commit");
 
     // A line break cannot travel in a header: typed error, nothing written.
     let txn = db.begin().await.expect("begin");
     let bad = invoice("evil\r\nX-Injected: 1", "bad")
-        .enqueue_with(&rt, &txn)
+        .enqueue_with(rt.outbox(), &txn)
         .await;
     assert!(
         matches!(bad, Err(EnqueueError::InvalidHeaders { .. })),

@@ -50,11 +50,14 @@ async fn a_handler_added_after_vacuum_starts_at_the_vacuumed_sequence(t: Arc<Tes
     let batch: Vec<_> = (0..20)
         .map(|i| NewMessage::new("late", 0, format!("m{i}")))
         .collect();
-    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    rt.outbox()
+        .enqueue_batch(&db, &batch)
+        .await
+        .expect("enqueue");
     seen.wait_until(WAIT, "20 deliveries", |d| d.len() == 20)
         .await;
     eventually(WAIT, "vacuumed", || async {
-        stored(&rt, "late").await == 0
+        stored(rt.outbox(), "late").await == 0
     })
     .await;
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
@@ -68,16 +71,17 @@ async fn a_handler_added_after_vacuum_starts_at_the_vacuumed_sequence(t: Arc<Tes
         .start()
         .await
         .expect("start with a new handler");
-    let status = rt.queue_status("late").await.expect("status");
+    let status = rt.outbox().queue_status("late").await.expect("status");
     let second = status.handler("second").expect("registered");
     assert_eq!(second.pending, 0, "no phantom pending messages");
     assert_eq!(second.lag_ms, None, "no phantom lag");
     assert_eq!(second.partitions[0].processed_seq, 20);
     assert_eq!(second.partitions[0].head_seq, None);
-    let depth = rt.depth("late").await.expect("depth");
+    let depth = rt.outbox().depth("late").await.expect("depth");
     assert!(depth.handlers.iter().all(|h| h.pending == 0), "{depth:?}");
 
-    rt.enqueue(&db, NewMessage::new("late", 0, "after"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("late", 0, "after"))
         .await
         .expect("enqueue");
     seen.wait_until(WAIT, "both handlers see the new message", |d| {
@@ -108,10 +112,10 @@ async fn a_stale_handler_is_shown_and_can_be_retired(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    let status = both.queue_status("fleet").await.expect("status");
+    let status = both.outbox().queue_status("fleet").await.expect("status");
     assert!(status.handlers.iter().all(|h| !h.is_stale()), "{status:?}");
     assert!(matches!(
-        both.retire_handler("fleet", "removed").await,
+        both.outbox().retire_handler("fleet", "removed").await,
         Err(Error::HandlerInUse { .. })
     ));
     both.shutdown(Duration::from_secs(5))
@@ -130,56 +134,64 @@ async fn a_stale_handler_is_shown_and_can_be_retired(t: Arc<TestDb>) {
     let batch: Vec<_> = (0..10)
         .map(|i| NewMessage::new("fleet", i % 2, format!("m{i}")))
         .collect();
-    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    rt.outbox()
+        .enqueue_batch(&db, &batch)
+        .await
+        .expect("enqueue");
     seen.wait_until(WAIT, "kept handles all", |d| {
         d.iter().filter(|d| d.handler == "kept").count() == 10
     })
     .await;
     eventually(WAIT, "removed marked stale", || async {
-        rt.queue_status("fleet").await.is_ok_and(|s| {
+        rt.outbox().queue_status("fleet").await.is_ok_and(|s| {
             s.handler("removed").is_some_and(|h| h.is_stale())
                 && s.handler("kept").is_some_and(|h| !h.is_stale())
         })
     })
     .await;
-    let status = rt.queue_status("fleet").await.expect("status");
+    let status = rt.outbox().queue_status("fleet").await.expect("status");
     let removed = status.handler("removed").expect("removed");
     assert!(removed.stale_for_ms.is_some_and(|ms| ms >= 0));
     assert_eq!(removed.pending, 10, "nobody handles its messages");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        stored(&rt, "fleet").await,
+        stored(rt.outbox(), "fleet").await,
         10,
         "the removed handler pins vacuum"
     );
 
     assert!(matches!(
-        rt.retire_handler("fleet", "kept").await,
+        rt.outbox().retire_handler("fleet", "kept").await,
         Err(Error::HandlerInUse { .. })
     ));
     assert!(matches!(
-        rt.retire_handler("fleet", "never").await,
+        rt.outbox().retire_handler("fleet", "never").await,
         Err(Error::HandlerNotFound { .. })
     ));
     assert!(matches!(
-        rt.retire_handler("fleet", "removed ").await,
+        rt.outbox().retire_handler("fleet", "removed ").await,
         Err(Error::InvalidName(_))
     ));
     assert_eq!(
-        rt.retire_handler("fleet", "removed").await.expect("retire"),
+        rt.outbox()
+            .retire_handler("fleet", "removed")
+            .await
+            .expect("retire"),
         2
     );
-    rt.enqueue(&db, NewMessage::new("fleet", 0, "nudge"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("fleet", 0, "nudge"))
         .await
         .expect("enqueue");
     eventually(WAIT, "vacuum moved on", || async {
-        stored(&rt, "fleet").await == 0
+        stored(rt.outbox(), "fleet").await == 0
     })
     .await;
-    let status = rt.queue_status("fleet").await.expect("status");
+    let status = rt.outbox().queue_status("fleet").await.expect("status");
     assert!(status.handler("removed").is_none());
     assert_eq!(
-        rt.count_dead_letters(&outbox::DeadLetterFilter::all())
+        rt.outbox()
+            .count_dead_letters(&outbox::DeadLetterFilter::all())
             .await
             .expect("count"),
         0
@@ -223,17 +235,20 @@ async fn the_operators_head_is_the_handlers_own_message(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    rt.enqueue(&db, NewMessage::new("heads", 0, "poison"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("heads", 0, "poison"))
         .await
         .expect("enqueue");
     eventually(WAIT, "a blocked on its head", || async {
-        rt.queue_status("heads")
+        rt.outbox()
+            .queue_status("heads")
             .await
             .is_ok_and(|s| s.handler("a").is_some_and(|h| h.blocked_partitions == 1))
     })
     .await;
     // `a` skips its poisoned head, then replays it: a copy for `a` only, at seq 2.
     let a_head = rt
+        .outbox()
         .queue_status("heads")
         .await
         .expect("status")
@@ -242,36 +257,40 @@ async fn the_operators_head_is_the_handlers_own_message(t: Arc<TestDb>) {
         .partitions[0]
         .head_seq
         .expect("a head");
-    rt.skip_head("heads", 0, "a", a_head)
+    rt.outbox()
+        .skip_head("heads", 0, "a", a_head)
         .await
         .expect("skip a's head");
     let id = rt
+        .outbox()
         .dead_letters(&outbox::DeadLetterFilter::all().handler("a"), 0, 1)
         .await
         .expect("list")[0]
         .id;
-    rt.replay_dead_letter(id).await.expect("replay");
+    rt.outbox().replay_dead_letter(id).await.expect("replay");
     seen.wait_until(WAIT, "a handles the copy", |d| {
         d.iter().filter(|d| d.handler == "a").count() == 2
     })
     .await;
     // `b` is still failing on seq 1; its head is seq 1, never the copy (seq 2).
-    let status = rt.queue_status("heads").await.expect("status");
+    let status = rt.outbox().queue_status("heads").await.expect("status");
     let b_part = &status.handler("b").expect("b").partitions[0];
     assert_eq!(b_part.head_seq, Some(1));
     assert_eq!(
         b_part.pending, 2,
         "seq 2 is a's copy but counts as stored after b's cursor"
     );
-    rt.skip_head("heads", 0, "b", 1)
+    rt.outbox()
+        .skip_head("heads", 0, "b", 1)
         .await
         .expect("skip b's head");
     // Nothing of b's is left: the copy for a is not b's head.
     assert!(matches!(
-        rt.skip_head("heads", 0, "b", 2).await,
+        rt.outbox().skip_head("heads", 0, "b", 2).await,
         Err(Error::HeadMoved { found: None, .. })
     ));
     let dead = rt
+        .outbox()
         .dead_letters(&outbox::DeadLetterFilter::all().handler("b"), 0, 10)
         .await
         .expect("list");
@@ -314,21 +333,26 @@ async fn wait_idle_returns_when_committed_work_is_handled(t: Arc<TestDb>) {
     let batch: Vec<_> = (0..300)
         .map(|i| NewMessage::new("idle", i % 4, format!("m{i}")))
         .collect();
-    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    rt.outbox()
+        .enqueue_batch(&db, &batch)
+        .await
+        .expect("enqueue");
     let overdue = std::time::SystemTime::now() - Duration::from_secs(1);
-    rt.enqueue(
-        &db,
-        NewMessage::new("idle", 0, "overdue").deliver_at(overdue),
-    )
-    .await
-    .expect("enqueue");
+    rt.outbox()
+        .enqueue(
+            &db,
+            NewMessage::new("idle", 0, "overdue").deliver_at(overdue),
+        )
+        .await
+        .expect("enqueue");
     rt.wait_idle(WAIT).await.expect("idle");
     assert_eq!(
         seen.all().len(),
         301,
         "wait_idle returned before every committed message was handled"
     );
-    rt.enqueue(&db, NewMessage::new("stuck", 0, "poison"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("stuck", 0, "poison"))
         .await
         .expect("enqueue");
     let err = rt
@@ -370,7 +394,10 @@ async fn shutdown_is_not_held_up_by_vacuum_over_many_partitions(t: Arc<TestDb>) 
     let batch: Vec<NewMessage> = (0..partitions)
         .map(|p| NewMessage::new("wide", p, "m"))
         .collect();
-    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    rt.outbox()
+        .enqueue_batch(&db, &batch)
+        .await
+        .expect("enqueue");
     eventually(Duration::from_secs(120), "every message handled", || {
         let handled = handled.clone();
         async move { handled.load(std::sync::atomic::Ordering::SeqCst) == u64::from(partitions) }

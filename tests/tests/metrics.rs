@@ -80,9 +80,9 @@ async fn metrics_have_documented_names_and_labels() {
             NewMessage::new("m", 1, "poison"),
             NewMessage::new("m", 1, "b"),
         ];
-        rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+        rt.outbox().enqueue_batch(&db, &batch).await.expect("enqueue");
         eventually(Duration::from_secs(30), "everything handled", || async {
-            let s = rt.status().await.expect("status");
+            let s = rt.outbox().status().await.expect("status");
             s.queues[0].handlers.iter().all(|h| h.waiting() == 0)
         })
         .await;

@@ -37,7 +37,8 @@ async fn application_migrator_creates_and_drops_the_schema(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start on the migrated schema");
-    rt.enqueue(&db, NewMessage::new("migrated", 0, "hello"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("migrated", 0, "hello"))
         .await
         .expect("enqueue");
     seen.wait_until(Duration::from_secs(30), "delivery", |d| d.len() == 1)

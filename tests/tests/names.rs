@@ -48,10 +48,12 @@ async fn names_differing_only_in_case_are_distinct(t: Arc<TestDb>) {
         .expect("start");
     for round in 0..3 {
         let txn = db.begin().await.expect("begin");
-        rt.enqueue(&txn, NewMessage::new("orders", 0, format!("lower-{round}")))
+        rt.outbox()
+            .enqueue(&txn, NewMessage::new("orders", 0, format!("lower-{round}")))
             .await
             .expect("enqueue orders");
-        rt.enqueue(&txn, NewMessage::new("Orders", 0, format!("upper-{round}")))
+        rt.outbox()
+            .enqueue(&txn, NewMessage::new("Orders", 0, format!("upper-{round}")))
             .await
             .expect("enqueue Orders");
         txn.commit().await.expect("commit");
@@ -66,11 +68,12 @@ async fn names_differing_only_in_case_are_distinct(t: Arc<TestDb>) {
 
     // An undeclared spelling is an unknown queue, not an alias.
     let err = rt
+        .outbox()
         .enqueue(&db, NewMessage::new("ORDERS", 0, "stray"))
         .await
         .expect_err("ORDERS is not declared");
     assert!(matches!(err, EnqueueError::UnknownQueue(q) if q == "ORDERS"));
-    let status = rt.status().await.expect("status");
+    let status = rt.outbox().status().await.expect("status");
     let names: Vec<&str> = status.queues.iter().map(|q| q.name.as_str()).collect();
     assert_eq!(names.len(), 2, "{names:?}");
     assert_eq!(status.queue("orders").expect("orders").handlers.len(), 2);
@@ -95,11 +98,13 @@ async fn name_filters_match_exactly(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    rt.enqueue(&db, NewMessage::new("orders", 0, "m"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("orders", 0, "m"))
         .await
         .expect("enqueue");
     eventually(WAIT, "a dead letter", || async {
-        rt.count_dead_letters(&DeadLetterFilter::all())
+        rt.outbox()
+            .count_dead_letters(&DeadLetterFilter::all())
             .await
             .is_ok_and(|n| n == 1)
     })
@@ -137,12 +142,13 @@ async fn name_filters_match_exactly(t: Arc<TestDb>) {
             Err(Error::InvalidName(_))
         ));
         assert!(matches!(
-            rt.purge_dead_letters(&bad).await,
+            rt.outbox().purge_dead_letters(&bad).await,
             Err(Error::InvalidName(_))
         ));
     }
     assert_eq!(
-        rt.purge_dead_letters(&DeadLetterFilter::all().queue("Orders"))
+        rt.outbox()
+            .purge_dead_letters(&DeadLetterFilter::all().queue("Orders"))
             .await
             .expect("purge"),
         0,
@@ -150,7 +156,7 @@ async fn name_filters_match_exactly(t: Arc<TestDb>) {
     );
     assert_eq!(count(DeadLetterFilter::all()).await.expect("count"), 1);
     assert!(matches!(
-        rt.queue_status("ORDERS").await,
+        rt.outbox().queue_status("ORDERS").await,
         Err(Error::UnknownQueue(_))
     ));
 }
@@ -209,7 +215,10 @@ async fn an_existing_database_is_upgraded_to_exact_names(t: Arc<TestDb>) {
         scalar(&db, "SELECT MAX(version) FROM outbox_schema_version").await,
         4
     );
-    assert_eq!(rt.instance_id().await.expect("instance id").len(), 32);
+    assert_eq!(
+        rt.outbox().instance_id().await.expect("instance id").len(),
+        32
+    );
     if db.get_database_backend() == DbBackend::MySql {
         let not_binary = scalar(
             &db,
@@ -222,7 +231,8 @@ async fn an_existing_database_is_upgraded_to_exact_names(t: Arc<TestDb>) {
     }
     seen.wait_until(WAIT, "the waiting message", |d| d.len() == 1)
         .await;
-    rt.enqueue(&db, NewMessage::new("Legacy", 0, "new"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("Legacy", 0, "new"))
         .await
         .expect("enqueue");
     seen.wait_until(WAIT, "the new queue's message", |d| d.len() == 2)

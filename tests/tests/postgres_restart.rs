@@ -38,7 +38,10 @@ async fn server_restart_mid_drain_loses_nothing(t: Arc<TestDb>) {
     let batch: Vec<_> = (0..n)
         .map(|i| NewMessage::new("restart", i % 4, format!("{i:05}")))
         .collect();
-    rt.enqueue_batch(&txn, &batch).await.expect("enqueue");
+    rt.outbox()
+        .enqueue_batch(&txn, &batch)
+        .await
+        .expect("enqueue");
     txn.commit().await.expect("commit");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let status = std::process::Command::new("sh")
@@ -56,7 +59,7 @@ async fn server_restart_mid_drain_loses_nothing(t: Arc<TestDb>) {
         async move { rt.enqueue_batch(&db, &late).await.is_ok() }
     })
     .await;
-    outbox_tests::wait_drained(&rt, "restart", Duration::from_secs(90)).await;
+    outbox_tests::wait_drained(rt.outbox(), "restart", Duration::from_secs(90)).await;
     let rows = effects(&db).await;
     assert_eq!(
         rows.len(),

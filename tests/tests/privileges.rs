@@ -156,7 +156,10 @@ async fn a_rows_only_user_runs_on_a_current_schema(t: Arc<TestDb>) {
     let batch: Vec<_> = (0..20)
         .map(|i| NewMessage::new("least", i % 2, format!("{i}")))
         .collect();
-    rt.enqueue_batch(&rw, &batch).await.expect("enqueue");
+    rt.outbox()
+        .enqueue_batch(&rw, &batch)
+        .await
+        .expect("enqueue");
     wait_drained(rt.outbox(), "least", WAIT).await;
     assert_eq!(seen.all().len(), 20);
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
@@ -229,7 +232,10 @@ async fn sequencing_goes_on_where_pg_locks_is_not_readable(t: Arc<TestDb>) {
         let batch: Vec<_> = (0..10u32)
             .map(|i| NewMessage::new("least", i % 2, format!("{round}-{i}")))
             .collect();
-        rt.enqueue_batch(&rw, &batch).await.expect("enqueue");
+        rt.outbox()
+            .enqueue_batch(&rw, &batch)
+            .await
+            .expect("enqueue");
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     wait_drained(rt.outbox(), "least", WAIT).await;

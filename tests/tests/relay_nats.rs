@@ -120,24 +120,25 @@ async fn relays_exactly_what_was_committed(db: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    let mut committed = enqueue(&running, 0, 200, 7).await;
+    let mut committed = enqueue(running.outbox(), 0, 200, 7).await;
     // A rolled-back transaction publishes nothing.
     {
-        let txn = running.db().begin().await.expect("begin");
+        let txn = running.outbox().db().begin().await.expect("begin");
         for n in 1_000..1_010 {
             let (p, body) = message(0, n);
             running
+                .outbox()
                 .enqueue(&txn, NewMessage::new("relay", p, body))
                 .await
                 .expect("enqueue");
         }
         txn.rollback().await.expect("rollback");
     }
-    committed.extend(enqueue(&running, 200, 100, 1).await);
+    committed.extend(enqueue(running.outbox(), 200, 100, 1).await);
     wait_for(&js, &stream, committed.len(), Duration::from_secs(60)).await;
     let stored = stream_messages(&js, &stream).await;
     check_delivery(&bodies(&stored), &committed).expect("delivery");
-    let instance = running.instance_id().await.expect("instance id");
+    let instance = running.outbox().instance_id().await.expect("instance id");
     for s in &stored {
         assert_eq!(s.id, format!("{instance}/relay/{}/{}", s.partition, s.seq));
         assert_eq!(s.nats_id, s.id, "Nats-Msg-Id is the stable id");
@@ -155,7 +156,7 @@ async fn relays_exactly_what_was_committed(db: Arc<TestDb>) {
         || async { local.load(std::sync::atomic::Ordering::SeqCst) == committed.len() as u64 },
     )
     .await;
-    let depth = running.depth("relay").await.expect("depth");
+    let depth = running.outbox().depth("relay").await.expect("depth");
     let relay = depth
         .handlers
         .iter()
@@ -194,18 +195,23 @@ async fn refused_message_is_dead_lettered_with_the_brokers_reason(db: Arc<TestDb
         .start()
         .await
         .expect("start");
-    let txn = running.db().begin().await.expect("begin");
+    let txn = running.outbox().db().begin().await.expect("begin");
     let msgs = [
         NewMessage::new("relay", 0, "k0:1"),
         NewMessage::new("relay", 0, vec![b'x'; 4_096]),
         NewMessage::new("relay", 0, "k0:3"),
     ];
-    running.enqueue_batch(&txn, &msgs).await.expect("enqueue");
+    running
+        .outbox()
+        .enqueue_batch(&txn, &msgs)
+        .await
+        .expect("enqueue");
     txn.commit().await.expect("commit");
     wait_for(&js, &stream, 2, Duration::from_secs(30)).await;
     let stored = stream_messages(&js, &stream).await;
     assert_eq!(bodies(&stored), ["k0:1", "k0:3"]);
     let dead = running
+        .outbox()
         .dead_letters(&DeadLetterFilter::all(), 0, 10)
         .await
         .expect("dead letters");
@@ -253,12 +259,13 @@ async fn a_full_stream_is_waited_for_not_dead_lettered(db: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    let committed = enqueue(&running, 0, 3, 3).await;
+    let committed = enqueue(running.outbox(), 0, 3, 3).await;
     wait_for(&js, &stream, 2, Duration::from_secs(30)).await;
     // JetStream answers "maximum messages exceeded" for the third: a full stream is not the
     // message's fault, so the relay keeps trying instead of dead-lettering it.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let dead = running
+        .outbox()
         .dead_letters(&DeadLetterFilter::all(), 0, 10)
         .await
         .expect("dead letters");
@@ -327,6 +334,7 @@ async fn broker_killed_and_restarted_mid_stream(db: Arc<TestDb>) {
     let stored = stream_messages(&js, &stream).await;
     check_delivery(&bodies(&stored), &committed).expect("delivery across a broker restart");
     let dead = running
+        .outbox()
         .dead_letters(&DeadLetterFilter::all(), 0, 10)
         .await
         .expect("dead letters");

@@ -153,11 +153,11 @@ async fn relays_persistent_confirmed_messages_in_order(db: Arc<TestDb>) {
     )
     .await
     .expect("bind");
-    let committed = enqueue(&running, 0, 300, 6).await;
+    let committed = enqueue(running.outbox(), 0, 300, 6).await;
     let got = receive(&ch, &queue, committed.len(), Duration::from_secs(60)).await;
     let (firsts, dups) = check_at_least_once(&got, &committed).expect("delivery");
     assert_eq!(dups, 0, "no confirm was lost, so no copy");
-    let instance = running.instance_id().await.expect("instance id");
+    let instance = running.outbox().instance_id().await.expect("instance id");
     let ids: std::collections::HashSet<String> = (0..PARTITIONS)
         .flat_map(|p| (1..=300).map(move |s| (p, s)))
         .map(|(p, s)| format!("{instance}/relay/{p}/{s}"))
@@ -236,18 +236,23 @@ async fn refused_message_is_dead_lettered_with_the_brokers_reason(db: Arc<TestDb
         .start()
         .await
         .expect("start");
-    let txn = running.db().begin().await.expect("begin");
+    let txn = running.outbox().db().begin().await.expect("begin");
     let msgs = [
         NewMessage::new("relay", 0, "k0:1"),
         NewMessage::new("relay", 0, vec![b'x'; 8_192]),
         NewMessage::new("relay", 0, "k0:3"),
     ];
-    running.enqueue_batch(&txn, &msgs).await.expect("enqueue");
+    running
+        .outbox()
+        .enqueue_batch(&txn, &msgs)
+        .await
+        .expect("enqueue");
     txn.commit().await.expect("commit");
     let got = receive(&ch, &queue, 2, Duration::from_secs(30)).await;
     let committed = ["k0:1".to_owned(), "k0:3".to_owned()];
     check_at_least_once(&got, &committed).expect("the two small messages arrive");
     let dead = running
+        .outbox()
         .dead_letters(&outbox::DeadLetterFilter::all(), 0, 10)
         .await
         .expect("dead letters");

@@ -68,6 +68,7 @@ async fn a_scheduled_message_waits_for_its_time_and_then_its_turn(t: Arc<TestDb>
         .expect("start");
     let before = db_now(&db).await;
     let done = rt
+        .outbox()
         .enqueue(
             &db,
             NewMessage::new("sch", 0, "later").deliver_after(Duration::from_millis(1500)),
@@ -75,25 +76,28 @@ async fn a_scheduled_message_waits_for_its_time_and_then_its_turn(t: Arc<TestDb>
         .await
         .expect("enqueue");
     assert!(matches!(done, Enqueued::Scheduled { .. }), "{done:?}");
-    rt.enqueue(&db, NewMessage::new("sch", 0, "now"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("sch", 0, "now"))
         .await
         .expect("enqueue");
     let past = SystemTime::now() - Duration::from_secs(60);
-    rt.enqueue(&db, NewMessage::new("sch", 0, "overdue").deliver_at(past))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("sch", 0, "overdue").deliver_at(past))
         .await
         .expect("enqueue");
     eventually(WAIT, "the immediate and overdue ones", || async {
         log.all().len() == 2
     })
     .await;
-    let status = rt.queue_status("sch").await.expect("status");
+    let status = rt.outbox().queue_status("sch").await.expect("status");
     assert_eq!(
         status.scheduled, 1,
         "the later one waits, counted as scheduled"
     );
     assert!(status.next_due_at_ms.is_some_and(|d| d >= before + 1500));
     eventually(WAIT, "the later one", || async { log.all().len() == 3 }).await;
-    rt.enqueue(&db, NewMessage::new("sch", 0, "after"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("sch", 0, "after"))
         .await
         .expect("enqueue");
     eventually(WAIT, "the last one", || async { log.all().len() == 4 }).await;
@@ -110,7 +114,14 @@ async fn a_scheduled_message_waits_for_its_time_and_then_its_turn(t: Arc<TestDb>
         "scheduled 1500 ms ahead, handled {} ms after enqueue (database clock)",
         later_at - before
     );
-    assert_eq!(rt.queue_status("sch").await.expect("status").scheduled, 0);
+    assert_eq!(
+        rt.outbox()
+            .queue_status("sch")
+            .await
+            .expect("status")
+            .scheduled,
+        0
+    );
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
     assert_invariants(&db, "outbox_").await;
 }
@@ -134,43 +145,68 @@ async fn a_scheduled_message_can_be_cancelled(t: Arc<TestDb>) {
     let later = |body: &str| {
         NewMessage::new("cxl", 0, body.to_owned()).deliver_after(Duration::from_secs(2))
     };
-    let Enqueued::Scheduled { id } = rt.enqueue(&db, later("by-id")).await.expect("enqueue") else {
+    let Enqueued::Scheduled { id } = rt
+        .outbox()
+        .enqueue(&db, later("by-id"))
+        .await
+        .expect("enqueue")
+    else {
         panic!("not scheduled");
     };
     let keyed = rt
+        .outbox()
         .enqueue(&db, later("by-key").dedup_key("reminder-9"))
         .await
         .expect("enqueue");
     assert!(matches!(keyed, Enqueued::Scheduled { .. }));
     assert_eq!(
-        rt.enqueue(&db, later("dup").dedup_key("reminder-9"))
+        rt.outbox()
+            .enqueue(&db, later("dup").dedup_key("reminder-9"))
             .await
             .expect("enqueue"),
         Enqueued::Duplicate,
         "a scheduled message holds its key"
     );
-    rt.enqueue(&db, later("kept")).await.expect("enqueue");
-    assert_eq!(rt.queue_status("cxl").await.expect("status").scheduled, 3);
+    rt.outbox()
+        .enqueue(&db, later("kept"))
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        rt.outbox()
+            .queue_status("cxl")
+            .await
+            .expect("status")
+            .scheduled,
+        3
+    );
 
-    assert!(rt.cancel_scheduled(id).await.expect("cancel"));
-    assert!(!rt.cancel_scheduled(id).await.expect("cancel twice"));
+    assert!(rt.outbox().cancel_scheduled(id).await.expect("cancel"));
     assert!(
-        rt.cancel_scheduled_by_key("cxl", "reminder-9")
+        !rt.outbox()
+            .cancel_scheduled(id)
+            .await
+            .expect("cancel twice")
+    );
+    assert!(
+        rt.outbox()
+            .cancel_scheduled_by_key("cxl", "reminder-9")
             .await
             .expect("cancel by key")
     );
     assert!(
-        !rt.cancel_scheduled_by_key("cxl", "no-such-key")
+        !rt.outbox()
+            .cancel_scheduled_by_key("cxl", "no-such-key")
             .await
             .expect("cancel unknown")
     );
     assert_eq!(
-        rt.enqueue(
-            &db,
-            NewMessage::new("cxl", 1, "reused").dedup_key("reminder-9")
-        )
-        .await
-        .expect("enqueue"),
+        rt.outbox()
+            .enqueue(
+                &db,
+                NewMessage::new("cxl", 1, "reused").dedup_key("reminder-9")
+            )
+            .await
+            .expect("enqueue"),
         Enqueued::Stored,
         "the cancelled message's key is free"
     );
@@ -181,6 +217,7 @@ async fn a_scheduled_message_can_be_cancelled(t: Arc<TestDb>) {
     bodies.sort();
     assert_eq!(bodies, ["kept", "reused"]);
     let Enqueued::Scheduled { id: gone } = rt
+        .outbox()
         .enqueue(
             &db,
             NewMessage::new("cxl", 0, "due").deliver_after(Duration::ZERO),
@@ -192,7 +229,7 @@ async fn a_scheduled_message_can_be_cancelled(t: Arc<TestDb>) {
     };
     seen.wait_until(WAIT, "the due one", |d| d.len() == 3).await;
     assert!(
-        !rt.cancel_scheduled(gone).await.expect("cancel"),
+        !rt.outbox().cancel_scheduled(gone).await.expect("cancel"),
         "already delivered"
     );
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
@@ -219,19 +256,25 @@ async fn future_messages_stay_out_of_the_pipeline(t: Arc<TestDb>) {
     let batch: Vec<NewMessage> = (0..2_000)
         .map(|i| NewMessage::new("fut", i % 4, format!("f{i}")).deliver_at(far))
         .collect();
-    let done = rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    let done = rt
+        .outbox()
+        .enqueue_batch(&db, &batch)
+        .await
+        .expect("enqueue");
     assert!(done.iter().all(|d| matches!(d, Enqueued::Scheduled { .. })));
-    rt.enqueue(&db, NewMessage::new("fut", 0, "now"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("fut", 0, "now"))
         .await
         .expect("enqueue");
     seen.wait_until(WAIT, "the immediate one", |d| d.len() == 1)
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(seen.all().len(), 1, "no future message was delivered");
-    let q = rt.queue_status("fut").await.expect("status");
+    let q = rt.outbox().queue_status("fut").await.expect("status");
     assert_eq!(q.scheduled, 2_000);
     assert_eq!(q.unsequenced, 0);
     let err = rt
+        .outbox()
         .enqueue(
             &db,
             NewMessage::new("fut", 0, "old")
@@ -282,7 +325,10 @@ async fn a_queue_delay_schedules_every_message(t: Arc<TestDb>) {
         user: 3,
         text: "renew".to_owned(),
     };
-    let done = reminder.enqueue_with(&rt, &db).await.expect("enqueue");
+    let done = reminder
+        .enqueue_with(rt.outbox(), &db)
+        .await
+        .expect("enqueue");
     assert!(matches!(done, Enqueued::Scheduled { .. }), "{done:?}");
     eventually(WAIT, "the reminder", || async { log.all().len() == 1 }).await;
     let handled_at = log.all()[0].1;
@@ -295,10 +341,14 @@ async fn a_queue_delay_schedules_every_message(t: Arc<TestDb>) {
     // time is refused before anything is written.
     let entry = LedgerEntry { account: 1 };
     assert_eq!(
-        entry.enqueue_with(&rt, &db).await.expect("enqueue"),
+        entry.enqueue_with(rt.outbox(), &db).await.expect("enqueue"),
         Enqueued::Stored
     );
-    let status = rt.queue_status("typed_strict").await.expect("status");
+    let status = rt
+        .outbox()
+        .queue_status("typed_strict")
+        .await
+        .expect("status");
     assert_eq!(status.scheduled, 0);
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
     assert_invariants(&db, "outbox_").await;

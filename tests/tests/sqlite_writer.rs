@@ -47,7 +47,8 @@ async fn a_slow_transactional_handler_does_not_fail_producers(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    rt.enqueue(&db, NewMessage::new("slow", 0, "first"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("slow", 0, "first"))
         .await
         .expect("enqueue");
     eventually(WAIT, "the slow handler runs", || {
@@ -60,7 +61,8 @@ async fn a_slow_transactional_handler_does_not_fail_producers(t: Arc<TestDb>) {
     for i in 0..14 {
         let started = Instant::now();
         let txn = producers.begin().await.expect("begin");
-        rt.enqueue(&txn, NewMessage::new("slow", 0, format!("m{i}")))
+        rt.outbox()
+            .enqueue(&txn, NewMessage::new("slow", 0, format!("m{i}")))
             .await
             .unwrap_or_else(|e| panic!("enqueue {i} while the handler runs: {e}"));
         txn.commit()
@@ -69,7 +71,7 @@ async fn a_slow_transactional_handler_does_not_fail_producers(t: Arc<TestDb>) {
         slowest = slowest.max(started.elapsed());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    wait_drained(&rt, "slow", WAIT).await;
+    wait_drained(rt.outbox(), "slow", WAIT).await;
     let first: Vec<u32> = seen
         .all()
         .iter()
@@ -90,7 +92,8 @@ async fn a_slow_transactional_handler_does_not_fail_producers(t: Arc<TestDb>) {
     let expected: Vec<String> = (0..14).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, expected, "every produced message, once, in order");
     assert_eq!(
-        rt.count_dead_letters(&DeadLetterFilter::all())
+        rt.outbox()
+            .count_dead_letters(&DeadLetterFilter::all())
             .await
             .expect("count"),
         0
@@ -136,7 +139,8 @@ async fn a_leased_ack_that_waited_for_the_writer_keeps_its_lease(t: Arc<TestDb>)
         .start()
         .await
         .expect("start");
-    rt.enqueue(&db, NewMessage::new("acks", 0, "m"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("acks", 0, "m"))
         .await
         .expect("enqueue");
     eventually(WAIT, "the leased handler runs", || {
@@ -147,13 +151,14 @@ async fn a_leased_ack_that_waited_for_the_writer_keeps_its_lease(t: Arc<TestDb>)
     // A producer takes the write lock and keeps it 3 s, past the 2 s lease; the handler
     // returns at once, so its ack waits behind the producer (inside the 5 s busy timeout).
     let txn = outbox::sqlite::begin(&producer).await.expect("begin");
-    rt.enqueue(&txn, NewMessage::new("acks", 0, "held"))
+    rt.outbox()
+        .enqueue(&txn, NewMessage::new("acks", 0, "held"))
         .await
         .expect("enqueue");
     go.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_secs(3)).await;
     txn.commit().await.expect("commit");
-    wait_drained(&rt, "acks", WAIT).await;
+    wait_drained(rt.outbox(), "acks", WAIT).await;
     let runs: Vec<(String, u32)> = seen
         .all()
         .into_iter()
@@ -165,7 +170,8 @@ async fn a_leased_ack_that_waited_for_the_writer_keeps_its_lease(t: Arc<TestDb>)
         "the ack requested within the lease was accepted: one run per message"
     );
     assert_eq!(
-        rt.count_dead_letters(&DeadLetterFilter::all())
+        rt.outbox()
+            .count_dead_letters(&DeadLetterFilter::all())
             .await
             .expect("count"),
         0

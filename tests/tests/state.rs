@@ -77,7 +77,7 @@ async fn handlers_receive_the_state_given_at_start(t: Arc<TestDb>) {
     let txn = db.begin().await.expect("begin");
     for n in 0..6 {
         Job { n }
-            .enqueue_with(&running, &txn)
+            .enqueue_with(running.outbox(), &txn)
             .await
             .expect("enqueue");
     }

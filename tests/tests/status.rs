@@ -45,18 +45,21 @@ async fn status_reports_waiting_lag_blocked_and_dead_letters(t: Arc<TestDb>) {
         .await
         .expect("start");
     for (p, body) in [(0, "a"), (0, "poison-1"), (1, "b")] {
-        rt.enqueue(&db, NewMessage::new("st", p, body))
+        rt.outbox()
+            .enqueue(&db, NewMessage::new("st", p, body))
             .await
             .expect("enqueue");
     }
-    rt.enqueue(&db, NewMessage::new("blk", 0, "poison-2"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("blk", 0, "poison-2"))
         .await
         .expect("enqueue");
-    rt.enqueue(&db, NewMessage::new("blk", 0, "behind"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("blk", 0, "behind"))
         .await
         .expect("enqueue");
     eventually(WAIT, "dead letter and blocked partition", || async {
-        let s = rt.status().await.expect("status");
+        let s = rt.outbox().status().await.expect("status");
         s.dead_letters() == 1
             && s.blocked().len() == 1
             && s.queue("st")
@@ -163,22 +166,23 @@ async fn status_shows_a_live_lease(t: Arc<TestDb>) {
         .start()
         .await
         .expect("start");
-    rt.enqueue(&db, NewMessage::new("lz", 0, "x"))
+    rt.outbox()
+        .enqueue(&db, NewMessage::new("lz", 0, "x"))
         .await
         .expect("enqueue");
     eventually(WAIT, "a lease", || async {
-        let s = rt.queue_status("lz").await.expect("status");
+        let s = rt.outbox().queue_status("lz").await.expect("status");
         s.handlers[0].leased_partitions == 1
     })
     .await;
-    let s = rt.queue_status("lz").await.expect("status");
+    let s = rt.outbox().queue_status("lz").await.expect("status");
     let p = &s.handlers[0].partitions[0];
     let lease = p.lease.as_ref().expect("lease");
     assert!(!lease.expired && lease.expires_at_ms > 0 && !lease.owner.is_empty());
     assert_eq!(p.pending, 1);
     let _ = tx.send(());
     eventually(WAIT, "handled", || async {
-        let s = rt.queue_status("lz").await.expect("status");
+        let s = rt.outbox().queue_status("lz").await.expect("status");
         s.handlers[0].pending == 0 && s.handlers[0].partitions[0].lease.is_none()
     })
     .await;

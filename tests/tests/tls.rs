@@ -64,6 +64,7 @@ async fn runtime_works_over_tls(t: Arc<TestDb>) {
     let txn = db.begin().await.expect("begin");
     for p in 0..10_u32 {
         running
+            .outbox()
             .enqueue(&txn, NewMessage::new("tls_pings", p % 2, b"ping".to_vec()))
             .await
             .expect("enqueue");

@@ -72,7 +72,7 @@ async fn typed_messages_route_by_key_and_bad_bytes_are_dead_lettered(t: Arc<Test
     let txn = db.begin().await.expect("begin");
     for n in 0..30 {
         Note { author: n % 5, n }
-            .enqueue_with(&rt, &txn)
+            .enqueue_with(rt.outbox(), &txn)
             .await
             .expect("typed enqueue");
     }
@@ -80,7 +80,7 @@ async fn typed_messages_route_by_key_and_bad_bytes_are_dead_lettered(t: Arc<Test
     let txn = db.begin().await.expect("begin");
     for n in 0..30 {
         Note { author: n % 5, n }
-            .enqueue_with(&rt, &txn)
+            .enqueue_with(rt.outbox(), &txn)
             .await
             .expect("typed enqueue");
     }
@@ -148,6 +148,7 @@ async fn typed_messages_route_by_key_and_bad_bytes_are_dead_lettered(t: Arc<Test
     )
     .await;
     let dead = rt
+        .outbox()
         .dead_letters(&DeadLetterFilter::all(), 0, 10)
         .await
         .expect("dead letters");
@@ -240,7 +241,7 @@ async fn attribute_batch_handler_drains_in_batches(t: Arc<TestDb>) {
     let items: Vec<Bulk> = (0..200).map(|n| Bulk { k: n % 7, n }).collect();
     let txn = db.begin().await.expect("begin");
     for item in &items {
-        item.enqueue_with(&rt, &txn).await.expect("enqueue");
+        item.enqueue_with(rt.outbox(), &txn).await.expect("enqueue");
     }
     txn.commit().await.expect("commit");
     eventually(Duration::from_secs(30), "bulk rows", || async {

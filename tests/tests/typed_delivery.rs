@@ -103,7 +103,7 @@ async fn typed_enqueue_delivery_order_and_poison_payloads() {
     let batch: Vec<_> = (1..=10).map(|n| Note { author: 2, n }).collect();
     Note::enqueue_batch(&batch, &txn).await.expect("batch");
     Note { author: 3, n: 1 }
-        .enqueue_with(&running, &txn)
+        .enqueue_with(running.outbox(), &txn)
         .await
         .expect("explicit outbox");
     txn.commit().await.expect("commit");
@@ -132,6 +132,7 @@ async fn typed_enqueue_delivery_order_and_poison_payloads() {
     // A payload that does not decode as `Note` is rejected by both handlers: dead-lettered
     // with the decode error, never a panic, and the partition moves on.
     running
+        .outbox()
         .enqueue(
             &db,
             NewMessage::new(Note::NAME, 0, b"{\"author\":\"x\"}".to_vec()),
@@ -140,10 +141,19 @@ async fn typed_enqueue_delivery_order_and_poison_payloads() {
         .expect("raw enqueue");
     let filter = DeadLetterFilter::all().queue(Note::NAME);
     wait_for("dead letters", async || {
-        running.count_dead_letters(&filter).await.expect("count") >= 2
+        running
+            .outbox()
+            .count_dead_letters(&filter)
+            .await
+            .expect("count")
+            >= 2
     })
     .await;
-    let dead = running.dead_letters(&filter, 0, 10).await.expect("list");
+    let dead = running
+        .outbox()
+        .dead_letters(&filter, 0, 10)
+        .await
+        .expect("list");
     assert_eq!(dead.len(), 2, "{dead:?}");
     for d in &dead {
         assert!(
