@@ -55,9 +55,9 @@ pub use sea_orm;
 // ---- typed layer (macros, discovery, one-call start): owned by `typed.rs` and `__private` ----
 mod typed;
 pub use typed::{
-    DecodeError, Discover, HandlerDecl, HandlerMode, Payload, Queue, QueueDecl, Start, connect,
-    decode, discover, global, handlers, leased, leased_batch, partition_for_key, queues,
-    set_global, start, transactional, transactional_batch,
+    DecodeError, HandlerDecl, HandlerMode, Payload, Queue, QueueDecl, Start, connect, decode,
+    discover, global, handlers, leased, leased_batch, partition_for_key, queues, set_global, start,
+    transactional, transactional_batch,
 };
 
 #[cfg(feature = "macros")]

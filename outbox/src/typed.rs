@@ -193,7 +193,7 @@ tokio::task_local! {
 
 /// Makes `outbox` the one that typed enqueue ([`Queue::enqueue`]) uses in this process outside
 /// any [scope](Outbox::scope), replacing any previous one. [`start`], [`connect`] and
-/// [`Discover`] call it for you.
+/// [`Builder::declared`] call it for you.
 pub fn set_global(outbox: Outbox) {
     match GLOBAL.write() {
         Ok(mut g) => *g = Some(outbox),
@@ -505,7 +505,7 @@ inventory::collect!(QueueDecl);
 inventory::collect!(HandlerDecl);
 
 /// Every queue declared with `#[outbox::queue]` in this binary, sorted by name (duplicates
-/// kept: [`Discover::start`] reports them).
+/// kept: [`Builder::start`] reports them).
 pub fn queues() -> Vec<&'static QueueDecl> {
     let mut v: Vec<_> = inventory::iter::<QueueDecl>.into_iter().collect();
     v.sort_by_key(|d| d.name);
@@ -513,7 +513,7 @@ pub fn queues() -> Vec<&'static QueueDecl> {
 }
 
 /// Every handler declared with `#[outbox::handler]` in this binary, sorted by queue and name
-/// (duplicates kept: [`Discover::start`] reports them).
+/// (duplicates kept: [`Builder::start`] reports them).
 pub fn handlers() -> Vec<&'static HandlerDecl> {
     let mut v: Vec<_> = inventory::iter::<HandlerDecl>.into_iter().collect();
     v.sort_by_key(|d| (d.queue, d.name));
@@ -656,7 +656,7 @@ pub fn leased_batch<T: Queue>(
 /// `concurrent_bootstrap_creates_the_schema_once`, which starts several at once on one
 /// database). The process-wide outbox for typed enqueue is then the newest one. In one process
 /// that only adds contention; to split handlers between runtimes, select disjoint sets with
-/// [`Discover::only_handlers`].
+/// [`Builder::only_handlers`].
 ///
 /// ```
 /// # #[derive(Clone)] struct Mailer;
@@ -667,7 +667,7 @@ pub fn leased_batch<T: Queue>(
 /// ```
 pub fn start(db: DatabaseConnection, profile: Profile) -> Start {
     Start {
-        discover: discover(db).profile(profile),
+        builder: discover(db).profile(profile),
     }
 }
 
@@ -676,14 +676,14 @@ pub fn start(db: DatabaseConnection, profile: Profile) -> Start {
 #[must_use = "nothing starts until it is awaited"]
 #[derive(Debug)]
 pub struct Start {
-    discover: Discover,
+    builder: Builder,
 }
 
 impl Start {
     /// Gives handlers that take `State<T>` this value (see [`State`](crate::State)); one value
     /// per type, a later one replaces an earlier one.
     pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
-        self.discover = self.discover.state(value);
+        self.builder = self.builder.state(value);
         self
     }
 }
@@ -693,7 +693,7 @@ impl std::future::IntoFuture for Start {
     type IntoFuture = std::pin::Pin<Box<dyn Future<Output = Self::Output> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(self.discover.start())
+        Box::pin(self.builder.start())
     }
 }
 
@@ -704,24 +704,9 @@ pub async fn connect(db: DatabaseConnection) -> Result<Outbox, StartError> {
     discover(db).connect().await
 }
 
-/// Configures a start from the declarations of this binary (see [`Discover`]).
-pub fn discover(db: DatabaseConnection) -> Discover {
-    Discover {
-        builder: Outbox::builder(db),
-        only_handlers: None,
-        excluded_handlers: HashSet::new(),
-        excluded_queues: HashSet::new(),
-        install: true,
-    }
-}
-
-/// Feeds the queues and handlers declared with `#[outbox::queue]` and `#[outbox::handler]` in
-/// this binary into an [`Outbox::builder`], with optional filters.
-///
-/// A handler filter names a handler as `name` (any queue) or `queue/name`. Excluding a queue
-/// also excludes its handlers; selecting handlers keeps every queue declared, so this process
-/// can still enqueue to all of them. A filter that names no declaration is logged as a `tracing`
-/// warning at start.
+/// A [`Builder`] that adds every queue and handler declared in this binary with
+/// `#[outbox::queue]` and `#[outbox::handler]` when it connects or starts (see
+/// [`Builder::declared`]), and makes the outbox the process-wide one for typed enqueue.
 ///
 /// ```
 /// # async fn demo(db: outbox::sea_orm::DatabaseConnection) -> Result<(), outbox::StartError> {
@@ -733,114 +718,127 @@ pub fn discover(db: DatabaseConnection) -> Discover {
 /// # drop(running);
 /// # Ok(()) }
 /// ```
-#[must_use]
-#[derive(Debug)]
-pub struct Discover {
-    builder: Builder,
+pub fn discover(db: DatabaseConnection) -> Builder {
+    Outbox::builder(db).declared()
+}
+
+/// Which declarations a [`Builder`] adds at start, and whether it installs the outbox as the
+/// process-wide one.
+#[derive(Debug, Clone)]
+pub(crate) struct Discovery {
     only_handlers: Option<HashSet<String>>,
     excluded_handlers: HashSet<String>,
     excluded_queues: HashSet<String>,
     install: bool,
 }
 
-impl Discover {
-    /// The profile whose knobs apply where queues and handlers set none.
-    pub fn profile(mut self, profile: Profile) -> Self {
-        self.builder = self.builder.profile(profile);
+impl Default for Discovery {
+    fn default() -> Self {
+        Discovery {
+            only_handlers: None,
+            excluded_handlers: HashSet::new(),
+            excluded_queues: HashSet::new(),
+            install: true,
+        }
+    }
+}
+
+/// Declarations of this binary: the builder adds them when it connects or starts.
+impl Builder {
+    /// Adds every queue and handler declared in this binary with `#[outbox::queue]` and
+    /// `#[outbox::handler]` when it connects or starts, beside those given by hand, and makes
+    /// the outbox the process-wide one for typed enqueue (see
+    /// [`install_global`](Builder::install_global)). [`discover`] is
+    /// `Outbox::builder(db).declared()`.
+    ///
+    /// A handler filter ([`only_handlers`](Builder::only_handlers),
+    /// [`exclude_handler`](Builder::exclude_handler)) names a handler as `name` (any queue)
+    /// or `queue/name`. Excluding a queue also excludes its handlers; selecting handlers keeps
+    /// every queue declared, so this process can still enqueue to all of them. A filter that
+    /// names no declaration is logged as a `tracing` warning at start. Duplicate declarations
+    /// are reported by `start` with everything else that is wrong.
+    pub fn declared(mut self) -> Self {
+        self.discovery.get_or_insert_with(Discovery::default);
         self
     }
 
-    /// Prefix of every table (default `outbox_`).
-    pub fn table_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.builder = self.builder.table_prefix(prefix);
-        self
-    }
-
-    /// Gives handlers that take `State<T>` this value (see [`State`](crate::State) and
-    /// [`Builder::state`]).
-    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
-        self.builder = self.builder.state(value);
-        self
-    }
-
-    /// Changes the underlying [`Builder`] (payload limit, runtime tuning, untyped queues and
-    /// handlers declared by hand).
-    pub fn configure(mut self, f: impl FnOnce(Builder) -> Builder) -> Self {
-        self.builder = f(self.builder);
-        self
-    }
-
-    /// Declares a relay of a queue to a broker, started with the handlers (see
-    /// [`Builder::relay`] and [`crate::relay`]):
-    /// `outbox::discover(db).relay(RelaySpec::of::<OrderPlaced>(broker, "orders.{key}"))`.
-    pub fn relay(mut self, relay: crate::relay::RelaySpec) -> Self {
-        self.builder = self.builder.relay(relay);
-        self
-    }
-
-    /// Runs only these handlers (`name` or `queue/name`); may be called several times.
+    /// Runs only these declared handlers (`name` or `queue/name`); may be called several
+    /// times. Implies [`declared`](Builder::declared).
     pub fn only_handlers<I, S>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.only_handlers
+        self.discovery
+            .get_or_insert_with(Discovery::default)
+            .only_handlers
             .get_or_insert_with(HashSet::new)
             .extend(names.into_iter().map(Into::into));
         self
     }
 
-    /// Does not run this handler (`name` or `queue/name`).
+    /// Does not run this declared handler (`name` or `queue/name`). Implies
+    /// [`declared`](Builder::declared).
     pub fn exclude_handler(mut self, name: impl Into<String>) -> Self {
-        self.excluded_handlers.insert(name.into());
+        self.discovery
+            .get_or_insert_with(Discovery::default)
+            .excluded_handlers
+            .insert(name.into());
         self
     }
 
-    /// Does not declare this queue nor run its handlers.
+    /// Does not declare this declared queue nor run its handlers. Implies
+    /// [`declared`](Builder::declared).
     pub fn exclude_queue(mut self, name: impl Into<String>) -> Self {
-        self.excluded_queues.insert(name.into());
+        self.discovery
+            .get_or_insert_with(Discovery::default)
+            .excluded_queues
+            .insert(name.into());
         self
     }
 
-    /// Whether [`start`](Discover::start) and [`connect`](Discover::connect) make the outbox
-    /// the process-wide one for typed enqueue (default true).
+    /// Whether [`start`](Builder::start) and [`connect`](Builder::connect) make the outbox the
+    /// process-wide one for typed enqueue (default: true with [`declared`](Builder::declared),
+    /// false without). Implies `declared`.
     pub fn install_global(mut self, install: bool) -> Self {
-        self.install = install;
+        self.discovery
+            .get_or_insert_with(Discovery::default)
+            .install = install;
         self
     }
 
-    /// The builder with every selected declaration added, duplicates included (the builder
-    /// reports them).
-    pub fn into_builder(self) -> Builder {
-        self.select().0
-    }
-
-    fn select(self) -> (Builder, bool) {
+    /// Adds the selected declarations (with [`declared`](Builder::declared)); returns whether
+    /// the outbox is to be installed as the process-wide one.
+    pub(crate) fn add_declarations(&mut self) -> bool {
+        let Some(discovery) = self.discovery.take() else {
+            return false;
+        };
         let matches = |set: &HashSet<String>, d: &HandlerDecl| {
             set.contains(d.name) || set.contains(&format!("{}/{}", d.queue, d.name))
         };
         let (queues, handlers) = (queues(), handlers());
-        self.warn_unmatched(&queues, &handlers);
-        let mut builder = self.builder;
+        discovery.warn_unmatched(&queues, &handlers);
         for q in queues {
-            if !self.excluded_queues.contains(q.name) {
-                builder = builder.queue(q.spec());
+            if !discovery.excluded_queues.contains(q.name) {
+                self.queues.push(q.spec());
             }
         }
         for h in handlers {
-            let selected = !self.excluded_queues.contains(h.queue)
-                && !matches(&self.excluded_handlers, h)
-                && self
+            let selected = !discovery.excluded_queues.contains(h.queue)
+                && !matches(&discovery.excluded_handlers, h)
+                && discovery
                     .only_handlers
                     .as_ref()
                     .is_none_or(|only| matches(only, h));
             if selected {
-                builder = builder.handler(h.spec());
+                self.handlers.push(h.spec());
             }
         }
-        (builder, self.install)
+        discovery.install
     }
+}
 
+impl Discovery {
     /// A filter naming nothing is most likely a typo: say so instead of silently running
     /// other handlers than intended.
     fn warn_unmatched(&self, queues: &[&QueueDecl], handlers: &[&HandlerDecl]) {
@@ -864,26 +862,6 @@ impl Discover {
         {
             tracing::warn!(filter = %name, "excluded queue matches no declared queue");
         }
-    }
-
-    /// Validates everything (all problems at once), migrates, registers and starts the workers.
-    pub async fn start(self) -> Result<Running, StartError> {
-        let (builder, install) = self.select();
-        let running = builder.start().await?;
-        if install {
-            set_global(running.outbox().clone());
-        }
-        Ok(running)
-    }
-
-    /// Validates everything (all problems at once), migrates and registers; starts no workers.
-    pub async fn connect(self) -> Result<Outbox, StartError> {
-        let (builder, install) = self.select();
-        let outbox = builder.connect().await?;
-        if install {
-            set_global(outbox.clone());
-        }
-        Ok(outbox)
     }
 }
 

@@ -608,12 +608,14 @@ pub struct Builder {
     prefix: String,
     profile: Profile,
     runtime: Option<RuntimeTuning>,
-    queues: Vec<QueueSpec>,
-    handlers: Vec<HandlerSpec>,
+    pub(crate) queues: Vec<QueueSpec>,
+    pub(crate) handlers: Vec<HandlerSpec>,
     relays: Vec<RelaySpec>,
     max_payload: usize,
     migrate_on_start: bool,
     states: crate::state::States,
+    /// With [`declared`](Builder::declared): the declarations to add at start.
+    pub(crate) discovery: Option<crate::typed::Discovery>,
 }
 
 impl fmt::Debug for Builder {
@@ -626,6 +628,7 @@ impl fmt::Debug for Builder {
             .field("relays", &self.relays)
             .field("max_payload", &self.max_payload)
             .field("migrate_on_start", &self.migrate_on_start)
+            .field("discovery", &self.discovery)
             .finish_non_exhaustive()
     }
 }
@@ -643,6 +646,7 @@ impl Builder {
             max_payload: DEFAULT_MAX_PAYLOAD,
             migrate_on_start: true,
             states: crate::state::States::default(),
+            discovery: None,
         }
     }
 
@@ -801,8 +805,13 @@ impl Builder {
     /// Validates every declaration (reporting all problems at once), creates the tables if
     /// needed and registers queues and handler cursors. Starts no workers: use it in processes
     /// that only enqueue.
-    pub async fn connect(self) -> Result<Outbox, StartError> {
-        Ok(self.prepare().await?.0)
+    pub async fn connect(mut self) -> Result<Outbox, StartError> {
+        let install = self.add_declarations();
+        let outbox = self.prepare().await?.0;
+        if install {
+            crate::typed::set_global(outbox.clone());
+        }
+        Ok(outbox)
     }
 
     async fn prepare(mut self) -> Result<(Outbox, Self), StartError> {
@@ -986,6 +995,15 @@ impl Builder {
     /// Like [`connect`](Builder::connect), then starts the sequencer, vacuum and one dispatcher
     /// per handler. Fails fast if the pool is too small for the configured concurrency.
     pub async fn start(mut self) -> Result<Running, StartError> {
+        let install = self.add_declarations();
+        let running = self.launch().await?;
+        if install {
+            crate::typed::set_global(running.outbox().clone());
+        }
+        Ok(running)
+    }
+
+    async fn launch(mut self) -> Result<Running, StartError> {
         self.bind_states()?;
         if disconnected(&self.db) {
             return Err(StartError::Database(disconnected_error()));
