@@ -67,7 +67,10 @@ impl Harness {
 
     /// Enqueues one message through `conn`: the caller's transaction, savepoint or pool.
     pub async fn enqueue_in<C: ConnectionTrait>(&self, conn: &C, message: NewMessage) {
-        self.outbox().enqueue(conn, message).await.expect("enqueue");
+        let queue = message.queue().to_owned();
+        if let Err(e) = self.outbox().enqueue(conn, message).await {
+            panic!("enqueue to `{queue}`: {e:?}");
+        }
     }
 
     /// Enqueues `messages` on the pool in one statement, outside any transaction.
@@ -77,10 +80,9 @@ impl Harness {
 
     /// Enqueues `messages` through `conn` in one statement.
     pub async fn enqueue_batch_in<C: ConnectionTrait>(&self, conn: &C, messages: &[NewMessage]) {
-        self.outbox()
-            .enqueue_batch(conn, messages)
-            .await
-            .expect("enqueue");
+        if let Err(e) = self.outbox().enqueue_batch(conn, messages).await {
+            panic!("enqueue of {} messages: {e:?}", messages.len());
+        }
     }
 
     /// Enqueues `messages` in one transaction of their own and commits it.

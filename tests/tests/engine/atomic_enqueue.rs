@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::sea_orm::TransactionTrait;
-use outbox::{NewMessage, Outbox, Profile, QueueSpec};
-use outbox_tests::{Seen, TestDb, on_every_backend};
+use outbox::{NewMessage, Outbox, QueueSpec};
+use outbox_tests::{Harness, Seen, TestDb, on_every_backend};
 
 use super::{WAIT, bodies, recorder};
 
@@ -15,32 +15,26 @@ use super::{WAIT, bodies, recorder};
 async fn enqueue_commits_and_rolls_back_with_the_caller(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("atomic", 2))
-        .handler(recorder("atomic", "h", &seen))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("atomic", 2))
+            .handler(recorder("atomic", "h", &seen))
+    })
+    .await;
 
     let txn = db.begin().await.expect("begin");
-    rt.enqueue(&txn, NewMessage::new("atomic", 0, "rolled-back"))
-        .await
-        .expect("enqueue");
+    h.enqueue_in(&txn, NewMessage::new("atomic", 0, "rolled-back"))
+        .await;
     txn.rollback().await.expect("rollback");
 
     let txn = db.begin().await.expect("begin");
-    rt.enqueue(&txn, NewMessage::new("atomic", 0, "outer-1"))
-        .await
-        .expect("enqueue");
+    h.enqueue_in(&txn, NewMessage::new("atomic", 0, "outer-1"))
+        .await;
     let sp = txn.begin().await.expect("savepoint");
-    rt.enqueue(&sp, NewMessage::new("atomic", 0, "inner"))
-        .await
-        .expect("enqueue");
+    h.enqueue_in(&sp, NewMessage::new("atomic", 0, "inner"))
+        .await;
     sp.rollback().await.expect("rollback savepoint");
-    rt.enqueue(&txn, NewMessage::new("atomic", 0, "outer-2"))
-        .await
-        .expect("enqueue");
+    h.enqueue_in(&txn, NewMessage::new("atomic", 0, "outer-2"))
+        .await;
     // Not visible to the workers before commit.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -54,11 +48,10 @@ async fn enqueue_commits_and_rolls_back_with_the_caller(t: Arc<TestDb>) {
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(bodies(&seen.all()), ["outer-1", "outer-2"]);
-    let depth = rt.depth("atomic").await.expect("depth");
+    let depth = h.depth("atomic").await;
     assert_eq!(depth.unsequenced, 0);
     assert_eq!(depth.handlers[0].pending, 0);
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Producer-only processes: enqueue without workers is durable; a runtime started later
@@ -85,15 +78,16 @@ async fn producer_only_then_start_delivers_the_backlog(t: Arc<TestDb>) {
         .expect("connect");
     assert_eq!(fresh.depth("backlog").await.expect("depth").unsequenced, 10);
     let seen = Seen::default();
-    let rt = Outbox::builder(db.clone())
-        .queue(QueueSpec::new("backlog", 2))
-        .handler(recorder("backlog", "h", &seen))
-        .start()
-        .await
-        .expect("start");
+    // No profile: the runtime's defaults.
+    let h = Harness::start_builder(
+        db.clone(),
+        Outbox::builder(db.clone())
+            .queue(QueueSpec::new("backlog", 2))
+            .handler(recorder("backlog", "h", &seen)),
+    )
+    .await;
     seen.wait_until(WAIT, "backlog", |d| d.len() == 10).await;
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 on_every_backend!(

@@ -1,12 +1,11 @@
 //! Guarantee 8, bad input gets a typed error and writes nothing.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use outbox::{
-    EnqueueError, HandlerSpec, NewMessage, Outbox, Profile, QueueSpec, RegistryProblem, StartError,
+    EnqueueError, HandlerSpec, NewMessage, Outbox, QueueSpec, RegistryProblem, StartError,
 };
-use outbox_tests::{Seen, TestDb, eventually, on_every_backend};
+use outbox_tests::{Harness, TestDb, eventually, on_every_backend};
 
 use super::WAIT;
 
@@ -71,28 +70,24 @@ async fn bad_input_gets_typed_errors_and_writes_nothing(t: Arc<TestDb>) {
     ob.enqueue(&db, NewMessage::new("valid", 3, exact.clone()))
         .await
         .expect("payload at the limit");
-    let seen = Seen::default();
     let got = Arc::new(std::sync::Mutex::new(Vec::new()));
     let g = got.clone();
-    let rt = Outbox::builder(db.clone())
-        .max_payload_bytes(64)
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("valid", 4))
-        .handler(HandlerSpec::transactional("valid", "h", move |m, _| {
-            g.lock().expect("lock").push(m.payload().to_vec());
-            Box::pin(async { Ok(()) })
-        }))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.max_payload_bytes(64)
+            .queue(QueueSpec::new("valid", 4))
+            .handler(HandlerSpec::transactional("valid", "h", move |m, _| {
+                g.lock().expect("lock").push(m.payload().to_vec());
+                Box::pin(async { Ok(()) })
+            }))
+    })
+    .await;
     eventually(WAIT, "round trip", || {
         let g = got.clone();
         async move { !g.lock().expect("lock").is_empty() }
     })
     .await;
     assert_eq!(got.lock().expect("lock")[0], exact);
-    drop(seen);
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    h.stop().await;
 
     // Start-up reports every registry problem at once, including a changed partition count.
     let err = Outbox::builder(db.clone())

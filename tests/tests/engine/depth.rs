@@ -4,10 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::{HandlerError, HandlerSpec, NewMessage, Outbox, Overrides, Profile, QueueSpec};
-use outbox_tests::{TestDb, eventually, on_every_backend};
-
-use super::WAIT;
+use outbox::{HandlerError, HandlerSpec, NewMessage, Outbox, Overrides, QueueSpec};
+use outbox_tests::{Harness, TestDb, on_every_backend};
 
 /// Depth counts are exact after a scripted sequence: unsequenced before any runtime, then
 /// pending, retrying and dead per handler.
@@ -48,42 +46,29 @@ async fn depth_counts_are_exact(t: Arc<TestDb>) {
             .backoff_base(Duration::from_secs(600))
             .backoff_max(Duration::from_secs(600)),
     );
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("depth", 3))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
-    let o = rt.outbox().clone();
-    eventually(WAIT, "settled", || {
-        let o = o.clone();
-        async move {
-            o.depth("depth")
-                .await
-                .map(|d| {
-                    d.unsequenced == 0 && d.handlers[0].pending == 5 && d.handlers[0].dead == 1
-                })
-                .unwrap_or(false)
-        }
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("depth", 3)).handler(handler)
     })
     .await;
-    let d = rt.depth("depth").await.expect("depth");
+    h.wait_depth("depth", "settled", |d| {
+        d.unsequenced == 0 && d.handlers[0].pending == 5 && d.handlers[0].dead == 1
+    })
+    .await;
+    let d = h.depth("depth").await;
     assert_eq!((d.unsequenced, d.stored), (0, 9), "{d:?}");
-    let h = &d.handlers[0];
+    let handler = &d.handlers[0];
     assert_eq!(
         (
-            h.pending,
-            h.retrying_partitions,
-            h.leased_partitions,
-            h.blocked_partitions,
-            h.dead
+            handler.pending,
+            handler.retrying_partitions,
+            handler.leased_partitions,
+            handler.blocked_partitions,
+            handler.dead
         ),
         (5, 1, 0, 0, 1),
-        "{h:?}"
+        "{handler:?}"
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 on_every_backend!(depth_counts_are_exact,);

@@ -5,15 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use outbox::sea_orm::{DatabaseConnection, TransactionTrait};
-use outbox::{
-    DeadLetterFilter, HandlerError, HandlerSpec, NewMessage, Outbox, Overrides, Profile, QueueSpec,
-};
+use outbox::sea_orm::DatabaseConnection;
+use outbox::{DeadLetterFilter, HandlerError, HandlerSpec, NewMessage, Overrides, QueueSpec};
 use outbox_tests::{
-    TestDb, create_effects_table, effects, eventually, on_every_backend, write_effect,
+    Harness, TestDb, create_effects_table, effects, on_every_backend, write_effect,
 };
-
-use super::WAIT;
 
 /// Guarantee 3: a transactional handler's writes commit iff the cursor advances; errors and
 /// panics (also after partial writes) leave no effect, and retries end with exactly one.
@@ -42,21 +38,16 @@ async fn transactional_effects_happen_exactly_once(t: Arc<TestDb>) {
             .backoff_max(Duration::from_millis(40))
             .batch_size(8),
     );
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("effects", 4))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("effects", 4)).handler(handler)
+    })
+    .await;
     let n = 120u32;
     let batch: Vec<NewMessage> = (1..=n)
         .map(|i| NewMessage::new("effects", i % 4, i.to_string()))
         .collect();
-    let txn = db.begin().await.expect("begin");
-    rt.enqueue_batch(&txn, &batch).await.expect("enqueue");
-    txn.commit().await.expect("commit");
-    outbox_tests::wait_drained(&rt, "effects", WAIT).await;
+    h.enqueue_committed(&batch).await;
+    h.wait_drained("effects").await;
     let rows = effects(&db).await;
     assert_eq!(
         rows.len(),
@@ -76,13 +67,13 @@ async fn transactional_effects_happen_exactly_once(t: Arc<TestDb>) {
     }
     assert!(calls.load(Ordering::Relaxed) > n, "failures were retried");
     assert_eq!(
-        rt.count_dead_letters(&DeadLetterFilter::all())
+        h.outbox()
+            .count_dead_letters(&DeadLetterFilter::all())
             .await
             .expect("count"),
         0
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Guarantees 2 and 3 across runtimes: two runtimes with their own pools on one database share
@@ -90,41 +81,29 @@ async fn transactional_effects_happen_exactly_once(t: Arc<TestDb>) {
 async fn two_runtimes_share_work_without_duplicates(t: Arc<TestDb>) {
     let setup = t.pool(4).await;
     create_effects_table(&setup).await;
-    let start = |db: DatabaseConnection| async move {
-        Outbox::builder(db)
-            .profile(Profile::LowLatency)
-            .queue(QueueSpec::new("shared", 8))
-            .handler(
+    let start = |db: DatabaseConnection| {
+        Harness::start(db, |b| {
+            b.queue(QueueSpec::new("shared", 8)).handler(
                 HandlerSpec::transactional("shared", "writer", |m, txn| {
                     Box::pin(async move { Ok(write_effect(txn, "writer", m).await?) })
                 })
                 .overrides(Overrides::NONE.batch_size(10)),
             )
-            .start()
-            .await
-            .expect("start")
+        })
     };
     let (db1, db2) = (t.pool(8).await, t.pool(8).await);
     let a = start(db1.clone()).await;
     let b = start(db2.clone()).await;
     let n = 800u32;
     for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
-        let txn = db1.begin().await.expect("begin");
         let msgs: Vec<_> = chunk
             .iter()
             .map(|i| NewMessage::new("shared", i % 8, i.to_string()))
             .collect();
-        a.enqueue_batch(&txn, &msgs).await.expect("enqueue");
-        txn.commit().await.expect("commit");
+        a.enqueue_committed(&msgs).await;
     }
-    eventually(WAIT, "drained", || {
-        let a = a.outbox().clone();
-        async move {
-            a.depth("shared")
-                .await
-                .map(|d| d.unsequenced == 0 && d.handlers[0].pending == 0)
-                .unwrap_or(false)
-        }
+    a.wait_depth("shared", "drained", |d| {
+        d.unsequenced == 0 && d.handlers[0].pending == 0
     })
     .await;
     let rows = effects(&setup).await;
@@ -145,12 +124,8 @@ async fn two_runtimes_share_work_without_duplicates(t: Arc<TestDb>) {
         sorted.sort();
         assert_eq!(b, sorted, "partition {part} effects out of enqueue order");
     }
-    a.shutdown(Duration::from_secs(5))
-        .await
-        .expect("shutdown a");
-    b.shutdown(Duration::from_secs(5))
-        .await
-        .expect("shutdown b");
+    a.stop().await;
+    b.stop().await;
 }
 
 on_every_backend!(

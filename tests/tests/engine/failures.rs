@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use outbox::{
     DeadLetterFilter, Error, HandlerError, HandlerSpec, NewMessage, Outbox, Overrides,
-    PoisonPolicy, Profile, QueueSpec,
+    PoisonPolicy, QueueSpec,
 };
 use outbox_tests::{
-    Seen, TestDb, create_effects_table, effects, eventually, on_every_backend, write_effect,
+    Harness, Seen, TestDb, create_effects_table, effects, eventually, on_every_backend,
+    write_effect,
 };
 
 use super::{WAIT, bodies};
@@ -55,14 +56,13 @@ async fn batch_handlers_isolate_a_poisoned_message(t: Arc<TestDb>) {
         })
     })
     .overrides(Overrides::NONE.batch_size(16));
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("batchy", 2))
-        .handler(tx)
-        .handler(leased)
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("batchy", 2))
+            .handler(tx)
+            .handler(leased)
+    })
+    .await;
+    let ob = h.outbox();
     let msgs: Vec<NewMessage> = (0..40)
         .map(|i| {
             NewMessage::new(
@@ -76,8 +76,8 @@ async fn batch_handlers_isolate_a_poisoned_message(t: Arc<TestDb>) {
             )
         })
         .collect();
-    rt.enqueue_batch(&db, &msgs).await.expect("enqueue");
-    outbox_tests::wait_drained(&rt, "batchy", WAIT).await;
+    h.enqueue_batch(&msgs).await;
+    h.wait_drained("batchy").await;
     let rows = effects(&db).await;
     let mut bodies: Vec<String> = rows.iter().map(|r| r.3.clone()).collect();
     assert_eq!(
@@ -94,7 +94,7 @@ async fn batch_handlers_isolate_a_poisoned_message(t: Arc<TestDb>) {
         sorted.sort();
         assert_eq!(seqs, sorted, "partition {p} out of order");
     }
-    let dead = rt
+    let dead = ob
         .dead_letters(&DeadLetterFilter::all(), 0, 10)
         .await
         .expect("dead letters");
@@ -106,8 +106,7 @@ async fn batch_handlers_isolate_a_poisoned_message(t: Arc<TestDb>) {
         "batches were used: {} calls",
         calls.load(Ordering::Relaxed)
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Guarantee 5: backoff that new traffic does not cut short, max attempts, dead letter with
@@ -117,10 +116,10 @@ async fn retries_dead_letters_and_replay(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
     let healed = Arc::new(AtomicBool::new(false));
-    let (s, h) = (seen.clone(), healed.clone());
+    let (s, heal) = (seen.clone(), healed.clone());
     let handler = HandlerSpec::transactional("dlq", "h", move |m, _txn| {
         s.push("h", m);
-        let fail = m.payload().starts_with(b"poison") && !h.load(Ordering::SeqCst);
+        let fail = m.payload().starts_with(b"poison") && !heal.load(Ordering::SeqCst);
         Box::pin(async move {
             if fail {
                 Err(HandlerError::retry(std::io::Error::other(
@@ -137,24 +136,19 @@ async fn retries_dead_letters_and_replay(t: Arc<TestDb>) {
             .backoff_base(Duration::from_millis(400))
             .backoff_max(Duration::from_millis(400)),
     );
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("dlq", 1))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
-    rt.enqueue(&db, NewMessage::new("dlq", 0, "poison-1"))
-        .await
-        .expect("enqueue");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("dlq", 1)).handler(handler)
+    })
+    .await;
+    let ob = h.outbox();
+    h.enqueue(NewMessage::new("dlq", 0, "poison-1")).await;
     seen.wait_until(WAIT, "first attempt", |d| !d.is_empty())
         .await;
     let first_at = std::time::Instant::now();
     // New traffic on the partition during the backoff must not cut it short.
     for i in 0..5 {
-        rt.enqueue(&db, NewMessage::new("dlq", 0, format!("after-{i}")))
-            .await
-            .expect("enqueue");
+        h.enqueue(NewMessage::new("dlq", 0, format!("after-{i}")))
+            .await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     seen.wait_until(WAIT, "second attempt", |d| d.len() >= 2)
@@ -177,7 +171,7 @@ async fn retries_dead_letters_and_replay(t: Arc<TestDb>) {
         ["after-0", "after-1", "after-2", "after-3", "after-4"]
     );
 
-    let dead = rt
+    let dead = ob
         .dead_letters(&DeadLetterFilter::all().queue("dlq"), 0, 10)
         .await
         .expect("list");
@@ -194,13 +188,13 @@ async fn retries_dead_letters_and_replay(t: Arc<TestDb>) {
     );
     assert!(d.failed_at_ms >= d.enqueued_at_ms);
     assert_eq!(
-        rt.count_dead_letters(&DeadLetterFilter::all().handler("h"))
+        ob.count_dead_letters(&DeadLetterFilter::all().handler("h"))
             .await
             .expect("count"),
         1
     );
     assert_eq!(
-        rt.count_dead_letters(&DeadLetterFilter::all().handler("other"))
+        ob.count_dead_letters(&DeadLetterFilter::all().handler("other"))
             .await
             .expect("count"),
         0
@@ -208,7 +202,7 @@ async fn retries_dead_letters_and_replay(t: Arc<TestDb>) {
 
     // Replay after the fix: delivered once more, at the tail, with attempts reset.
     healed.store(true, Ordering::SeqCst);
-    let (a, b) = tokio::join!(rt.replay_dead_letter(d.id), rt.replay_dead_letter(d.id));
+    let (a, b) = tokio::join!(ob.replay_dead_letter(d.id), ob.replay_dead_letter(d.id));
     assert!(
         a.is_ok() != b.is_ok(),
         "exactly one racing replay wins: {a:?} {b:?}"
@@ -227,7 +221,7 @@ async fn retries_dead_letters_and_replay(t: Arc<TestDb>) {
         ("poison-1", 1, 7)
     );
     assert_eq!(
-        rt.count_dead_letters(&DeadLetterFilter::all())
+        ob.count_dead_letters(&DeadLetterFilter::all())
             .await
             .expect("count"),
         0
@@ -235,13 +229,9 @@ async fn retries_dead_letters_and_replay(t: Arc<TestDb>) {
 
     // Discard and purge.
     healed.store(false, Ordering::SeqCst);
-    rt.enqueue(&db, NewMessage::new("dlq", 0, "poison-2"))
-        .await
-        .expect("enqueue");
-    rt.enqueue(&db, NewMessage::new("dlq", 0, "poison-3"))
-        .await
-        .expect("enqueue");
-    let o = rt.outbox().clone();
+    h.enqueue(NewMessage::new("dlq", 0, "poison-2")).await;
+    h.enqueue(NewMessage::new("dlq", 0, "poison-3")).await;
+    let o = ob.clone();
     eventually(WAIT, "two dead letters", || {
         let o = o.clone();
         async move {
@@ -252,29 +242,28 @@ async fn retries_dead_letters_and_replay(t: Arc<TestDb>) {
         }
     })
     .await;
-    let dead = rt
+    let dead = ob
         .dead_letters(&DeadLetterFilter::all(), 0, 10)
         .await
         .expect("list");
-    rt.discard_dead_letter(dead[0].id).await.expect("discard");
+    ob.discard_dead_letter(dead[0].id).await.expect("discard");
     assert!(matches!(
-        rt.discard_dead_letter(dead[0].id).await,
+        ob.discard_dead_letter(dead[0].id).await,
         Err(Error::DeadLetterNotFound(_))
     ));
     assert_eq!(
-        rt.purge_dead_letters(&DeadLetterFilter::all().queue("dlq"))
+        ob.purge_dead_letters(&DeadLetterFilter::all().queue("dlq"))
             .await
             .expect("purge"),
         1
     );
     assert_eq!(
-        rt.count_dead_letters(&DeadLetterFilter::all())
+        ob.count_dead_letters(&DeadLetterFilter::all())
             .await
             .expect("count"),
         0
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Guarantee 5 (block policy): an exhausted head blocks its partition until an operator acts;
@@ -283,10 +272,10 @@ async fn block_policy_holds_the_head_until_an_operator_acts(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
     let healed = Arc::new(AtomicBool::new(false));
-    let (s, h) = (seen.clone(), healed.clone());
+    let (s, heal) = (seen.clone(), healed.clone());
     let handler = HandlerSpec::transactional("blocky", "h", move |m, _txn| {
         s.push("h", m);
-        let fail = m.payload() == b"bad" && !h.load(Ordering::SeqCst);
+        let fail = m.payload() == b"bad" && !heal.load(Ordering::SeqCst);
         Box::pin(async move {
             if fail {
                 Err(HandlerError::reject("bad input"))
@@ -295,21 +284,17 @@ async fn block_policy_holds_the_head_until_an_operator_acts(t: Arc<TestDb>) {
             }
         })
     });
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("blocky", 2).poison_policy(PoisonPolicy::Block))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("blocky", 2).poison_policy(PoisonPolicy::Block))
+            .handler(handler)
+    })
+    .await;
+    let ob = h.outbox();
     for body in ["bad", "second"] {
-        rt.enqueue(&db, NewMessage::new("blocky", 0, body))
-            .await
-            .expect("enqueue");
+        h.enqueue(NewMessage::new("blocky", 0, body)).await;
     }
-    rt.enqueue(&db, NewMessage::new("blocky", 1, "other-partition"))
-        .await
-        .expect("enqueue");
+    h.enqueue(NewMessage::new("blocky", 1, "other-partition"))
+        .await;
     seen.wait_until(WAIT, "head attempt and other partition", |d| d.len() >= 2)
         .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -319,15 +304,15 @@ async fn block_policy_holds_the_head_until_an_operator_acts(t: Arc<TestDb>) {
         !bodies(&all).contains(&"second".to_owned()),
         "a blocked partition moved on"
     );
-    let depth = rt.depth("blocky").await.expect("depth");
+    let depth = h.depth("blocky").await;
     assert_eq!(depth.handlers[0].blocked_partitions, 1);
     assert_eq!(depth.handlers[0].dead, 0);
 
     healed.store(true, Ordering::SeqCst);
-    let head = head_seq(&rt, "blocky", "h", 0).await;
+    let head = head_seq(ob, "blocky", "h", 0).await;
     assert_eq!(head, 1, "the operator sees the poisoned head");
     assert!(matches!(
-        rt.unblock("blocky", 0, "h", head + 1).await,
+        ob.unblock("blocky", 0, "h", head + 1).await,
         Err(Error::HeadMoved {
             expected: 2,
             found: Some(1),
@@ -335,10 +320,10 @@ async fn block_policy_holds_the_head_until_an_operator_acts(t: Arc<TestDb>) {
         })
     ));
     assert!(matches!(
-        rt.unblock("blocky", 1, "h", 1).await,
+        ob.unblock("blocky", 1, "h", 1).await,
         Err(Error::HeadMoved { found: None, .. })
     ));
-    rt.unblock("blocky", 0, "h", head).await.expect("unblock");
+    ob.unblock("blocky", 0, "h", head).await.expect("unblock");
     seen.wait_until(WAIT, "head and successor after unblock", |d| {
         bodies(d).contains(&"second".to_owned())
     })
@@ -354,25 +339,14 @@ async fn block_policy_holds_the_head_until_an_operator_acts(t: Arc<TestDb>) {
 
     // skip_head moves a blocked head to the dead letters.
     healed.store(false, Ordering::SeqCst);
-    rt.enqueue(&db, NewMessage::new("blocky", 0, "bad"))
-        .await
-        .expect("enqueue");
-    rt.enqueue(&db, NewMessage::new("blocky", 0, "third"))
-        .await
-        .expect("enqueue");
-    let o = rt.outbox().clone();
-    eventually(WAIT, "blocked again", || {
-        let o = o.clone();
-        async move {
-            o.depth("blocky")
-                .await
-                .map(|d| d.handlers[0].blocked_partitions == 1)
-                .unwrap_or(false)
-        }
+    h.enqueue(NewMessage::new("blocky", 0, "bad")).await;
+    h.enqueue(NewMessage::new("blocky", 0, "third")).await;
+    h.wait_depth("blocky", "blocked again", |d| {
+        d.handlers[0].blocked_partitions == 1
     })
     .await;
-    let head = head_seq(&rt, "blocky", "h", 0).await;
-    rt.skip_head("blocky", 0, "h", head).await.expect("skip");
+    let head = head_seq(ob, "blocky", "h", 0).await;
+    ob.skip_head("blocky", 0, "h", head).await.expect("skip");
     seen.wait_until(WAIT, "successor after skip", |d| {
         bodies(d).contains(&"third".to_owned())
     })
@@ -380,17 +354,16 @@ async fn block_policy_holds_the_head_until_an_operator_acts(t: Arc<TestDb>) {
     // The operator's second click names the head that is gone: the healthy successor, already
     // handled or not, is never skipped by it.
     assert!(matches!(
-        rt.skip_head("blocky", 0, "h", head).await,
+        ob.skip_head("blocky", 0, "h", head).await,
         Err(Error::HeadMoved { .. })
     ));
     assert_eq!(
-        rt.count_dead_letters(&DeadLetterFilter::all())
+        ob.count_dead_letters(&DeadLetterFilter::all())
             .await
             .expect("count"),
         1
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// The head a handler waits on in a partition, as the status shows it to an operator.

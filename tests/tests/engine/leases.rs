@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
-use outbox::{Error, HandlerSpec, NewMessage, Outbox, Overrides, Profile, QueueSpec};
-use outbox_tests::{Seen, TestDb, eventually, on_every_backend};
+use outbox::{Builder, Error, HandlerSpec, NewMessage, Outbox, Overrides, Profile, QueueSpec};
+use outbox_tests::{Harness, Seen, TestDb, on_every_backend};
 
 use super::{WAIT, leased_recorder};
 
@@ -24,13 +24,14 @@ async fn raw(db: &DatabaseConnection, sql: &str) {
 async fn expired_lease_is_redelivered_with_attempt_raised(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
-    let build = || {
-        Outbox::builder(db.clone())
-            .profile(Profile::LowLatency)
-            .queue(QueueSpec::new("lease", 1))
+    let configure = |b: Builder| {
+        b.queue(QueueSpec::new("lease", 1))
             .handler(leased_recorder("lease", "h", &seen))
     };
-    let producer = build().connect().await.expect("connect");
+    let producer = configure(Outbox::builder(db.clone()).profile(Profile::LowLatency))
+        .connect()
+        .await
+        .expect("connect");
     producer
         .enqueue(&db, NewMessage::new("lease", 0, "m1"))
         .await
@@ -43,7 +44,7 @@ async fn expired_lease_is_redelivered_with_attempt_raised(t: Arc<TestDb>) {
     )
     .await;
     // Sequence it (the runtime's sequencer), but the lease keeps it from being delivered.
-    let rt = build().start().await.expect("start");
+    let h = Harness::start(db.clone(), configure).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(seen.all().is_empty(), "delivered under a live lease");
     seen.wait_until(WAIT, "redelivery after expiry", |d| d.len() == 1)
@@ -54,8 +55,7 @@ async fn expired_lease_is_redelivered_with_attempt_raised(t: Arc<TestDb>) {
         2,
         "attempt raised by the expired lease"
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Guarantee 4: an ack after the lease was taken over is rejected; only the new holder's ack
@@ -77,30 +77,18 @@ async fn ack_of_a_lost_lease_is_rejected(t: Arc<TestDb>) {
             Ok(())
         })
     });
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("steal", 1))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
-    rt.enqueue(&db, NewMessage::new("steal", 0, "m"))
-        .await
-        .expect("enqueue");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("steal", 1)).handler(handler)
+    })
+    .await;
+    h.enqueue(NewMessage::new("steal", 0, "m")).await;
     seen.wait_until(WAIT, "redelivery after the stale ack", |d| d.len() >= 2)
         .await;
     let all = seen.all();
     assert_eq!(all[0].seq, all[1].seq);
     assert_eq!(all[1].attempt, 2);
-    let o = rt.outbox().clone();
-    eventually(WAIT, "acked by the second delivery", || {
-        let o = o.clone();
-        async move {
-            o.depth("steal")
-                .await
-                .map(|d| d.handlers[0].pending == 0)
-                .unwrap_or(false)
-        }
+    h.wait_depth("steal", "acked by the second delivery", |d| {
+        d.handlers[0].pending == 0
     })
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -109,8 +97,7 @@ async fn ack_of_a_lost_lease_is_rejected(t: Arc<TestDb>) {
         2,
         "delivered again after a successful ack"
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Guarantee 4: an ack after the lease expired is rejected even if nobody took the lease
@@ -138,27 +125,22 @@ async fn ack_after_lease_expiry_is_rejected(t: Arc<TestDb>) {
             Ok(())
         })
     });
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("expiry", 1))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
-    rt.enqueue(&db, NewMessage::new("expiry", 0, "m"))
-        .await
-        .expect("enqueue");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("expiry", 1)).handler(handler)
+    })
+    .await;
+    h.enqueue(NewMessage::new("expiry", 0, "m")).await;
     seen.wait_until(WAIT, "redelivery after the late ack", |d| d.len() >= 2)
         .await;
     let all = seen.all();
     assert_eq!((all[0].seq, all[1].seq, all[1].attempt), (1, 1, 2));
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    h.finish().await;
+    // Counted after the shutdown: nothing is delivered any more.
     assert_eq!(
         seen.all().len(),
         2,
         "delivered again after a successful ack"
     );
-    outbox_tests::assert_invariants(&db, "outbox_").await;
 }
 
 /// Guarantee 4: a leased handler may renew its lease to work longer than one lease; a renewal
@@ -205,19 +187,14 @@ async fn leased_handlers_renew_their_lease(t: Arc<TestDb>) {
             .lease(Duration::from_millis(600))
             .lease_headroom(Duration::from_millis(200)),
     );
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("renew", 1))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
-    rt.enqueue(&db, NewMessage::new("renew", 0, "long"))
-        .await
-        .expect("enqueue");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("renew", 1)).handler(handler)
+    })
+    .await;
+    h.enqueue(NewMessage::new("renew", 0, "long")).await;
     seen.wait_until(WAIT, "the long handler", |d| !d.is_empty())
         .await;
-    outbox_tests::wait_drained(&rt, "renew", WAIT).await;
+    h.wait_drained("renew").await;
     let r = renewals.lock().expect("lock").clone();
     assert_eq!(r.len(), 3);
     assert!(r.iter().all(Result::is_ok), "{r:?}");
@@ -233,9 +210,7 @@ async fn leased_handlers_renew_their_lease(t: Arc<TestDb>) {
     assert!(matches!(acked.renew().await, Err(Error::LeaseLost)));
 
     // After expiry, renewal fails and the message is delivered again.
-    rt.enqueue(&db, NewMessage::new("renew", 0, "expired"))
-        .await
-        .expect("enqueue");
+    h.enqueue(NewMessage::new("renew", 0, "expired")).await;
     seen.wait_until(WAIT, "redelivery after the failed renewal", |d| {
         d.len() >= 3
     })
@@ -247,8 +222,7 @@ async fn leased_handlers_renew_their_lease(t: Arc<TestDb>) {
         "{r:?}"
     );
     assert_eq!(seen.all()[2].attempt, 2);
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 fn now_ms() -> i64 {

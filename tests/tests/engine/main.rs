@@ -1,6 +1,8 @@
 //! The engine's guarantees (the README's "Guarantees" table), each proven on SQLite, PostgreSQL and MariaDB.
 //!
-//! One test binary, one module per guarantee (numbered as in the README's table).
+//! One test binary, one module per guarantee (numbered as in the README's table). Most tests
+//! start their runtime through [`outbox_tests::Harness`] and end with its `finish`: shutdown,
+//! then the global invariants of the stored state.
 
 mod atomic_enqueue;
 mod bad_input;
@@ -12,12 +14,9 @@ mod leases;
 mod ordering;
 mod shutdown;
 
-use std::time::Duration;
-
 use outbox::HandlerSpec;
 use outbox_tests::Seen;
-
-const WAIT: Duration = Duration::from_secs(30);
+use outbox_tests::harness::WAIT;
 
 fn recorder(queue: &'static str, name: &'static str, seen: &Seen) -> HandlerSpec {
     let seen = seen.clone();

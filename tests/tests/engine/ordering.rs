@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use outbox::sea_orm::{ConnectionTrait, Statement, TransactionTrait};
-use outbox::{HandlerSpec, NewMessage, Outbox, Overrides, Profile, QueueSpec};
-use outbox_tests::{Seen, TestDb, on_every_backend};
+use outbox::{HandlerSpec, NewMessage, Overrides, QueueSpec};
+use outbox_tests::{Harness, Seen, TestDb, on_every_backend};
 
 use super::{WAIT, bodies, recorder};
 
@@ -18,15 +18,13 @@ use super::{WAIT, bodies, recorder};
 async fn a_held_partition_does_not_hold_up_the_others(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("held", 2))
-        .queue(QueueSpec::new("other", 1))
-        .handler(recorder("held", "h", &seen))
-        .handler(recorder("other", "o", &seen))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("held", 2))
+            .queue(QueueSpec::new("other", 1))
+            .handler(recorder("held", "h", &seen))
+            .handler(recorder("other", "o", &seen))
+    })
+    .await;
     // Another sequencer's transaction, as it would hold partition 0 of `held`.
     let holder = db.begin().await.expect("begin");
     holder
@@ -40,7 +38,7 @@ async fn a_held_partition_does_not_hold_up_the_others(t: Arc<TestDb>) {
         .map(|i| NewMessage::new("held", i % 2, format!("p{}-{i}", i % 2)))
         .chain([NewMessage::new("other", 0, "o-0")])
         .collect();
-    rt.enqueue_batch(&db, &batch).await.expect("enqueue");
+    h.enqueue_batch(&batch).await;
     seen.wait_until(WAIT, "partition 1 and the other queue", |d| d.len() == 4)
         .await;
     assert!(
@@ -63,8 +61,7 @@ async fn a_held_partition_does_not_hold_up_the_others(t: Arc<TestDb>) {
         held,
         [(1, "p0-0".into()), (2, "p0-2".into()), (3, "p0-4".into())]
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Guarantee 2: a message whose transaction commits after one holding a higher id is not
@@ -72,32 +69,28 @@ async fn a_held_partition_does_not_hold_up_the_others(t: Arc<TestDb>) {
 async fn late_commit_of_a_lower_id_is_delivered_in_commit_order(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("late", 1))
-        .handler(recorder("late", "h", &seen))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("late", 1))
+            .handler(recorder("late", "h", &seen))
+    })
+    .await;
     if !t.concurrent_writers() {
         // SQLite has a single writer: the earlier transaction commits first by construction.
-        rt.enqueue(&db, NewMessage::new("late", 0, "A"))
-            .await
-            .expect("enqueue");
-        rt.enqueue(&db, NewMessage::new("late", 0, "B"))
-            .await
-            .expect("enqueue");
+        h.enqueue(NewMessage::new("late", 0, "A")).await;
+        h.enqueue(NewMessage::new("late", 0, "B")).await;
         seen.wait_until(WAIT, "A and B", |d| d.len() == 2).await;
         assert_eq!(bodies(&seen.all()), ["A", "B"]);
-        rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+        h.stop().await;
         return;
     }
     let a = db.begin().await.expect("begin a");
-    rt.enqueue(&a, NewMessage::new("late", 0, "A-lower-id"))
+    h.outbox()
+        .enqueue(&a, NewMessage::new("late", 0, "A-lower-id"))
         .await
         .expect("enqueue a");
     let b = db.begin().await.expect("begin b");
-    rt.enqueue(&b, NewMessage::new("late", 0, "B-higher-id"))
+    h.outbox()
+        .enqueue(&b, NewMessage::new("late", 0, "B-higher-id"))
         .await
         .expect("enqueue b");
     b.commit().await.expect("commit b");
@@ -110,8 +103,7 @@ async fn late_commit_of_a_lower_id_is_delivered_in_commit_order(t: Arc<TestDb>) 
     let all = seen.all();
     assert_eq!(bodies(&all), ["B-higher-id", "A-lower-id"]);
     assert_eq!(all.iter().map(|d| d.seq).collect::<Vec<_>>(), [1, 2]);
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Guarantee 2 against the sequencer's low-water mark (PostgreSQL starts its scan above the
@@ -121,23 +113,21 @@ async fn late_commit_of_a_lower_id_is_delivered_in_commit_order(t: Arc<TestDb>) 
 async fn an_open_producer_holds_the_sequencers_low_water_mark(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("mark", 2))
-        .handler(recorder("mark", "h", &seen))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("mark", 2))
+            .handler(recorder("mark", "h", &seen))
+    })
+    .await;
     let open = db.begin().await.expect("begin");
-    rt.enqueue(&open, NewMessage::new("mark", 0, "open"))
+    h.outbox()
+        .enqueue(&open, NewMessage::new("mark", 0, "open"))
         .await
         .expect("enqueue in the open transaction");
     // Later messages commit one by one for about a second: many passes, each reading ids
     // above the open one, and several looks at the mark.
     for i in 0..40u32 {
-        rt.enqueue(&db, NewMessage::new("mark", i % 2, format!("later-{i}")))
-            .await
-            .expect("enqueue");
+        h.enqueue(NewMessage::new("mark", i % 2, format!("later-{i}")))
+            .await;
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     seen.wait_until(WAIT, "the later messages", |d| d.len() == 40)
@@ -153,8 +143,7 @@ async fn an_open_producer_holds_the_sequencers_low_water_mark(t: Arc<TestDb>) {
         last.seq, 21,
         "numbered after the 20 later messages of its partition"
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Guarantee 2: with concurrent producers each partition is delivered densely in sequence
@@ -162,18 +151,16 @@ async fn an_open_producer_holds_the_sequencers_low_water_mark(t: Arc<TestDb>) {
 async fn concurrent_producers_keep_order_per_partition(t: Arc<TestDb>) {
     let db = t.pool(12).await;
     let seen = Seen::default();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("order", 3))
-        .handler(recorder("order", "h", &seen))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("order", 3))
+            .handler(recorder("order", "h", &seen))
+    })
+    .await;
     let producers = 4;
     let per = 60;
     let mut tasks = Vec::new();
     for p in 0..producers {
-        let (db, ob) = (db.clone(), rt.outbox().clone());
+        let (db, ob) = (db.clone(), h.outbox().clone());
         tasks.push(tokio::spawn(async move {
             for j in 0..per {
                 let txn = db.begin().await.expect("begin");
@@ -218,8 +205,7 @@ async fn concurrent_producers_keep_order_per_partition(t: Arc<TestDb>) {
             assert_eq!(mine, sorted, "producer {p} reordered in partition {part}");
         }
     }
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Guarantee 2: never two batches of one (partition, handler) at once, across runtimes with
@@ -257,39 +243,35 @@ async fn one_batch_per_partition_at_a_time_across_runtimes(t: Arc<TestDb>) {
         let db = t.pool(12).await;
         let (tx, leased) = (guard("tx"), guard("leased"));
         runtimes.push(
-            Outbox::builder(db)
-                .profile(Profile::LowLatency)
-                .queue(QueueSpec::new("excl", 4))
-                .handler(
-                    HandlerSpec::transactional("excl", "tx", move |m, _| tx(m))
-                        .overrides(Overrides::NONE.batch_size(4).concurrency(4)),
-                )
-                .handler(
-                    HandlerSpec::leased("excl", "leased", move |m, _| leased(m))
-                        .overrides(Overrides::NONE.batch_size(4).concurrency(4)),
-                )
-                .start()
-                .await
-                .expect("start"),
+            Harness::start(db, |b| {
+                b.queue(QueueSpec::new("excl", 4))
+                    .handler(
+                        HandlerSpec::transactional("excl", "tx", move |m, _| tx(m))
+                            .overrides(Overrides::NONE.batch_size(4).concurrency(4)),
+                    )
+                    .handler(
+                        HandlerSpec::leased("excl", "leased", move |m, _| leased(m))
+                            .overrides(Overrides::NONE.batch_size(4).concurrency(4)),
+                    )
+            })
+            .await,
         );
     }
     let db = t.pool(2).await;
     let batch: Vec<NewMessage> = (0..200)
         .map(|i| NewMessage::new("excl", i % 4, format!("{i}")))
         .collect();
-    runtimes[0]
-        .enqueue_batch(&db, &batch)
-        .await
-        .expect("enqueue");
-    outbox_tests::wait_drained(&runtimes[1], "excl", WAIT).await;
+    runtimes[0].enqueue_batch_in(&db, &batch).await;
+    runtimes[1].wait_drained("excl").await;
     assert_eq!(
         overlaps.load(Ordering::SeqCst),
         0,
         "two batches of one partition ran at once"
     );
     assert!(handled.load(Ordering::SeqCst) >= 400);
-    for rt in runtimes {
-        rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    // Both stop before the stored state is checked: a running one may hold a lease.
+    for h in runtimes {
+        h.stop().await;
     }
     outbox_tests::assert_invariants(&db, "outbox_").await;
 }

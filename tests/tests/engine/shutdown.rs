@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox::{Error, HandlerSpec, NewMessage, Outbox, Profile, QueueSpec};
-use outbox_tests::{Seen, TestDb, on_every_backend};
+use outbox::{Builder, Error, HandlerSpec, NewMessage, QueueSpec};
+use outbox_tests::{Harness, Seen, TestDb, on_every_backend};
 
 use super::WAIT;
 
@@ -14,29 +14,28 @@ use super::WAIT;
 async fn graceful_shutdown_finishes_or_releases_work(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
-    let build = |sleep_ms: u64| {
+    let configure = |sleep_ms: u64| {
         let s = seen.clone();
-        Outbox::builder(db.clone())
-            .profile(Profile::LowLatency)
-            .queue(QueueSpec::new("stop", 1))
-            .handler(HandlerSpec::leased("stop", "h", move |m, _ctx| {
-                s.push("h", m);
-                Box::pin(async move {
-                    tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
-                    Ok(())
-                })
-            }))
+        move |b: Builder| {
+            b.queue(QueueSpec::new("stop", 1))
+                .handler(HandlerSpec::leased("stop", "h", move |m, _ctx| {
+                    s.push("h", m);
+                    Box::pin(async move {
+                        tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+                        Ok(())
+                    })
+                }))
+        }
     };
-    let rt = build(300).start().await.expect("start");
-    rt.enqueue(&db, NewMessage::new("stop", 0, "finishes"))
-        .await
-        .expect("enqueue");
+    let h = Harness::start(db.clone(), configure(300)).await;
+    h.enqueue(NewMessage::new("stop", 0, "finishes")).await;
     seen.wait_until(WAIT, "handler started", |d| d.len() == 1)
         .await;
-    rt.shutdown(Duration::from_secs(10))
+    h.running()
+        .shutdown(Duration::from_secs(10))
         .await
         .expect("graceful shutdown");
-    let depth = rt.depth("stop").await.expect("depth");
+    let depth = h.depth("stop").await;
     assert_eq!(
         (
             depth.handlers[0].pending,
@@ -45,15 +44,13 @@ async fn graceful_shutdown_finishes_or_releases_work(t: Arc<TestDb>) {
         (0, 0)
     );
 
-    let rt = build(60_000).start().await.expect("start");
-    rt.enqueue(&db, NewMessage::new("stop", 0, "cancelled"))
-        .await
-        .expect("enqueue");
+    let h = Harness::start(db.clone(), configure(60_000)).await;
+    h.enqueue(NewMessage::new("stop", 0, "cancelled")).await;
     seen.wait_until(WAIT, "slow handler started", |d| d.len() == 2)
         .await;
-    let res = rt.shutdown(Duration::from_millis(200)).await;
+    let res = h.running().shutdown(Duration::from_millis(200)).await;
     assert!(matches!(res, Err(Error::ShutdownTimedOut(_))), "{res:?}");
-    let depth = rt.depth("stop").await.expect("depth");
+    let depth = h.depth("stop").await;
     assert_eq!(
         (
             depth.handlers[0].pending,
@@ -63,12 +60,11 @@ async fn graceful_shutdown_finishes_or_releases_work(t: Arc<TestDb>) {
         "lease not released"
     );
 
-    let rt = build(0).start().await.expect("restart");
+    let h = Harness::start(db.clone(), configure(0)).await;
     seen.wait_until(WAIT, "redelivered after restart", |d| d.len() == 3)
         .await;
     assert_eq!(seen.all()[2].body, "cancelled");
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    outbox_tests::assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 on_every_backend!(graceful_shutdown_finishes_or_releases_work,);
