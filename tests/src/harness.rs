@@ -119,8 +119,8 @@ impl Harness {
 
     /// Shuts the runtime down within [`GRACE`] (panics if in-flight work had to be cancelled)
     /// and leaves the stored state unchecked: for tests whose state is checked elsewhere, or
-    /// whose other runtimes still run.
-    pub async fn stop(self) {
+    /// whose other runtimes still run. The outbox handle stays usable (status, dead letters).
+    pub async fn stop(&self) {
         self.running.shutdown(GRACE).await.expect("shutdown");
     }
 
