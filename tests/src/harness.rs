@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use outbox::sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
-use outbox::{Builder, NewMessage, Outbox, Profile, QueueDepth, Running};
+use outbox::{Builder, Enqueued, NewMessage, Outbox, Profile, QueueDepth, Running};
 
 /// How long a harness waits for a condition before it fails the test.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -60,36 +60,44 @@ impl Harness {
         &self.running
     }
 
-    /// Enqueues one message on the pool, outside any transaction.
-    pub async fn enqueue(&self, message: NewMessage) {
-        self.enqueue_in(&self.db, message).await;
+    /// Enqueues one message on the pool, outside any transaction; returns what the enqueue did
+    /// (stored, scheduled, duplicate).
+    pub async fn enqueue(&self, message: NewMessage) -> Enqueued {
+        self.enqueue_in(&self.db, message).await
     }
 
     /// Enqueues one message through `conn`: the caller's transaction, savepoint or pool.
-    pub async fn enqueue_in<C: ConnectionTrait>(&self, conn: &C, message: NewMessage) {
+    pub async fn enqueue_in<C: ConnectionTrait>(&self, conn: &C, message: NewMessage) -> Enqueued {
         let queue = message.queue().to_owned();
-        if let Err(e) = self.outbox().enqueue(conn, message).await {
-            panic!("enqueue to `{queue}`: {e:?}");
-        }
+        self.outbox()
+            .enqueue(conn, message)
+            .await
+            .unwrap_or_else(|e| panic!("enqueue to `{queue}`: {e:?}"))
     }
 
     /// Enqueues `messages` on the pool in one statement, outside any transaction.
-    pub async fn enqueue_batch(&self, messages: &[NewMessage]) {
-        self.enqueue_batch_in(&self.db, messages).await;
+    pub async fn enqueue_batch(&self, messages: &[NewMessage]) -> Vec<Enqueued> {
+        self.enqueue_batch_in(&self.db, messages).await
     }
 
     /// Enqueues `messages` through `conn` in one statement.
-    pub async fn enqueue_batch_in<C: ConnectionTrait>(&self, conn: &C, messages: &[NewMessage]) {
-        if let Err(e) = self.outbox().enqueue_batch(conn, messages).await {
-            panic!("enqueue of {} messages: {e:?}", messages.len());
-        }
+    pub async fn enqueue_batch_in<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        messages: &[NewMessage],
+    ) -> Vec<Enqueued> {
+        self.outbox()
+            .enqueue_batch(conn, messages)
+            .await
+            .unwrap_or_else(|e| panic!("enqueue of {} messages: {e:?}", messages.len()))
     }
 
     /// Enqueues `messages` in one transaction of their own and commits it.
-    pub async fn enqueue_committed(&self, messages: &[NewMessage]) {
+    pub async fn enqueue_committed(&self, messages: &[NewMessage]) -> Vec<Enqueued> {
         let txn = self.db.begin().await.expect("begin");
-        self.enqueue_batch_in(&txn, messages).await;
+        let done = self.enqueue_batch_in(&txn, messages).await;
         txn.commit().await.expect("commit");
+        done
     }
 
     /// Waits until `queue` has nothing unsequenced and no handler has anything pending, or
