@@ -4,6 +4,9 @@
 //! is set and MySQL/MariaDB when `OUTBOX_TEST_MYSQL_URL` is set; each test creates its own
 //! database on that server and drops it afterwards. `OUTBOX_TEST_REQUIRE=postgres,mysql` turns a
 //! missing URL into a failure instead of a skip.
+//!
+//! Most engine tests start their runtime through [`Harness`]: enqueue, wait, and end with
+//! [`Harness::finish`] (shutdown, then [`assert_invariants`]).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -596,3 +599,6 @@ pub async fn wait_drained(outbox: &outbox::Outbox, queue: &str, timeout: Duratio
 }
 
 pub mod brokers;
+pub mod harness;
+
+pub use harness::Harness;

@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use outbox::sea_orm::{DbBackend, TransactionTrait};
 use outbox::{
-    DeadLetterFilter, EnqueueError, Error, HandlerError, HandlerSpec, NewMessage, Outbox, Profile,
-    QueueSpec,
+    DeadLetterFilter, EnqueueError, Error, HandlerError, HandlerSpec, NewMessage, QueueSpec,
 };
-use outbox_tests::{Kind, Seen, TestDb, assert_invariants, eventually, on_every_backend, scalar};
+use outbox_tests::{Harness, Kind, Seen, TestDb, eventually, on_every_backend, scalar};
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -36,26 +35,20 @@ fn recorder(
 async fn names_differing_only_in_case_are_distinct(t: Arc<TestDb>) {
     let db = t.pool(16).await;
     let seen = Seen::default();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("orders", 2))
-        .queue(QueueSpec::new("Orders", 2))
-        .handler(recorder("orders", "send", "orders/send", &seen))
-        .handler(recorder("orders", "Send", "orders/Send", &seen))
-        .handler(recorder("Orders", "send", "Orders/send", &seen))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("orders", 2))
+            .queue(QueueSpec::new("Orders", 2))
+            .handler(recorder("orders", "send", "orders/send", &seen))
+            .handler(recorder("orders", "Send", "orders/Send", &seen))
+            .handler(recorder("Orders", "send", "Orders/send", &seen))
+    })
+    .await;
     for round in 0..3 {
         let txn = db.begin().await.expect("begin");
-        rt.outbox()
-            .enqueue(&txn, NewMessage::new("orders", 0, format!("lower-{round}")))
-            .await
-            .expect("enqueue orders");
-        rt.outbox()
-            .enqueue(&txn, NewMessage::new("Orders", 0, format!("upper-{round}")))
-            .await
-            .expect("enqueue Orders");
+        h.enqueue_in(&txn, NewMessage::new("orders", 0, format!("lower-{round}")))
+            .await;
+        h.enqueue_in(&txn, NewMessage::new("Orders", 0, format!("upper-{round}")))
+            .await;
         txn.commit().await.expect("commit");
     }
     seen.wait_until(WAIT, "three messages per handler", |d| d.len() == 9)
@@ -67,19 +60,18 @@ async fn names_differing_only_in_case_are_distinct(t: Arc<TestDb>) {
     assert_eq!(bodies("Orders/send"), ["upper-0", "upper-1", "upper-2"]);
 
     // An undeclared spelling is an unknown queue, not an alias.
-    let err = rt
+    let err = h
         .outbox()
         .enqueue(&db, NewMessage::new("ORDERS", 0, "stray"))
         .await
         .expect_err("ORDERS is not declared");
     assert!(matches!(err, EnqueueError::UnknownQueue(q) if q == "ORDERS"));
-    let status = rt.outbox().status().await.expect("status");
+    let status = h.outbox().status().await.expect("status");
     let names: Vec<&str> = status.queues.iter().map(|q| q.name.as_str()).collect();
     assert_eq!(names.len(), 2, "{names:?}");
     assert_eq!(status.queue("orders").expect("orders").handlers.len(), 2);
     assert_eq!(status.queue("Orders").expect("Orders").handlers.len(), 1);
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Dead-letter filters and lookups match the name given, byte for byte: `ORDERS` matches none
@@ -88,31 +80,25 @@ async fn names_differing_only_in_case_are_distinct(t: Arc<TestDb>) {
 /// name).
 async fn name_filters_match_exactly(t: Arc<TestDb>) {
     let db = t.pool(8).await;
-    let h = HandlerSpec::transactional("orders", "send", |_m, _txn| {
+    let handler = HandlerSpec::transactional("orders", "send", |_m, _txn| {
         Box::pin(async { Err(HandlerError::reject("refused")) })
     });
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("orders", 1))
-        .handler(h)
-        .start()
-        .await
-        .expect("start");
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("orders", 0, "m"))
-        .await
-        .expect("enqueue");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("orders", 1)).handler(handler)
+    })
+    .await;
+    h.enqueue(NewMessage::new("orders", 0, "m")).await;
     eventually(WAIT, "a dead letter", || async {
-        rt.outbox()
+        h.outbox()
             .count_dead_letters(&DeadLetterFilter::all())
             .await
             .is_ok_and(|n| n == 1)
     })
     .await;
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    h.stop().await;
 
     let count = |f: DeadLetterFilter| {
-        let rt = rt.outbox().clone();
+        let rt = h.outbox().clone();
         async move { rt.count_dead_letters(&f).await }
     };
     assert_eq!(
@@ -142,12 +128,12 @@ async fn name_filters_match_exactly(t: Arc<TestDb>) {
             Err(Error::InvalidName(_))
         ));
         assert!(matches!(
-            rt.outbox().purge_dead_letters(&bad).await,
+            h.outbox().purge_dead_letters(&bad).await,
             Err(Error::InvalidName(_))
         ));
     }
     assert_eq!(
-        rt.outbox()
+        h.outbox()
             .purge_dead_letters(&DeadLetterFilter::all().queue("Orders"))
             .await
             .expect("purge"),
@@ -156,7 +142,7 @@ async fn name_filters_match_exactly(t: Arc<TestDb>) {
     );
     assert_eq!(count(DeadLetterFilter::all()).await.expect("count"), 1);
     assert!(matches!(
-        rt.outbox().queue_status("ORDERS").await,
+        h.outbox().queue_status("ORDERS").await,
         Err(Error::UnknownQueue(_))
     ));
 }
@@ -202,21 +188,20 @@ async fn an_existing_database_is_upgraded_to_exact_names(t: Arc<TestDb>) {
     .expect("waiting message");
 
     let seen = Seen::default();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("legacy", 1))
-        .queue(QueueSpec::new("Legacy", 1))
-        .handler(recorder("legacy", "h", "legacy/h", &seen))
-        .handler(recorder("Legacy", "h", "Legacy/h", &seen))
-        .start()
-        .await
-        .expect("start upgrades");
+    // Starting upgrades the schema.
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("legacy", 1))
+            .queue(QueueSpec::new("Legacy", 1))
+            .handler(recorder("legacy", "h", "legacy/h", &seen))
+            .handler(recorder("Legacy", "h", "Legacy/h", &seen))
+    })
+    .await;
     assert_eq!(
         scalar(&db, "SELECT MAX(version) FROM outbox_schema_version").await,
         4
     );
     assert_eq!(
-        rt.outbox().instance_id().await.expect("instance id").len(),
+        h.outbox().instance_id().await.expect("instance id").len(),
         32
     );
     if db.get_database_backend() == DbBackend::MySql {
@@ -231,16 +216,12 @@ async fn an_existing_database_is_upgraded_to_exact_names(t: Arc<TestDb>) {
     }
     seen.wait_until(WAIT, "the waiting message", |d| d.len() == 1)
         .await;
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("Legacy", 0, "new"))
-        .await
-        .expect("enqueue");
+    h.enqueue(NewMessage::new("Legacy", 0, "new")).await;
     seen.wait_until(WAIT, "the new queue's message", |d| d.len() == 2)
         .await;
     assert_eq!(seen.of("legacy/h")[0].body, "waiting");
     assert_eq!(seen.of("Legacy/h")[0].body, "new");
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 use outbox::sea_orm::ConnectionTrait;

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use outbox::sea_orm::{ConnectionTrait, Statement};
-use outbox::{EnqueueError, Enqueued, HandlerSpec, NewMessage, Outbox, Profile, QueueSpec};
-use outbox_tests::{Seen, TestDb, assert_invariants, eventually, on_every_backend};
+use outbox::{EnqueueError, Enqueued, HandlerSpec, NewMessage, Outbox, QueueSpec};
+use outbox_tests::{Harness, Seen, TestDb, eventually, on_every_backend};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -59,47 +59,32 @@ impl Timed {
 async fn a_scheduled_message_waits_for_its_time_and_then_its_turn(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let log = Timed::default();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("sch", 1))
-        .handler(log.handler("sch"))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("sch", 1))
+            .handler(log.handler("sch"))
+    })
+    .await;
     let before = db_now(&db).await;
-    let done = rt
-        .outbox()
-        .enqueue(
-            &db,
-            NewMessage::new("sch", 0, "later").deliver_after(Duration::from_millis(1500)),
-        )
-        .await
-        .expect("enqueue");
+    let done = h
+        .enqueue(NewMessage::new("sch", 0, "later").deliver_after(Duration::from_millis(1500)))
+        .await;
     assert!(matches!(done, Enqueued::Scheduled { .. }), "{done:?}");
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("sch", 0, "now"))
-        .await
-        .expect("enqueue");
+    h.enqueue(NewMessage::new("sch", 0, "now")).await;
     let past = SystemTime::now() - Duration::from_secs(60);
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("sch", 0, "overdue").deliver_at(past))
-        .await
-        .expect("enqueue");
+    h.enqueue(NewMessage::new("sch", 0, "overdue").deliver_at(past))
+        .await;
     eventually(WAIT, "the immediate and overdue ones", || async {
         log.all().len() == 2
     })
     .await;
-    let status = rt.outbox().queue_status("sch").await.expect("status");
+    let status = h.outbox().queue_status("sch").await.expect("status");
     assert_eq!(
         status.scheduled, 1,
         "the later one waits, counted as scheduled"
     );
     assert!(status.next_due_at_ms.is_some_and(|d| d >= before + 1500));
     eventually(WAIT, "the later one", || async { log.all().len() == 3 }).await;
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("sch", 0, "after"))
-        .await
-        .expect("enqueue");
+    h.enqueue(NewMessage::new("sch", 0, "after")).await;
     eventually(WAIT, "the last one", || async { log.all().len() == 4 }).await;
     let runs = log.all();
     let order: Vec<&str> = runs.iter().map(|(b, _)| b.as_str()).collect();
@@ -115,15 +100,14 @@ async fn a_scheduled_message_waits_for_its_time_and_then_its_turn(t: Arc<TestDb>
         later_at - before
     );
     assert_eq!(
-        rt.outbox()
+        h.outbox()
             .queue_status("sch")
             .await
             .expect("status")
             .scheduled,
         0
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// A scheduled message cancelled by id or by key is never delivered, and its key is free
@@ -132,81 +116,46 @@ async fn a_scheduled_message_can_be_cancelled(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
     let s = seen.clone();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("cxl", 2))
-        .handler(HandlerSpec::transactional("cxl", "h", move |m, _| {
-            s.push("h", m);
-            Box::pin(async { Ok(()) })
-        }))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("cxl", 2))
+            .handler(HandlerSpec::transactional("cxl", "h", move |m, _| {
+                s.push("h", m);
+                Box::pin(async { Ok(()) })
+            }))
+    })
+    .await;
+    let ob = h.outbox();
     let later = |body: &str| {
         NewMessage::new("cxl", 0, body.to_owned()).deliver_after(Duration::from_secs(2))
     };
-    let Enqueued::Scheduled { id } = rt
-        .outbox()
-        .enqueue(&db, later("by-id"))
-        .await
-        .expect("enqueue")
-    else {
+    let Enqueued::Scheduled { id } = h.enqueue(later("by-id")).await else {
         panic!("not scheduled");
     };
-    let keyed = rt
-        .outbox()
-        .enqueue(&db, later("by-key").dedup_key("reminder-9"))
-        .await
-        .expect("enqueue");
+    let keyed = h.enqueue(later("by-key").dedup_key("reminder-9")).await;
     assert!(matches!(keyed, Enqueued::Scheduled { .. }));
     assert_eq!(
-        rt.outbox()
-            .enqueue(&db, later("dup").dedup_key("reminder-9"))
-            .await
-            .expect("enqueue"),
+        h.enqueue(later("dup").dedup_key("reminder-9")).await,
         Enqueued::Duplicate,
         "a scheduled message holds its key"
     );
-    rt.outbox()
-        .enqueue(&db, later("kept"))
-        .await
-        .expect("enqueue");
-    assert_eq!(
-        rt.outbox()
-            .queue_status("cxl")
-            .await
-            .expect("status")
-            .scheduled,
-        3
-    );
+    h.enqueue(later("kept")).await;
+    assert_eq!(ob.queue_status("cxl").await.expect("status").scheduled, 3);
 
-    assert!(rt.outbox().cancel_scheduled(id).await.expect("cancel"));
+    assert!(ob.cancel_scheduled(id).await.expect("cancel"));
+    assert!(!ob.cancel_scheduled(id).await.expect("cancel twice"));
     assert!(
-        !rt.outbox()
-            .cancel_scheduled(id)
-            .await
-            .expect("cancel twice")
-    );
-    assert!(
-        rt.outbox()
-            .cancel_scheduled_by_key("cxl", "reminder-9")
+        ob.cancel_scheduled_by_key("cxl", "reminder-9")
             .await
             .expect("cancel by key")
     );
     assert!(
-        !rt.outbox()
-            .cancel_scheduled_by_key("cxl", "no-such-key")
+        !ob.cancel_scheduled_by_key("cxl", "no-such-key")
             .await
             .expect("cancel unknown")
     );
     assert_eq!(
-        rt.outbox()
-            .enqueue(
-                &db,
-                NewMessage::new("cxl", 1, "reused").dedup_key("reminder-9")
-            )
-            .await
-            .expect("enqueue"),
+        h.enqueue(NewMessage::new("cxl", 1, "reused").dedup_key("reminder-9"))
+            .await,
         Enqueued::Stored,
         "the cancelled message's key is free"
     );
@@ -216,24 +165,18 @@ async fn a_scheduled_message_can_be_cancelled(t: Arc<TestDb>) {
     let mut bodies: Vec<String> = seen.all().into_iter().map(|d| d.body).collect();
     bodies.sort();
     assert_eq!(bodies, ["kept", "reused"]);
-    let Enqueued::Scheduled { id: gone } = rt
-        .outbox()
-        .enqueue(
-            &db,
-            NewMessage::new("cxl", 0, "due").deliver_after(Duration::ZERO),
-        )
+    let Enqueued::Scheduled { id: gone } = h
+        .enqueue(NewMessage::new("cxl", 0, "due").deliver_after(Duration::ZERO))
         .await
-        .expect("enqueue")
     else {
         panic!("not scheduled");
     };
     seen.wait_until(WAIT, "the due one", |d| d.len() == 3).await;
     assert!(
-        !rt.outbox().cancel_scheduled(gone).await.expect("cancel"),
+        !ob.cancel_scheduled(gone).await.expect("cancel"),
         "already delivered"
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Scheduled messages are moved only when due: thousands of future ones stay where they are
@@ -242,38 +185,29 @@ async fn future_messages_stay_out_of_the_pipeline(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
     let s = seen.clone();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("fut", 4))
-        .handler(HandlerSpec::transactional("fut", "h", move |m, _| {
-            s.push("h", m);
-            Box::pin(async { Ok(()) })
-        }))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("fut", 4))
+            .handler(HandlerSpec::transactional("fut", "h", move |m, _| {
+                s.push("h", m);
+                Box::pin(async { Ok(()) })
+            }))
+    })
+    .await;
     let far = SystemTime::now() + Duration::from_secs(3600);
     let batch: Vec<NewMessage> = (0..2_000)
         .map(|i| NewMessage::new("fut", i % 4, format!("f{i}")).deliver_at(far))
         .collect();
-    let done = rt
-        .outbox()
-        .enqueue_batch(&db, &batch)
-        .await
-        .expect("enqueue");
+    let done = h.enqueue_batch(&batch).await;
     assert!(done.iter().all(|d| matches!(d, Enqueued::Scheduled { .. })));
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("fut", 0, "now"))
-        .await
-        .expect("enqueue");
+    h.enqueue(NewMessage::new("fut", 0, "now")).await;
     seen.wait_until(WAIT, "the immediate one", |d| d.len() == 1)
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(seen.all().len(), 1, "no future message was delivered");
-    let q = rt.outbox().queue_status("fut").await.expect("status");
+    let q = h.outbox().queue_status("fut").await.expect("status");
     assert_eq!(q.scheduled, 2_000);
     assert_eq!(q.unsequenced, 0);
-    let err = rt
+    let err = h
         .outbox()
         .enqueue(
             &db,
@@ -286,8 +220,7 @@ async fn future_messages_stay_out_of_the_pipeline(t: Arc<TestDb>) {
         matches!(err, EnqueueError::InvalidDeliveryTime { .. }),
         "{err:?}"
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// A queue declared with a delay: every message waits for it.
@@ -312,21 +245,19 @@ async fn a_queue_delay_schedules_every_message(t: Arc<TestDb>) {
 
     let db = t.pool(8).await;
     let log = Timed::default();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("typed_delay", 2))
-        .queue(QueueSpec::new("typed_strict", 2))
-        .handler(log.handler("typed_delay"))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("typed_delay", 2))
+            .queue(QueueSpec::new("typed_strict", 2))
+            .handler(log.handler("typed_delay"))
+    })
+    .await;
     let before = db_now(&db).await;
     let reminder = Reminder {
         user: 3,
         text: "renew".to_owned(),
     };
     let done = reminder
-        .enqueue_with(rt.outbox(), &db)
+        .enqueue_with(h.outbox(), &db)
         .await
         .expect("enqueue");
     assert!(matches!(done, Enqueued::Scheduled { .. }), "{done:?}");
@@ -341,17 +272,16 @@ async fn a_queue_delay_schedules_every_message(t: Arc<TestDb>) {
     // time is refused before anything is written.
     let entry = LedgerEntry { account: 1 };
     assert_eq!(
-        entry.enqueue_with(rt.outbox(), &db).await.expect("enqueue"),
+        entry.enqueue_with(h.outbox(), &db).await.expect("enqueue"),
         Enqueued::Stored
     );
-    let status = rt
+    let status = h
         .outbox()
         .queue_status("typed_strict")
         .await
         .expect("status");
     assert_eq!(status.scheduled, 0);
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Status counts scheduled messages up to `SCHEDULED_COUNT_CAP` and says when there are more,
