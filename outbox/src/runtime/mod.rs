@@ -1219,7 +1219,7 @@ impl Builder {
     }
 }
 
-/// The running workers of one process. Dereferences to its [`Outbox`].
+/// The running workers of one process; [`outbox`](Running::outbox) is its handle.
 ///
 /// Stop it with [`shutdown`](Running::shutdown); dropping it without shutting down cancels the
 /// workers abruptly (in-flight transactions roll back, leases expire on their own).
@@ -1247,15 +1247,8 @@ impl fmt::Debug for Running {
     }
 }
 
-impl std::ops::Deref for Running {
-    type Target = Outbox;
-    fn deref(&self) -> &Outbox {
-        &self.outbox
-    }
-}
-
 impl Running {
-    /// The outbox handle (also available through `Deref`).
+    /// The outbox handle: enqueue, status and repairs.
     pub fn outbox(&self) -> &Outbox {
         &self.outbox
     }
