@@ -17,6 +17,7 @@ mod ceiling;
 mod cell;
 mod check;
 mod db;
+mod footprint;
 mod horizon;
 mod ours;
 mod partitions;
@@ -315,6 +316,26 @@ enum Cmd {
         /// Repetitions of each of the two cells.
         #[arg(long, default_value_t = 3)]
         reps: usize,
+    },
+    /// Storage footprint: table sizes with a backlog waiting and after the drain and vacuum,
+    /// PostgreSQL WAL bytes and dead tuples per message (see BENCHMARKS.md).
+    Footprint {
+        /// Backends to run on.
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,mysql")]
+        backends: Vec<Backend>,
+        /// Partitions of the queue.
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        /// Messages pre-filled and drained per run.
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        /// Runs per backend (WAL is server-wide: a second run shows whether another client
+        /// wrote meanwhile).
+        #[arg(long, default_value_t = 1)]
+        reps: usize,
+        /// Where to write every run's figures as JSON.
+        #[arg(long, default_value = "footprint-results.json")]
+        json: PathBuf,
     },
     /// The producer of the cross-process S3 variant (internal).
     #[command(hide = true)]
@@ -680,6 +701,24 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             servers: args.servers(),
         };
         return finished("horizon benchmark", horizon::run(&o).await);
+    }
+    if let Some(Cmd::Footprint {
+        backends,
+        partitions,
+        messages,
+        reps,
+        json,
+    }) = &args.cmd
+    {
+        let o = footprint::Options {
+            backends: backends.clone(),
+            partitions: (*partitions).max(1),
+            messages: (*messages).max(1),
+            reps: (*reps).max(1),
+            json: json.clone(),
+            servers: args.servers(),
+        };
+        return finished("footprint benchmark", footprint::run(&o).await);
     }
     if let Some(Cmd::Partitions {
         backends,

@@ -13,13 +13,13 @@ use crate::check::{Checker, Payload, now_us, payload, percentile, sorted_ms};
 use crate::db::{Backend, FreshDb};
 use crate::{Res, sys};
 
-const QUEUE: &str = "bench";
-const GRACE: Duration = Duration::from_secs(10);
+pub(crate) const QUEUE: &str = "bench";
+pub(crate) const GRACE: Duration = Duration::from_secs(10);
 /// A cell fails when nothing was handled for this long.
 pub(crate) const STALL: Duration = Duration::from_secs(30);
 
 /// Pool size for a runtime with `handlers` handlers at concurrency 2, plus producers.
-fn pool_size(backend: Backend, handlers: u32, producers: u32) -> u32 {
+pub(crate) fn pool_size(backend: Backend, handlers: u32, producers: u32) -> u32 {
     if backend == Backend::Sqlite {
         4 + producers
     } else {
@@ -48,7 +48,7 @@ fn see(checker: &Checker, m: &Message) {
     }
 }
 
-fn handler(kind: HandlerKind, checker: &Arc<Checker>) -> HandlerSpec {
+pub(crate) fn handler(kind: HandlerKind, checker: &Arc<Checker>) -> HandlerSpec {
     let c = checker.clone();
     match kind {
         HandlerKind::Tx => HandlerSpec::transactional(QUEUE, "h", move |m, _txn| {
@@ -161,7 +161,7 @@ pub(crate) async fn s1(
 
 /// Pre-fills `n` messages round-robin over `partitions` with enqueue_batch (1,000 per
 /// transaction), through a producer-only outbox.
-async fn prefill(pool: &DatabaseConnection, partitions: u32, n: u64) -> Res<()> {
+pub(crate) async fn prefill(pool: &DatabaseConnection, partitions: u32, n: u64) -> Res<()> {
     let ob = Outbox::builder(pool.clone())
         .queue(QueueSpec::new(QUEUE, partitions))
         .connect()
