@@ -583,7 +583,7 @@ async fn wait_depth(
 ) -> Res<()> {
     let t0 = Instant::now();
     loop {
-        let d = rt.depth(ours::QUEUE).await?;
+        let d = rt.outbox().depth(ours::QUEUE).await?;
         if done(&d) {
             return Ok(());
         }
@@ -661,7 +661,7 @@ async fn measure(db: &FreshDb, partitions: u32, n: u64, rep: usize) -> Res<Run> 
     };
     let clean_secs = t.elapsed().as_secs_f64();
     rt.shutdown(ours::GRACE).await?;
-    let depth = rt.depth(ours::QUEUE).await?;
+    let depth = rt.outbox().depth(ours::QUEUE).await?;
     drop(rt);
     pool.close().await.ok();
     waited?;
