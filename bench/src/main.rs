@@ -367,7 +367,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0.97)]
         keep_up: f64,
         /// A step sustains its rate if the backlog grows over its second half by at most this
-        /// many seconds' worth of offered messages.
+        /// many seconds' worth of offered messages (or one sequencer pass, if that is more).
         #[arg(long, default_value_t = 0.25)]
         max_growth_secs: f64,
         /// S1 messages per measurement of the enqueue rate.
