@@ -28,7 +28,9 @@ pub(crate) struct Options {
 }
 
 /// Opens a transaction on its own connection and takes its snapshot now.
-async fn hold(db: &FreshDb) -> Res<(outbox::sea_orm::DatabaseConnection, DatabaseTransaction)> {
+pub(crate) async fn hold(
+    db: &FreshDb,
+) -> Res<(outbox::sea_orm::DatabaseConnection, DatabaseTransaction)> {
     let conn = db.pool(1, false).await?;
     let txn = conn
         .begin_with_config(

@@ -24,6 +24,7 @@ mod partitions;
 mod relay;
 mod report;
 mod scheduled;
+mod steady;
 mod sys;
 mod tracecost;
 
@@ -336,6 +337,72 @@ enum Cmd {
         /// Where to write every run's figures as JSON.
         #[arg(long, default_value = "footprint-results.json")]
         json: PathBuf,
+    },
+    /// S5 steady state (issue 16): producers and a handler together on one queue; the highest
+    /// offered enqueue rate sustained with a bounded backlog, commit-to-handled latency at 50%
+    /// and 90% of it, and the same with a held snapshot (see BENCHMARKS.md).
+    Steady {
+        /// Backends to run on.
+        #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres,mysql")]
+        backends: Vec<Backend>,
+        /// Partitions of the queue.
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        /// Producer tasks in the runtime's process (must divide --partitions: each owns
+        /// partitions, so per-partition commit order is known).
+        #[arg(long, default_value_t = 4)]
+        producers: u32,
+        /// Messages per producer transaction (enqueue_batch).
+        #[arg(long, default_value_t = 100)]
+        per_tx: u32,
+        /// The handler's profile.
+        #[arg(long, default_value = "high-throughput")]
+        profile: ProfileName,
+        /// Seconds per search step (judged on the second half).
+        #[arg(long, default_value_t = 16.0)]
+        step_secs: f64,
+        /// First offered rate of the search, msgs/s (default: 0.4 x the S1 rate with
+        /// --producers producers measured first).
+        #[arg(long)]
+        start_rate: Option<f64>,
+        /// Search: multiply (divide) the rate by this while steps pass (fail).
+        #[arg(long, default_value_t = 1.5)]
+        factor: f64,
+        /// Search: stop bisecting when the lowest failure is within this share of the highest
+        /// pass.
+        #[arg(long, default_value_t = 0.05)]
+        resolution: f64,
+        /// Search: at most this many steps.
+        #[arg(long, default_value_t = 12)]
+        max_steps: usize,
+        /// Skip the search and take this as the sustained rate (msgs/s).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Seconds of each latency run (50%, 90%, 90% held).
+        #[arg(long, default_value_t = 20.0)]
+        latency_secs: f64,
+        /// Seconds at the start of a run whose messages are left out of the latency figures.
+        #[arg(long, default_value_t = 2.0)]
+        warmup_secs: f64,
+        /// A step sustains its rate if committed and handled rates reach this share of it.
+        #[arg(long, default_value_t = 0.97)]
+        keep_up: f64,
+        /// A step sustains its rate if the backlog grows over its second half by at most this
+        /// many seconds' worth of offered messages (or one sequencer pass, if that is more).
+        #[arg(long, default_value_t = 0.25)]
+        max_growth_secs: f64,
+        /// S1 messages per measurement of the enqueue rate.
+        #[arg(long, default_value_t = 50_000)]
+        s1_messages: usize,
+        /// S1 repetitions (median).
+        #[arg(long, default_value_t = 3)]
+        s1_reps: usize,
+        /// Skip the held-snapshot runs.
+        #[arg(long)]
+        no_held: bool,
+        /// Skip the sustained-rate search with the held snapshot (keep the 90% run).
+        #[arg(long)]
+        no_held_search: bool,
     },
     /// The producer of the cross-process S3 variant (internal).
     #[command(hide = true)]
@@ -719,6 +786,53 @@ async fn async_main(args: Args) -> std::process::ExitCode {
             servers: args.servers(),
         };
         return finished("footprint benchmark", footprint::run(&o).await);
+    }
+    if let Some(Cmd::Steady {
+        backends,
+        partitions,
+        producers,
+        per_tx,
+        profile,
+        step_secs,
+        start_rate,
+        factor,
+        resolution,
+        max_steps,
+        rate,
+        latency_secs,
+        warmup_secs,
+        keep_up,
+        max_growth_secs,
+        s1_messages,
+        s1_reps,
+        no_held,
+        no_held_search,
+    }) = &args.cmd
+    {
+        sys::install_counter();
+        let o = steady::Options {
+            backends: backends.clone(),
+            partitions: *partitions,
+            producers: *producers,
+            per_tx: (*per_tx).max(1),
+            profile: *profile,
+            step_secs: *step_secs,
+            start_rate: *start_rate,
+            factor: factor.max(1.01),
+            resolution: *resolution,
+            max_steps: (*max_steps).max(1),
+            rate: *rate,
+            latency_secs: *latency_secs,
+            warmup_secs: *warmup_secs,
+            keep_up: *keep_up,
+            max_growth_secs: *max_growth_secs,
+            s1_messages: *s1_messages,
+            s1_reps: *s1_reps,
+            held: !*no_held,
+            held_search: !*no_held && !*no_held_search,
+            servers: args.servers(),
+        };
+        return finished("steady benchmark", steady::run(&o).await);
     }
     if let Some(Cmd::Partitions {
         backends,

@@ -21,6 +21,27 @@ static PASS_TIMES: Mutex<Vec<(f64, u64)>> = Mutex::new(Vec::new());
 /// The sequencer's span, one per pass.
 const PASS_SPAN: &str = "outbox.sequence";
 
+/// A handler batch's span (from the claim's mark through the handler calls to the commit).
+const BATCH_SPAN: &str = "outbox.batch";
+/// Whether handler batches are timed (off unless a scenario asks: it enables a span).
+static TIME_BATCHES: AtomicBool = AtomicBool::new(false);
+/// Handler batches that ended since the start, and their summed duration in µs.
+static BATCHES: AtomicU64 = AtomicU64::new(0);
+static BATCH_US: AtomicU64 = AtomicU64::new(0);
+
+/// Starts timing handler batches (the engine's `outbox.batch` span).
+pub(crate) fn time_batches() {
+    TIME_BATCHES.store(true, Ordering::Relaxed);
+}
+
+/// Handler batches ended so far and their summed duration in µs (subtract two readings).
+pub(crate) fn batch_totals() -> (u64, u64) {
+    (
+        BATCHES.load(Ordering::Relaxed),
+        BATCH_US.load(Ordering::Relaxed),
+    )
+}
+
 /// Starts timing sequencer passes (the engine's `outbox.sequence` span).
 pub(crate) fn time_passes() {
     TIME_PASSES.store(true, Ordering::Relaxed);
@@ -63,7 +84,9 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for CountStatements {
     fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
         if metadata.target() == "sqlx::query" {
             Interest::always()
-        } else if metadata.is_span() && metadata.name() == PASS_SPAN {
+        } else if metadata.is_span()
+            && (metadata.name() == PASS_SPAN || metadata.name() == BATCH_SPAN)
+        {
             // Decided per span: timing is switched on at run time.
             Interest::sometimes()
         } else {
@@ -76,6 +99,9 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for CountStatements {
             || (metadata.is_span()
                 && metadata.name() == PASS_SPAN
                 && TIME_PASSES.load(Ordering::Relaxed))
+            || (metadata.is_span()
+                && metadata.name() == BATCH_SPAN
+                && TIME_BATCHES.load(Ordering::Relaxed))
     }
 
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
@@ -100,12 +126,20 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for CountStatements {
         }
     }
 
-    /// Only passes that moved rows count (idle polls are not what is measured).
+    /// Only passes that moved rows count (idle polls are not what is measured); every
+    /// handler batch counts.
     fn on_close(&self, id: Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(&id) else {
             return;
         };
         let ext = span.extensions();
+        if span.metadata().name() == BATCH_SPAN {
+            if let Some(began) = ext.get::<Began>() {
+                BATCHES.fetch_add(1, Ordering::Relaxed);
+                BATCH_US.fetch_add(began.0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            return;
+        }
         if let (Some(began), Some(moved)) = (ext.get::<Began>(), ext.get::<Moved>())
             && let Ok(mut v) = PASS_TIMES.lock()
         {
@@ -138,6 +172,34 @@ pub(crate) fn cpu_seconds() -> f64 {
             .unwrap_or(f64::NAN)
     };
     (tick(11) + tick(12)) / 100.0
+}
+
+/// Busy and total jiffies of the whole machine (all CPUs) from `/proc/stat`; the busy share
+/// between two readings is the machine's load, database servers and other users included.
+pub(crate) fn machine_jiffies() -> (u64, u64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = f.iter().take(8).sum();
+    // idle (3) and iowait (4) are not busy.
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+/// The 1-, 5- and 15-minute load averages, as `uptime` prints them.
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// Resident memory of this process in MiB.
