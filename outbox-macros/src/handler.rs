@@ -268,27 +268,20 @@ fn register(
     debug_assert!(names::name_problem(&name).is_none() || args.name.is_none());
     let lt = syn::Lifetime::new("'__outbox_a", Span::call_site());
     let batch = args.batch.is_some();
-    let (cx_ty, wrap, mode_tokens) = match (mode, batch) {
-        (Mode::Transactional, false) => (
+    let (cx_ty, mode_tokens) = match mode {
+        Mode::Transactional => (
             quote!(#private::DatabaseTransaction),
-            quote!(#private::transactional),
             quote!(#private::HandlerMode::Transactional),
         ),
-        (Mode::Transactional, true) => (
-            quote!(#private::DatabaseTransaction),
-            quote!(#private::transactional_batch),
-            quote!(#private::HandlerMode::Transactional),
-        ),
-        (Mode::Leased, false) => (
+        Mode::Leased => (
             quote!(#private::LeaseContext),
-            quote!(#private::leased),
             quote!(#private::HandlerMode::Leased),
         ),
-        (Mode::Leased, true) => (
-            quote!(#private::LeaseContext),
-            quote!(#private::leased_batch),
-            quote!(#private::HandlerMode::Leased),
-        ),
+    };
+    let adapter = if batch {
+        quote!(#private::typed_many)
+    } else {
+        quote!(#private::typed_one)
     };
     let msg_ty = if batch {
         quote!(#private::Vec<#payload>)
@@ -345,13 +338,14 @@ fn register(
     let payload_spanned = quote_spanned!(payload.span()=> #payload);
     let overrides = crate::queue::overrides(&private, &args.knobs);
     let build = if states.is_empty() {
-        quote!(#wrap::<#payload_spanned>(#name, __outbox_call))
+        quote!(#adapter::<#payload_spanned, #cx_ty>(__OUTBOX_QUEUE, #name, __outbox_call))
     } else {
         quote! {
             #private::with_state(
                 #private::Vec::from([#(<#state_tys as #private::FromStates>::key()),*]),
                 |__outbox_states: #private::Arc<#private::States>| {
-                    #wrap::<#payload_spanned>(
+                    #adapter::<#payload_spanned, #cx_ty>(
+                        __OUTBOX_QUEUE,
                         #name,
                         move |__outbox_msg, __outbox_cx| __outbox_call(__outbox_msg, __outbox_cx, &__outbox_states),
                     )
@@ -361,6 +355,9 @@ fn register(
     };
     quote! {
         const _: () = {
+            // The one place the payload must be a queue: a type that is not is reported once,
+            // at the user's payload type (the adapters below only need a payload).
+            const __OUTBOX_QUEUE: &str = <#payload_spanned as #private::Queue>::NAME;
             #[doc(hidden)]
             #[allow(clippy::needless_lifetimes)]
             fn __outbox_call<#lt>(
@@ -382,7 +379,7 @@ fn register(
             }
             #private::inventory::submit! {
                 #private::HandlerDecl::new(
-                    <#payload_spanned as #private::Queue>::NAME,
+                    __OUTBOX_QUEUE,
                     #name,
                     #mode_tokens,
                     __outbox_build,

@@ -12,40 +12,105 @@ use sea_orm::DatabaseTransaction;
 use crate::error::HandlerError;
 use crate::profile::Overrides;
 use crate::queue::Message;
+use crate::typed::HandlerMode;
 
 /// The future a handler returns.
 pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
 
-pub(crate) type TxFn =
-    Arc<dyn for<'a> Fn(&'a Message, &'a DatabaseTransaction) -> HandlerFuture<'a> + Send + Sync>;
-pub(crate) type LeasedFn =
-    Arc<dyn for<'a> Fn(&'a Message, &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync>;
-
-pub(crate) type TxBatchFn =
-    Arc<dyn for<'a> Fn(&'a [Message], &'a DatabaseTransaction) -> HandlerFuture<'a> + Send + Sync>;
-pub(crate) type LeasedBatchFn =
-    Arc<dyn for<'a> Fn(&'a [Message], &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync>;
-
-/// How a handler is called: one message per call, or a whole batch per call.
-#[derive(Clone)]
-pub(crate) enum Call<One, Many> {
-    One(One),
-    Many(Many),
+/// What a handler call runs under: the transaction that acks its messages, or a lease.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Inside the transaction that acks the messages.
+    Transaction(&'a DatabaseTransaction),
+    /// Under a lease.
+    Lease(&'a LeaseContext),
 }
 
+/// Every handler, whatever its mode, erased to one shape: the messages of one call (exactly one
+/// unless the handler takes batches) and the scope the call runs under. Wrappers (state,
+/// fault injection) wrap this one shape.
+pub(crate) type Erased =
+    Arc<dyn for<'a> Fn(&'a [Message], Scope<'a>) -> HandlerFuture<'a> + Send + Sync>;
+
+/// Erases a closure of the one shape (the bound lets the closure's signature be inferred).
+pub(crate) fn erase<F>(f: F) -> Erased
+where
+    F: for<'a> Fn(&'a [Message], Scope<'a>) -> HandlerFuture<'a> + Send + Sync + 'static,
+{
+    Arc::new(f)
+}
+
+/// The context a handler's signature takes (a transaction or a lease), found in the scope of
+/// its call; it decides the handler's mode.
+#[doc(hidden)]
+pub trait Context: Send + Sync + 'static {
+    /// The mode of handlers that take this context.
+    const MODE: HandlerMode;
+    /// This context, if the call runs under it.
+    fn from_scope<'a>(scope: Scope<'a>) -> Option<&'a Self>;
+}
+
+impl Context for DatabaseTransaction {
+    const MODE: HandlerMode = HandlerMode::Transactional;
+    fn from_scope<'a>(scope: Scope<'a>) -> Option<&'a Self> {
+        match scope {
+            Scope::Transaction(txn) => Some(txn),
+            Scope::Lease(_) => None,
+        }
+    }
+}
+
+impl Context for LeaseContext {
+    const MODE: HandlerMode = HandlerMode::Leased;
+    fn from_scope<'a>(scope: Scope<'a>) -> Option<&'a Self> {
+        match scope {
+            Scope::Lease(ctx) => Some(ctx),
+            Scope::Transaction(_) => None,
+        }
+    }
+}
+
+/// A call the engine routed wrongly (the wrong scope, or several messages to a one-message
+/// handler): a bug of the engine, failed as a retryable attempt rather than a panic.
+fn misrouted<'a>(messages: usize) -> HandlerFuture<'a> {
+    debug_assert!(false, "handler call routed wrongly ({messages} messages)");
+    Box::pin(std::future::ready(Err(HandlerError::retry(Misrouted(
+        messages,
+    )))))
+}
+
+#[derive(Debug)]
+struct Misrouted(usize);
+
+impl fmt::Display for Misrouted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "outbox engine bug: a handler was called with {} messages or the wrong context",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Misrouted {}
+
+/// How a handler is called: its mode, whether it takes batches, and the erased call.
 #[derive(Clone)]
-pub(crate) enum Mode {
-    Transactional(Call<TxFn, TxBatchFn>),
-    Leased(Call<LeasedFn, LeasedBatchFn>),
+pub(crate) struct Mode {
+    pub(crate) kind: HandlerMode,
+    /// Whether one call takes a whole batch (otherwise exactly one message).
+    pub(crate) batch: bool,
+    pub(crate) call: Erased,
 }
 
 impl Mode {
     pub(crate) fn name(&self) -> &'static str {
-        match self {
-            Mode::Transactional(Call::One(_)) => "transactional",
-            Mode::Transactional(Call::Many(_)) => "transactional batch",
-            Mode::Leased(Call::One(_)) => "leased",
-            Mode::Leased(Call::Many(_)) => "leased batch",
+        match (self.kind, self.batch) {
+            (HandlerMode::Transactional, false) => "transactional",
+            (HandlerMode::Transactional, true) => "transactional batch",
+            (HandlerMode::Leased, false) => "leased",
+            (HandlerMode::Leased, true) => "leased batch",
         }
     }
 }
@@ -76,6 +141,50 @@ impl fmt::Debug for HandlerSpec {
 }
 
 impl HandlerSpec {
+    /// A handler of one message per call, in the mode its context decides.
+    pub(crate) fn one<Cx: Context>(
+        queue: impl Into<Cow<'static, str>>,
+        name: impl Into<Cow<'static, str>>,
+        f: impl for<'a> Fn(&'a Message, &'a Cx) -> HandlerFuture<'a> + Send + Sync + 'static,
+    ) -> Self {
+        let call = erase(
+            move |messages, scope| match (messages, Cx::from_scope(scope)) {
+                ([message], Some(cx)) => f(message, cx),
+                _ => misrouted(messages.len()),
+            },
+        );
+        Self::erased(queue, name, Cx::MODE, false, call)
+    }
+
+    /// A handler of a whole batch per call, in the mode its context decides.
+    pub(crate) fn many<Cx: Context>(
+        queue: impl Into<Cow<'static, str>>,
+        name: impl Into<Cow<'static, str>>,
+        f: impl for<'a> Fn(&'a [Message], &'a Cx) -> HandlerFuture<'a> + Send + Sync + 'static,
+    ) -> Self {
+        let call = erase(move |messages, scope| match Cx::from_scope(scope) {
+            Some(cx) => f(messages, cx),
+            None => misrouted(messages.len()),
+        });
+        Self::erased(queue, name, Cx::MODE, true, call)
+    }
+
+    fn erased(
+        queue: impl Into<Cow<'static, str>>,
+        name: impl Into<Cow<'static, str>>,
+        kind: HandlerMode,
+        batch: bool,
+        call: Erased,
+    ) -> Self {
+        Self {
+            queue: queue.into(),
+            name: name.into(),
+            mode: Mode { kind, batch, call },
+            overrides: Overrides::NONE,
+            state: None,
+        }
+    }
+
     /// A handler that runs inside the transaction that acks its messages: its writes through
     /// `txn` commit if and only if the cursor moves past the message (exactly-once effects in
     /// this database).
@@ -90,13 +199,7 @@ impl HandlerSpec {
             + Sync
             + 'static,
     {
-        Self {
-            queue: queue.into(),
-            name: name.into(),
-            mode: Mode::Transactional(Call::One(Arc::new(f))),
-            overrides: Overrides::NONE,
-            state: None,
-        }
+        Self::one(queue, name, f)
     }
 
     /// A handler that runs outside any transaction under a time lease (at-least-once). It is
@@ -109,13 +212,7 @@ impl HandlerSpec {
     where
         F: for<'a> Fn(&'a Message, &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync + 'static,
     {
-        Self {
-            queue: queue.into(),
-            name: name.into(),
-            mode: Mode::Leased(Call::One(Arc::new(f))),
-            overrides: Overrides::NONE,
-            state: None,
-        }
+        Self::one(queue, name, f)
     }
 
     /// A transactional handler called with a whole batch (up to `batch_size` messages of one
@@ -134,13 +231,7 @@ impl HandlerSpec {
             + Sync
             + 'static,
     {
-        Self {
-            queue: queue.into(),
-            name: name.into(),
-            mode: Mode::Transactional(Call::Many(Arc::new(f))),
-            overrides: Overrides::NONE,
-            state: None,
-        }
+        Self::many(queue, name, f)
     }
 
     /// A leased handler called with a whole batch under one lease (at-least-once). A failure
@@ -154,13 +245,7 @@ impl HandlerSpec {
     where
         F: for<'a> Fn(&'a [Message], &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync + 'static,
     {
-        Self {
-            queue: queue.into(),
-            name: name.into(),
-            mode: Mode::Leased(Call::Many(Arc::new(f))),
-            overrides: Overrides::NONE,
-            state: None,
-        }
+        Self::many(queue, name, f)
     }
 
     /// Knobs for this handler (they win over the queue's and the profile's).

@@ -90,14 +90,14 @@ pub mod __private {
     pub use ::std::vec::Vec;
 
     pub use crate::error::{HandlerError, IntoHandlerResult};
-    pub use crate::handler::{HandlerFuture, HandlerSpec, LeaseContext};
+    pub use crate::handler::{Context, HandlerFuture, HandlerSpec, LeaseContext};
     pub use crate::headers::Headers;
     pub use crate::profile::Overrides;
     pub use crate::queue::PoisonPolicy;
     pub use crate::state::{FromStates, StateKey, States, missing, with_state};
     pub use crate::typed::{
-        DedupKey, HandlerDecl, HandlerMode, HeaderValue, Queue, QueueDecl, leased, leased_batch,
-        partition_for_key, spread, transactional, transactional_batch,
+        DedupKey, HandlerDecl, HandlerMode, HeaderValue, Queue, QueueDecl, partition_for_key,
+        spread, typed_many, typed_one,
     };
     pub use ::std::sync::Arc;
 }

@@ -83,12 +83,12 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DatabaseTransaction};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 
 use crate::error::{Error, HandlerError, StartError};
-use crate::handler::{Call, HandlerFuture, HandlerSpec, LeaseContext, Mode};
+use crate::handler::{self, HandlerSpec, Scope};
 use crate::profile::{Profile, RuntimeTuning};
-use crate::queue::{Message, QueueSpec};
+use crate::queue::QueueSpec;
 use crate::runtime::{Builder, Outbox};
 use crate::status::Status;
 use crate::typed::{Queue, set_global};
@@ -314,109 +314,38 @@ fn injected(what: &'static str) -> HandlerError {
     HandlerError::retry(InjectedFault(what))
 }
 
-/// The handler with fault injection and fast retries.
+/// The handler with fault injection and fast retries: one wrapper around the erased call,
+/// whatever the handler's mode.
 fn wrap(spec: &HandlerSpec, faults: &Arc<Faults>) -> HandlerSpec {
-    let name = spec.name.to_string();
-    let queue = spec.queue.to_string();
-    let mut wrapped = match &spec.mode {
-        Mode::Transactional(Call::One(f)) => {
-            let (f, faults, name) = (f.clone(), faults.clone(), name);
-            HandlerSpec::transactional(
-                spec.queue.clone(),
-                spec.name.clone(),
-                move |m: &Message, txn: &DatabaseTransaction| -> HandlerFuture<'_> {
-                    let fault = faults.next(&name);
-                    let f = f.clone();
-                    Box::pin(async move {
-                        match fault {
-                            None => f(m, txn).await,
-                            Some(Fault::Fail) => Err(injected("attempt failed")),
-                            Some(Fault::CrashBeforeAck | Fault::LeaseExpires) => {
-                                f(m, txn).await?;
-                                Err(injected("crash before the ack"))
-                            }
-                        }
-                    })
-                },
-            )
-        }
-        Mode::Transactional(Call::Many(f)) => {
-            let (f, faults, name) = (f.clone(), faults.clone(), name);
-            HandlerSpec::transactional_batch(
-                spec.queue.clone(),
-                spec.name.clone(),
-                move |m: &[Message], txn: &DatabaseTransaction| -> HandlerFuture<'_> {
-                    let fault = faults.next(&name);
-                    let f = f.clone();
-                    Box::pin(async move {
-                        match fault {
-                            None => f(m, txn).await,
-                            Some(Fault::Fail) => Err(injected("attempt failed")),
-                            Some(Fault::CrashBeforeAck | Fault::LeaseExpires) => {
-                                f(m, txn).await?;
-                                Err(injected("crash before the ack"))
-                            }
-                        }
-                    })
-                },
-            )
-        }
-        Mode::Leased(Call::One(f)) => {
-            let (f, faults) = (f.clone(), faults.clone());
-            HandlerSpec::leased(
-                spec.queue.clone(),
-                spec.name.clone(),
-                move |m: &Message, ctx: &LeaseContext| -> HandlerFuture<'_> {
-                    let fault = faults.next(&name);
-                    let (f, faults, queue, name) =
-                        (f.clone(), faults.clone(), queue.clone(), name.clone());
-                    Box::pin(async move {
-                        match fault {
-                            None => f(m, ctx).await,
-                            Some(Fault::Fail) => Err(injected("attempt failed")),
-                            Some(Fault::LeaseExpires) => {
-                                faults.expire_lease(&queue, &name).await;
-                                f(m, ctx).await
-                            }
-                            Some(Fault::CrashBeforeAck) => {
-                                f(m, ctx).await?;
-                                // A crashed worker never acks; its lease runs out.
-                                faults.expire_lease(&queue, &name).await;
-                                Ok(())
-                            }
-                        }
-                    })
-                },
-            )
-        }
-        Mode::Leased(Call::Many(f)) => {
-            let (f, faults) = (f.clone(), faults.clone());
-            HandlerSpec::leased_batch(
-                spec.queue.clone(),
-                spec.name.clone(),
-                move |m: &[Message], ctx: &LeaseContext| -> HandlerFuture<'_> {
-                    let fault = faults.next(&name);
-                    let (f, faults, queue, name) =
-                        (f.clone(), faults.clone(), queue.clone(), name.clone());
-                    Box::pin(async move {
-                        match fault {
-                            None => f(m, ctx).await,
-                            Some(Fault::Fail) => Err(injected("attempt failed")),
-                            Some(Fault::LeaseExpires) => {
-                                faults.expire_lease(&queue, &name).await;
-                                f(m, ctx).await
-                            }
-                            Some(Fault::CrashBeforeAck) => {
-                                f(m, ctx).await?;
-                                faults.expire_lease(&queue, &name).await;
-                                Ok(())
-                            }
-                        }
-                    })
-                },
-            )
-        }
-    };
+    let (queue, name) = (spec.queue.to_string(), spec.name.to_string());
+    let (inner, faults) = (spec.mode.call.clone(), faults.clone());
+    let mut wrapped = spec.clone();
+    wrapped.mode.call = handler::erase(move |messages, scope| {
+        let fault = faults.next(&name);
+        let (inner, faults, queue, name) =
+            (inner.clone(), faults.clone(), queue.clone(), name.clone());
+        Box::pin(async move {
+            match (fault, scope) {
+                (None, _) => inner(messages, scope).await,
+                (Some(Fault::Fail), _) => Err(injected("attempt failed")),
+                // The transaction rolls back, effects and all.
+                (Some(Fault::CrashBeforeAck | Fault::LeaseExpires), Scope::Transaction(_)) => {
+                    inner(messages, scope).await?;
+                    Err(injected("crash before the ack"))
+                }
+                (Some(Fault::LeaseExpires), Scope::Lease(_)) => {
+                    faults.expire_lease(&queue, &name).await;
+                    inner(messages, scope).await
+                }
+                (Some(Fault::CrashBeforeAck), Scope::Lease(_)) => {
+                    inner(messages, scope).await?;
+                    // A crashed worker never acks; its lease runs out.
+                    faults.expire_lease(&queue, &name).await;
+                    Ok(())
+                }
+            }
+        })
+    });
     let mut o = spec.overrides;
     o.backoff_base = Some(Duration::from_millis(2));
     o.backoff_max = Some(Duration::from_millis(10));

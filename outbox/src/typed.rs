@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{EnqueueError, HandlerError, StartError};
-use crate::handler::{HandlerFuture, HandlerSpec, LeaseContext};
+use crate::handler::{Context, HandlerFuture, HandlerSpec, LeaseContext};
 use crate::headers::Headers;
 use crate::profile::{Overrides, Profile};
 use crate::queue::{Enqueued, Message, NewMessage, PoisonPolicy, QueueSpec};
@@ -561,11 +561,19 @@ impl std::error::Error for DecodeError {
 
 /// Decodes a delivered message's payload as `T`.
 pub fn decode<T: Queue>(message: &Message) -> Result<T, DecodeError> {
+    decode_payload(message)
+}
+
+fn decode_payload<T: Payload>(message: &Message) -> Result<T, DecodeError> {
     T::from_json(message.payload()).map_err(|source| DecodeError {
         queue: message.queue().to_owned(),
         type_name: std::any::type_name::<T>(),
         source,
     })
+}
+
+fn decode_all<T: Payload>(messages: &[Message]) -> Result<Vec<T>, DecodeError> {
+    messages.iter().map(decode_payload::<T>).collect()
 }
 
 fn rejected<'a>(e: DecodeError) -> HandlerFuture<'a> {
@@ -578,14 +586,7 @@ pub fn transactional<T: Queue>(
     name: &'static str,
     call: impl for<'a> Fn(T, &'a DatabaseTransaction) -> HandlerFuture<'a> + Send + Sync + 'static,
 ) -> HandlerSpec {
-    HandlerSpec::transactional(
-        T::NAME,
-        name,
-        move |m: &Message, txn: &DatabaseTransaction| match decode::<T>(m) {
-            Ok(v) => call(v, txn),
-            Err(e) => rejected(e),
-        },
-    )
+    typed_one(T::NAME, name, call)
 }
 
 /// A typed leased handler `call` of queue `T`, named `name`: payloads that do not decode are
@@ -594,20 +595,7 @@ pub fn leased<T: Queue>(
     name: &'static str,
     call: impl for<'a> Fn(T, &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync + 'static,
 ) -> HandlerSpec {
-    HandlerSpec::leased(
-        T::NAME,
-        name,
-        move |m: &Message, ctx: &LeaseContext| match decode::<T>(m) {
-            Ok(v) => call(v, ctx),
-            Err(e) => rejected(e),
-        },
-    )
-}
-
-// ---- discovery and one-call start --------------------------------------------------------
-
-fn decode_all<T: Queue>(messages: &[Message]) -> Result<Vec<T>, DecodeError> {
-    messages.iter().map(decode::<T>).collect()
+    typed_one(T::NAME, name, call)
 }
 
 /// A typed transactional batch handler `call` of queue `T`, named `name`: it receives up to
@@ -618,14 +606,7 @@ pub fn transactional_batch<T: Queue>(
     name: &'static str,
     call: impl for<'a> Fn(Vec<T>, &'a DatabaseTransaction) -> HandlerFuture<'a> + Send + Sync + 'static,
 ) -> HandlerSpec {
-    HandlerSpec::transactional_batch(
-        T::NAME,
-        name,
-        move |m: &[Message], txn: &DatabaseTransaction| match decode_all::<T>(m) {
-            Ok(v) => call(v, txn),
-            Err(e) => rejected(e),
-        },
-    )
+    typed_many(T::NAME, name, call)
 }
 
 /// A typed leased batch handler `call` of queue `T`, named `name` (see
@@ -634,13 +615,47 @@ pub fn leased_batch<T: Queue>(
     name: &'static str,
     call: impl for<'a> Fn(Vec<T>, &'a LeaseContext) -> HandlerFuture<'a> + Send + Sync + 'static,
 ) -> HandlerSpec {
-    HandlerSpec::leased_batch(T::NAME, name, move |m: &[Message], ctx: &LeaseContext| {
-        match decode_all::<T>(m) {
-            Ok(v) => call(v, ctx),
-            Err(e) => rejected(e),
-        }
-    })
+    typed_many(T::NAME, name, call)
 }
+
+/// A typed handler of one message per call, on queue `queue`, in the mode its context `Cx`
+/// decides: payloads that do not decode as `T` are rejected (dead-lettered) without calling
+/// it. The handler macro calls it with the queue's name, so the generated code checks that its
+/// payload is a [`Queue`] in one place (one error at the user's type, not one per use).
+#[doc(hidden)]
+pub fn typed_one<T: Payload, Cx: Context>(
+    queue: &'static str,
+    name: &'static str,
+    call: impl for<'a> Fn(T, &'a Cx) -> HandlerFuture<'a> + Send + Sync + 'static,
+) -> HandlerSpec {
+    HandlerSpec::one(
+        queue,
+        name,
+        move |m: &Message, cx: &Cx| match decode_payload(m) {
+            Ok(v) => call(v, cx),
+            Err(e) => rejected(e),
+        },
+    )
+}
+
+/// [`typed_one`] for a handler of a whole batch per call.
+#[doc(hidden)]
+pub fn typed_many<T: Payload, Cx: Context>(
+    queue: &'static str,
+    name: &'static str,
+    call: impl for<'a> Fn(Vec<T>, &'a Cx) -> HandlerFuture<'a> + Send + Sync + 'static,
+) -> HandlerSpec {
+    HandlerSpec::many(
+        queue,
+        name,
+        move |m: &[Message], cx: &Cx| match decode_all(m) {
+            Ok(v) => call(v, cx),
+            Err(e) => rejected(e),
+        },
+    )
+}
+
+// ---- discovery and one-call start --------------------------------------------------------
 
 /// Starts the workers of every queue and handler declared in this binary with `profile`, and
 /// makes the outbox the process-wide one for typed enqueue.

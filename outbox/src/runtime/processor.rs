@@ -24,9 +24,7 @@ use super::failure::{self, Failed};
 use super::lease::Lease;
 use super::worker::Next;
 use crate::error::HandlerError;
-use crate::handler::{
-    Call, HandlerFuture, LeaseContext, LeasedBatchFn, LeasedFn, Mode, TxBatchFn, TxFn,
-};
+use crate::handler::{HandlerFuture, LeaseContext, Mode, Scope};
 use crate::metrics;
 use crate::profile::Tuning;
 use crate::queue::{Message, PoisonPolicy};
@@ -34,6 +32,7 @@ use crate::storage::{
     CursorKey, CursorRow, Fence, Outcome, StoredMessage, Verdict, WriteTxn, attempts_from_db,
 };
 use crate::trace;
+use crate::typed::HandlerMode;
 
 /// One handler as the runtime runs it.
 pub(crate) struct Processor {
@@ -89,6 +88,13 @@ enum Step {
     Done,
     /// Nothing was claimed: locked elsewhere, leased, waiting for a retry, blocked or empty.
     Idle,
+}
+
+/// What stops a handler call: a time limit (the handler's timeout, or SQLite's write-lock
+/// budget when `budget`), or the lease's deadline, which `renew` may move.
+enum Limit<'a> {
+    Time { limit: Duration, budget: bool },
+    Lease(&'a Lease),
 }
 
 /// Why a handler call did not succeed.
@@ -264,9 +270,9 @@ impl Processor {
         let mut drain = Drain::default();
         let mut error_delay = Duration::from_millis(100);
         while !self.cancel.is_cancelled() {
-            let res = match &self.mode {
-                Mode::Transactional(f) => self.transactional_batch(f, partition, &mut drain).await,
-                Mode::Leased(f) => self.leased_batch(f, partition, &mut drain).await,
+            let res = match self.mode.kind {
+                HandlerMode::Transactional => self.transactional_batch(partition, &mut drain).await,
+                HandlerMode::Leased => self.leased_batch(partition, &mut drain).await,
             };
             match res {
                 Ok(Step::More) => worked = true,
@@ -315,6 +321,33 @@ impl Processor {
             },
             () = limit => Err(limit_error()),
         }
+    }
+
+    /// Calls the handler with `messages` (one, or the batch of a batch handler) under `scope`,
+    /// stopped at `limit`, in the handler's span and timed by the metrics.
+    async fn invoke(
+        &self,
+        messages: &[Message],
+        scope: Scope<'_>,
+        limit: Limit<'_>,
+    ) -> Result<(), CallError> {
+        let Some(head) = messages.first() else {
+            return Ok(());
+        };
+        let span = if self.mode.batch {
+            trace::batch_handler_span(&self.queue, &self.handler, messages)
+        } else {
+            trace::handler_span(&self.queue, &self.handler, head)
+        };
+        let fut = span.in_scope(|| (self.mode.call)(messages, scope));
+        let guarded = async {
+            match limit {
+                Limit::Time { limit, budget } => self.call(fut, limit, budget).await,
+                Limit::Lease(lease) => self.call_leased(fut, lease).await,
+            }
+        };
+        let timed = metrics::timed(&self.queue, &self.handler, head, guarded);
+        trace::traced(span, timed).await
     }
 
     /// Runs one transactional handler call within `limit`; `budget` says the limit is SQLite's
@@ -484,12 +517,7 @@ impl Processor {
     /// failure of message k in their commit (its effects are redone, never kept from a failed
     /// batch). A batch whose handlers all succeeded but whose transaction then failed is split
     /// in halves until the message that breaks it is alone, and only that one is charged.
-    async fn transactional_batch(
-        &self,
-        f: &Call<TxFn, TxBatchFn>,
-        partition: u32,
-        drain: &mut Drain,
-    ) -> Result<Step, DbErr> {
+    async fn transactional_batch(&self, partition: u32, drain: &mut Drain) -> Result<Step, DbErr> {
         let store = &self.shared.store;
         let Some(Claim {
             txn,
@@ -519,8 +547,8 @@ impl Processor {
             let mut handled = 0usize;
             let mut stopped_early = false;
             let mut failure: Option<(usize, CallError)> = None;
-            match f {
-                Call::One(f) => {
+            match self.mode.batch {
+                false => {
                     for (i, m) in batch.iter().enumerate() {
                         if !self.mine(m) {
                             processed = m.seq;
@@ -537,10 +565,9 @@ impl Processor {
                             1
                         };
                         let msg = m.clone().into_message(&self.queue, partition, attempt);
-                        let span = trace::handler_span(&self.queue, &self.handler, &msg);
-                        let call = self.call(span.in_scope(|| f(&msg, &txn)), limit, budget);
-                        let call = metrics::timed(&self.queue, &self.handler, &msg, call);
-                        match trace::traced(span, call).await {
+                        let one = std::slice::from_ref(&msg);
+                        let scope = Scope::Transaction(&txn);
+                        match self.invoke(one, scope, Limit::Time { limit, budget }).await {
                             Ok(()) => {
                                 processed = m.seq;
                                 handled += 1;
@@ -552,18 +579,13 @@ impl Processor {
                         }
                     }
                 }
-                Call::Many(f) => {
+                true => {
                     let msgs = self.messages(&batch, partition, cur.attempts);
-                    let res = match msgs.first() {
-                        None => Ok(()),
-                        Some(head) => {
-                            let (limit, budget) = self.time_left(started, false);
-                            let span = trace::batch_handler_span(&self.queue, &self.handler, &msgs);
-                            let call = self.call(span.in_scope(|| f(&msgs, &txn)), limit, budget);
-                            let call = metrics::timed(&self.queue, &self.handler, head, call);
-                            trace::traced(span, call).await
-                        }
-                    };
+                    let (limit, budget) = self.time_left(started, false);
+                    let scope = Scope::Transaction(&txn);
+                    let res = self
+                        .invoke(&msgs, scope, Limit::Time { limit, budget })
+                        .await;
                     match res {
                         Ok(()) => {
                             processed = last.seq;
@@ -593,14 +615,14 @@ impl Processor {
             // A failed rollback (lost connection) still releases the locks server-side.
             let _ = txn.rollback().await;
             let mine: Vec<&StoredMessage> = batch.iter().filter(|m| self.mine(m)).collect();
-            match (f, err) {
+            match (self.mode.batch, err) {
                 (_, CallError::Interrupted) => Ok(Step::Done),
-                (Call::Many(_), _) if mine.len() > 1 => {
+                (true, _) if mine.len() > 1 => {
                     // The call does not say which message failed: split the batch to find it.
                     drain.limit_once = Some((batch.len() / 2).max(1) as u32);
                     Ok(Step::More)
                 }
-                (Call::Many(_), err) => {
+                (true, err) => {
                     if let Some(m) = mine.first() {
                         let before = seq_before(&batch, m.seq, cur.processed_seq);
                         self.record_failure(
@@ -615,7 +637,7 @@ impl Processor {
                     }
                     Ok(Step::More)
                 }
-                (Call::One(_), err) if handled == 0 => {
+                (false, err) if handled == 0 => {
                     self.record_failure(
                         partition,
                         &cur,
@@ -627,13 +649,13 @@ impl Processor {
                     .await?;
                     Ok(Step::More)
                 }
-                (Call::One(_), CallError::Limit { budget: true, .. }) => {
+                (false, CallError::Limit { budget: true, .. }) => {
                     // Out of SQLite write-lock time at a later message: not its fault. Commit
                     // the successes before it; it runs again as the head, with the whole budget.
                     drain.limit_once = Some(i as u32);
                     Ok(Step::More)
                 }
-                (Call::One(_), err) => {
+                (false, err) => {
                     drain.limit_once = Some(i as u32);
                     drain.carried = Some(Carried {
                         after_seq: cur.processed_seq,
@@ -766,12 +788,7 @@ impl Processor {
     /// One leased batch: claim a lease in a short transaction, run the handler outside any
     /// transaction until the lease end minus headroom, then settle what happened with a write
     /// fenced by the lease token and its expiry.
-    async fn leased_batch(
-        &self,
-        f: &Call<LeasedFn, LeasedBatchFn>,
-        partition: u32,
-        drain: &mut Drain,
-    ) -> Result<Step, DbErr> {
+    async fn leased_batch(&self, partition: u32, drain: &mut Drain) -> Result<Step, DbErr> {
         let store = &self.shared.store;
         let key = self.key(partition);
         let Some(Claim {
@@ -857,18 +874,15 @@ impl Processor {
                 attempt,
                 lease: lease.clone(),
             };
-            match f {
-                Call::Many(many) => {
+            match self.mode.batch {
+                true => {
                     let msgs = self.messages(&batch, partition, attempts);
                     let result = match msgs.first() {
                         None => Ok(()),
                         Some(m) => {
                             let ctx = ctx_for(m.seq, m.attempt);
-                            let span = trace::batch_handler_span(&self.queue, &self.handler, &msgs);
-                            let call =
-                                self.call_leased(span.in_scope(|| many(&msgs, &ctx)), &lease);
-                            let call = metrics::timed(&self.queue, &self.handler, m, call);
-                            trace::traced(span, call).await
+                            let scope = Scope::Lease(&ctx);
+                            self.invoke(&msgs, scope, Limit::Lease(&lease)).await
                         }
                     };
                     match result {
@@ -879,7 +893,7 @@ impl Processor {
                         Err(e) => failure = Some((0, e)),
                     }
                 }
-                Call::One(one) => {
+                false => {
                     for (i, m) in batch.iter().enumerate() {
                         if !self.mine(m) {
                             processed = m.seq;
@@ -903,10 +917,9 @@ impl Processor {
                                     .to_owned(),
                             })
                         } else {
-                            let span = trace::handler_span(&self.queue, &self.handler, &msg);
-                            let call = self.call_leased(span.in_scope(|| one(&msg, &ctx)), &lease);
-                            let call = metrics::timed(&self.queue, &self.handler, &msg, call);
-                            trace::traced(span, call).await
+                            let one = std::slice::from_ref(&msg);
+                            let scope = Scope::Lease(&ctx);
+                            self.invoke(one, scope, Limit::Lease(&lease)).await
                         };
                         match result {
                             Ok(()) => {
@@ -928,16 +941,16 @@ impl Processor {
                 None => (None, (processed, head_attempts), full),
                 // Shutdown: give the lease back with what was done; nothing is charged.
                 Some((_, CallError::Interrupted)) => (None, (processed, head_attempts), false),
-                Some(_) if matches!(f, Call::Many(_)) && mine > 1 => {
+                Some(_) if self.mode.batch && mine > 1 => {
                     // The call does not say which message failed: give the lease back without
                     // progress and claim the first half next.
                     drain.limit_once = Some((batch.len() / 2).max(1) as u32);
                     (None, (cur.processed_seq, attempts), true)
                 }
                 Some((i, err)) => {
-                    let m = match f {
-                        Call::Many(_) => batch.iter().find(|m| self.mine(m)).unwrap_or(&batch[i]),
-                        Call::One(_) => &batch[i],
+                    let m = match self.mode.batch {
+                        true => batch.iter().find(|m| self.mine(m)).unwrap_or(&batch[i]),
+                        false => &batch[i],
                     };
                     let failed = err.failed();
                     let n = head_attempts + 1;
