@@ -297,6 +297,12 @@ async fn block_policy_holds_the_head_until_an_operator_acts(t: Arc<TestDb>) {
         .await;
     seen.wait_until(WAIT, "head attempt and other partition", |d| d.len() >= 2)
         .await;
+    // The verdict commits after the handler returned: wait for it rather than guess how long
+    // a loaded machine takes, then give the partition time to move on if it wrongly would.
+    h.wait_depth("blocky", "partition 0 blocked", |d| {
+        d.handlers[0].blocked_partitions == 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let all = seen.all();
     assert!(bodies(&all).contains(&"other-partition".to_owned()));
