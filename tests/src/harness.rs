@@ -2,18 +2,28 @@
 //!
 //! A test starts a [`Harness`] with its queues and handlers, enqueues through it, waits for
 //! what it expects, makes its own assertions, and ends with [`Harness::finish`]: shutdown within
-//! [`GRACE`], then [`assert_invariants`](crate::assert_invariants) on the stored state. Every
-//! helper panics with what it was doing, so a failure names its step.
+//! [`GRACE`], then [`assert_invariants`](crate::assert_invariants) on the stored state. A test
+//! that asserts on what the stopped runtime left (dead letters, every attempt seen) ends with
+//! [`Harness::stop`], its assertions, then [`Harness::assert_invariants`]. Every helper panics
+//! with what it was doing, so a failure names its step.
+//!
+//! The harness waits [`WAIT`] and gives [`GRACE`] unless the test says otherwise
+//! ([`Harness::with_wait`], [`Harness::with_grace`]).
 
+use std::future::Future;
 use std::time::Duration;
 
 use outbox::sea_orm::{ConnectionTrait, DatabaseConnection, TransactionTrait};
-use outbox::{Builder, Enqueued, NewMessage, Outbox, Profile, QueueDepth, Running};
+use outbox::{
+    Builder, DeadLetterFilter, Enqueued, NewMessage, Outbox, Profile, QueueDepth, Running,
+};
 
-/// How long a harness waits for a condition before it fails the test.
+/// How long a harness waits for a condition before it fails the test, unless
+/// [`Harness::with_wait`] says otherwise.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// The grace period [`Harness::finish`] and [`Harness::stop`] give in-flight handlers.
+/// The grace period [`Harness::finish`] and [`Harness::stop`] give in-flight handlers, unless
+/// [`Harness::with_grace`] says otherwise.
 pub const GRACE: Duration = Duration::from_secs(5);
 
 /// A started runtime on one test database.
@@ -25,6 +35,8 @@ pub const GRACE: Duration = Duration::from_secs(5);
 pub struct Harness {
     db: DatabaseConnection,
     running: Running,
+    wait: Duration,
+    grace: Duration,
 }
 
 impl Harness {
@@ -42,7 +54,26 @@ impl Harness {
     /// the harness enqueues on and checks the invariants with.
     pub async fn start_builder(db: DatabaseConnection, builder: Builder) -> Harness {
         let running = builder.start().await.expect("start");
-        Harness { db, running }
+        Harness {
+            db,
+            running,
+            wait: WAIT,
+            grace: GRACE,
+        }
+    }
+
+    /// Waits up to `wait` (instead of [`WAIT`]) in [`wait_drained`](Harness::wait_drained),
+    /// [`wait_depth`](Harness::wait_depth) and [`eventually`](Harness::eventually).
+    pub fn with_wait(mut self, wait: Duration) -> Harness {
+        self.wait = wait;
+        self
+    }
+
+    /// Gives in-flight handlers `grace` (instead of [`GRACE`]) in [`stop`](Harness::stop) and
+    /// [`finish`](Harness::finish).
+    pub fn with_grace(mut self, grace: Duration) -> Harness {
+        self.grace = grace;
+        self
     }
 
     /// The pool the harness enqueues on.
@@ -101,16 +132,16 @@ impl Harness {
     }
 
     /// Waits until `queue` has nothing unsequenced and no handler has anything pending, or
-    /// panics after [`WAIT`].
+    /// panics after the harness's wait.
     pub async fn wait_drained(&self, queue: &str) {
-        crate::wait_drained(self.outbox(), queue, WAIT).await;
+        crate::wait_drained(self.outbox(), queue, self.wait).await;
     }
 
     /// Waits until the depth of `queue` satisfies `pred` (a failed read counts as not yet), or
-    /// panics after [`WAIT`] naming `what`.
+    /// panics after the harness's wait naming `what`.
     pub async fn wait_depth(&self, queue: &str, what: &str, pred: impl Fn(&QueueDepth) -> bool) {
         let pred = &pred;
-        crate::eventually(WAIT, what, move || async move {
+        self.eventually(what, move || async move {
             self.outbox()
                 .depth(queue)
                 .await
@@ -120,23 +151,53 @@ impl Harness {
         .await;
     }
 
+    /// Waits until `filter` matches `n` dead letters (a failed count counts as not yet), or
+    /// panics after the harness's wait naming `what`.
+    pub async fn wait_dead_letters(&self, filter: &DeadLetterFilter, n: i64, what: &str) {
+        self.eventually(what, || async {
+            self.outbox()
+                .count_dead_letters(filter)
+                .await
+                .is_ok_and(|c| c == n)
+        })
+        .await;
+    }
+
+    /// Waits until `cond` holds, or panics after the harness's wait naming `what`.
+    pub async fn eventually<F, Fut>(&self, what: &str, cond: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        crate::eventually(self.wait, what, cond).await;
+    }
+
     /// The depth of `queue` now.
     pub async fn depth(&self, queue: &str) -> QueueDepth {
         self.outbox().depth(queue).await.expect("depth")
     }
 
-    /// Shuts the runtime down within [`GRACE`] (panics if in-flight work had to be cancelled)
-    /// and leaves the stored state unchecked: for tests whose state is checked elsewhere, or
-    /// whose other runtimes still run. The outbox handle stays usable (status, dead letters).
+    /// Shuts the runtime down within the harness's grace (panics if in-flight work had to be
+    /// cancelled) and leaves the stored state unchecked: for tests that assert on what it left
+    /// first, or whose other runtimes still run. The outbox handle stays usable (status, dead
+    /// letters).
     pub async fn stop(&self) {
-        self.running.shutdown(GRACE).await.expect("shutdown");
+        self.running.shutdown(self.grace).await.expect("shutdown");
     }
 
-    /// Shuts the runtime down within [`GRACE`] (panics if in-flight work had to be cancelled),
-    /// then checks the global invariants of the stored state
-    /// ([`assert_invariants`](crate::assert_invariants), tables of the default prefix).
-    pub async fn finish(self) {
-        self.running.shutdown(GRACE).await.expect("shutdown");
+    /// Checks the global invariants of the stored state now
+    /// ([`assert_invariants`](crate::assert_invariants), tables of the default prefix): after
+    /// [`stop`](Harness::stop) of this and every other runtime on the database, since a running
+    /// one may hold a lease.
+    pub async fn assert_invariants(&self) {
         crate::assert_invariants(&self.db, outbox::DEFAULT_TABLE_PREFIX).await;
+    }
+
+    /// Shuts the runtime down within the harness's grace (panics if in-flight work had to be
+    /// cancelled), then checks the global invariants of the stored state
+    /// ([`assert_invariants`](Harness::assert_invariants)).
+    pub async fn finish(self) {
+        self.stop().await;
+        self.assert_invariants().await;
     }
 }

@@ -10,7 +10,7 @@ use outbox::sea_orm::{DatabaseConnection, DbErr, TransactionTrait};
 use outbox::{
     EnqueueError, Enqueued, HandlerSpec, NewMessage, Outbox, Profile, QueueSpec, RuntimeTuning,
 };
-use outbox_tests::{Seen, TestDb, assert_invariants, eventually, on_every_backend, scalar};
+use outbox_tests::{Harness, Seen, TestDb, on_every_backend, scalar};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -103,39 +103,31 @@ async fn a_key_holds_while_pending_and_for_its_retention(t: Arc<TestDb>) {
         "duplicates and bad keys wrote nothing"
     );
 
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .runtime_tuning(eager())
-        .queue(QueueSpec::new("dd", 2).dedup_retention(Duration::from_secs(2)))
-        .handler(recorder("dd", &seen))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.runtime_tuning(eager())
+            .queue(QueueSpec::new("dd", 2).dedup_retention(Duration::from_secs(2)))
+            .handler(recorder("dd", &seen))
+    })
+    .await
+    .with_wait(WAIT);
     seen.wait_until(WAIT, "three messages", |d| d.len() == 3)
         .await;
-    eventually(WAIT, "the handled messages are vacuumed", || async {
+    h.eventually("the handled messages are vacuumed", || async {
         stored(&db, "dd").await == 0
     })
     .await;
     assert_eq!(
-        rt.outbox()
-            .enqueue(&db, key("after-handled"))
-            .await
-            .expect("enqueue"),
+        h.enqueue(key("after-handled")).await,
         Enqueued::Duplicate,
         "handled, but within the retention window"
     );
-    eventually(
-        WAIT,
-        "the key is free after the retention window",
-        || async {
-            // Each try writes nothing while the key is held.
-            matches!(
-                rt.outbox().enqueue(&db, key("later")).await,
-                Ok(Enqueued::Stored)
-            )
-        },
-    )
+    h.eventually("the key is free after the retention window", || async {
+        // Each try writes nothing while the key is held.
+        matches!(
+            h.outbox().enqueue(&db, key("later")).await,
+            Ok(Enqueued::Stored)
+        )
+    })
     .await;
     seen.wait_until(WAIT, "the later message", |d| d.len() == 4)
         .await;
@@ -146,10 +138,9 @@ async fn a_key_holds_while_pending_and_for_its_retention(t: Arc<TestDb>) {
             .iter()
             .any(|b| b == "again" || b == "other-2" || b == "after-handled")
     );
-    let snap = rt.outbox().status().await.expect("status");
+    let snap = h.outbox().status().await.expect("status");
     assert_eq!(snap.queue("dd").map(|q| q.scheduled), Some(0));
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Whether `e` is a conflict the database asks the caller to retry (deadlock, serialization
@@ -175,16 +166,14 @@ async fn racing_transactions_store_one_message_per_key(t: Arc<TestDb>) {
     const KEYS: usize = 400;
     let db = t.pool(16).await;
     let seen = Seen::default();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("race", 4))
-        .handler(recorder("race", &seen))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("race", 4))
+            .handler(recorder("race", &seen))
+    })
+    .await;
     let mut tasks = Vec::new();
     for p in 0..PRODUCERS {
-        let (db, rt) = (db.clone(), rt.outbox().clone());
+        let (db, rt) = (db.clone(), h.outbox().clone());
         tasks.push(tokio::spawn(async move {
             // (key, body) of every committed Stored result.
             let mut committed: Vec<(usize, String)> = Vec::new();
@@ -265,8 +254,7 @@ async fn racing_transactions_store_one_message_per_key(t: Arc<TestDb>) {
             w[0]
         );
     }
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// The typed API: a `#[outbox(dedup)]` field is the message's key.

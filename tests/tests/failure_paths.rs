@@ -12,11 +12,11 @@ use outbox::sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait,
 };
 use outbox::{
-    DeadLetterFilter, HandlerError, HandlerSpec, NewMessage, Outbox, Overrides, Profile, QueueSpec,
+    DeadLetterFilter, HandlerError, HandlerSpec, NewMessage, Outbox, Overrides, QueueSpec,
 };
 use outbox_tests::{
-    Kind, Seen, TestDb, assert_invariants, create_effects_table, effects, eventually,
-    on_every_backend, scalar, write_effect,
+    Harness, Kind, Seen, TestDb, create_effects_table, effects, on_every_backend, scalar,
+    write_effect,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -35,8 +35,37 @@ async fn raw(db: &DatabaseConnection, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// Starts a runtime with one queue of one partition and `handler`, waiting up to [`WAIT`].
+async fn start(db: &DatabaseConnection, queue: &'static str, handler: HandlerSpec) -> Harness {
+    Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new(queue, 1)).handler(handler)
+    })
+    .await
+    .with_wait(WAIT)
+}
+
+/// Enqueues `bodies` to partition 0 of `queue` before any worker runs, so the runtime started
+/// next takes them in one batch.
+async fn enqueue_before_start(db: &DatabaseConnection, queue: &'static str, bodies: &[&str]) {
+    let producer = Outbox::builder(db.clone())
+        .queue(QueueSpec::new(queue, 1))
+        .connect()
+        .await
+        .expect("connect");
+    let batch: Vec<_> = bodies
+        .iter()
+        .map(|&b| NewMessage::new(queue, 0, b))
+        .collect();
+    producer.enqueue_batch(db, &batch).await.expect("enqueue");
+}
+
+/// The dead letters of `handler`.
+fn handled_by(handler: &str) -> DeadLetterFilter {
+    DeadLetterFilter::all().handler(handler)
+}
+
 async fn dead_count(rt: &Outbox, handler: &str) -> i64 {
-    rt.count_dead_letters(&DeadLetterFilter::all().handler(handler))
+    rt.count_dead_letters(&handled_by(handler))
         .await
         .expect("count dead letters")
 }
@@ -59,25 +88,14 @@ async fn hostile_error_texts_are_stored_and_counted(t: Arc<TestDb>) {
         Box::pin(async move { Err(HandlerError::retry(text)) })
     })
     .overrides(quick(2));
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("hostile", 1))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("hostile", 0, "m"))
-        .await
-        .expect("enqueue");
-    eventually(WAIT, "the message dead-lettered", || async {
-        dead_count(rt.outbox(), "h").await == 1
-    })
-    .await;
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    let h = start(&db, "hostile", handler).await;
+    h.enqueue(NewMessage::new("hostile", 0, "m")).await;
+    h.wait_dead_letters(&handled_by("h"), 1, "the message dead-lettered")
+        .await;
+    h.stop().await;
     let attempts: Vec<u32> = seen.all().iter().map(|d| d.attempt).collect();
     assert_eq!(attempts, [1, 2], "each failure counted once");
-    let dead = rt
+    let dead = h
         .outbox()
         .dead_letters(&DeadLetterFilter::all(), 0, 10)
         .await
@@ -87,7 +105,7 @@ async fn hostile_error_texts_are_stored_and_counted(t: Arc<TestDb>) {
     assert!(e.starts_with("xxxx"), "{}", &e[..20]);
     assert!(!e.contains('\0'), "a NUL byte was stored");
     assert_eq!(dead[0].attempts, 2);
-    assert_invariants(&db, "outbox_").await;
+    h.assert_invariants().await;
 }
 
 /// A handler that rolls its transaction back behind the runtime's back (the state the
@@ -112,27 +130,15 @@ async fn a_transaction_rolled_back_behind_the_handler_is_a_failure(t: Arc<TestDb
         })
     })
     .overrides(quick(5));
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("rolled", 1))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("rolled", 0, "m"))
-        .await
-        .expect("enqueue");
+    let h = start(&db, "rolled", handler).await;
+    h.enqueue(NewMessage::new("rolled", 0, "m")).await;
     seen.wait_until(WAIT, "a second attempt", |d| d.len() >= 2)
         .await;
-    eventually(WAIT, "the cursor past the message", || async {
-        rt.outbox()
-            .depth("rolled")
-            .await
-            .is_ok_and(|d| d.handlers[0].pending == 0)
+    h.wait_depth("rolled", "the cursor past the message", |d| {
+        d.handlers[0].pending == 0
     })
     .await;
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    h.stop().await;
     let attempts: Vec<u32> = seen.all().iter().map(|d| d.attempt).collect();
     assert_eq!(attempts, [1, 2]);
     assert_eq!(
@@ -140,7 +146,7 @@ async fn a_transaction_rolled_back_behind_the_handler_is_a_failure(t: Arc<TestDb
         1,
         "the effect exists exactly once"
     );
-    assert_invariants(&db, "outbox_").await;
+    h.assert_invariants().await;
 }
 
 /// A database error that the handler swallows is a failed attempt of the message being handled:
@@ -191,27 +197,15 @@ async fn a_swallowed_database_error_counts_as_a_failed_attempt(t: Arc<TestDb>) {
         })
     })
     .overrides(quick(5));
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("swallow", 1))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("swallow", 0, "m"))
-        .await
-        .expect("enqueue");
+    let h = start(&db, "swallow", handler).await;
+    h.enqueue(NewMessage::new("swallow", 0, "m")).await;
     seen.wait_until(WAIT, "a second attempt", |d| d.len() >= 2)
         .await;
-    eventually(WAIT, "the cursor past the message", || async {
-        rt.outbox()
-            .depth("swallow")
-            .await
-            .is_ok_and(|d| d.handlers[0].pending == 0)
+    h.wait_depth("swallow", "the cursor past the message", |d| {
+        d.handlers[0].pending == 0
     })
     .await;
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    h.stop().await;
     let attempts: Vec<u32> = seen.all().iter().map(|d| d.attempt).collect();
     assert_eq!(attempts, [1, 2], "the swallowed error counted as attempt 1");
     assert_eq!(
@@ -219,7 +213,7 @@ async fn a_swallowed_database_error_counts_as_a_failed_attempt(t: Arc<TestDb>) {
         1,
         "the effect exists exactly once"
     );
-    assert_invariants(&db, "outbox_").await;
+    h.assert_invariants().await;
 }
 
 /// Makes the handler's transaction the victim of a real InnoDB deadlock, and swallows the
@@ -276,36 +270,15 @@ async fn a_failure_inside_a_batch_counts_once_for_its_message(t: Arc<TestDb>) {
         })
     })
     .overrides(quick(3).batch_size(10));
-    // Enqueued before the workers start, so the five messages come in one batch.
-    let producer = Outbox::builder(db.clone())
-        .queue(QueueSpec::new("inside", 1))
-        .connect()
-        .await
-        .expect("connect");
-    let batch: Vec<_> = ["a", "fails", "b", "rejected", "c"]
-        .into_iter()
-        .map(|b| NewMessage::new("inside", 0, b))
-        .collect();
-    producer.enqueue_batch(&db, &batch).await.expect("enqueue");
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("inside", 1))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
-    eventually(WAIT, "two dead letters", || async {
-        dead_count(rt.outbox(), "h").await == 2
+    enqueue_before_start(&db, "inside", &["a", "fails", "b", "rejected", "c"]).await;
+    let h = start(&db, "inside", handler).await;
+    h.wait_dead_letters(&handled_by("h"), 2, "two dead letters")
+        .await;
+    h.wait_depth("inside", "the partition drained", |d| {
+        d.handlers[0].pending == 0
     })
     .await;
-    eventually(WAIT, "the partition drained", || async {
-        rt.outbox()
-            .depth("inside")
-            .await
-            .is_ok_and(|d| d.handlers[0].pending == 0)
-    })
-    .await;
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    h.stop().await;
     let of = |body: &str| -> Vec<u32> {
         seen.all()
             .iter()
@@ -321,7 +294,7 @@ async fn a_failure_inside_a_batch_counts_once_for_its_message(t: Arc<TestDb>) {
         ["a", "b", "c"],
         "effects of the successes, once each"
     );
-    assert_invariants(&db, "outbox_").await;
+    h.assert_invariants().await;
 }
 
 /// A commit that fails because of one message of a batch (a deferred constraint that message
@@ -355,32 +328,14 @@ async fn a_commit_failure_charges_only_the_guilty_message(t: Arc<TestDb>) {
         })
     })
     .overrides(quick(2).batch_size(10));
-    let producer = Outbox::builder(db.clone())
-        .queue(QueueSpec::new("deferred", 1))
-        .connect()
-        .await
-        .expect("connect");
-    let batch: Vec<_> = ["a", "b", "guilty", "c", "d"]
-        .into_iter()
-        .map(|b| NewMessage::new("deferred", 0, b))
-        .collect();
-    producer.enqueue_batch(&db, &batch).await.expect("enqueue");
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("deferred", 1))
-        .handler(handler)
-        .start()
-        .await
-        .expect("start");
-    eventually(WAIT, "the partition drained", || async {
-        rt.outbox()
-            .depth("deferred")
-            .await
-            .is_ok_and(|d| d.handlers[0].pending == 0 && d.unsequenced == 0)
+    enqueue_before_start(&db, "deferred", &["a", "b", "guilty", "c", "d"]).await;
+    let h = start(&db, "deferred", handler).await;
+    h.wait_depth("deferred", "the partition drained", |d| {
+        d.handlers[0].pending == 0 && d.unsequenced == 0
     })
     .await;
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    let dead = rt
+    h.stop().await;
+    let dead = h
         .outbox()
         .dead_letters(&DeadLetterFilter::all(), 0, 10)
         .await
@@ -397,7 +352,7 @@ async fn a_commit_failure_charges_only_the_guilty_message(t: Arc<TestDb>) {
     let committed: Vec<String> = effects(&db).await.into_iter().map(|e| e.3).collect();
     assert_eq!(committed, ["a", "b", "c", "d"]);
     assert_eq!(scalar(&db, "SELECT COUNT(*) FROM children").await, 4);
-    assert_invariants(&db, "outbox_").await;
+    h.assert_invariants().await;
 }
 
 /// A replayed dead letter is addressed to the handler that gave up on it. Another handler of
@@ -431,36 +386,25 @@ async fn a_takeover_never_dead_letters_another_handlers_copy(t: Arc<TestDb>) {
         .overrides(quick(2))
     };
     // Both handlers see the message; `a` rejects it.
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("copies", 1))
-        .handler(a.clone())
-        .handler(b.clone())
-        .start()
-        .await
-        .expect("start");
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("copies", 0, "m"))
-        .await
-        .expect("enqueue");
-    eventually(WAIT, "a's dead letter", || async {
-        dead_count(rt.outbox(), "a").await == 1
+    let both = Harness::start(db.clone(), |builder| {
+        builder
+            .queue(QueueSpec::new("copies", 1))
+            .handler(a.clone())
+            .handler(b.clone())
     })
-    .await;
+    .await
+    .with_wait(WAIT);
+    both.enqueue(NewMessage::new("copies", 0, "m")).await;
+    both.wait_dead_letters(&handled_by("a"), 1, "a's dead letter")
+        .await;
     seen.wait_until(WAIT, "b handled the message", |d| {
         d.iter().any(|d| d.handler == "b")
     })
     .await;
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    both.stop().await;
 
     // The replayed copy (for `a` only) is sequenced and handled by a runtime without `b`.
-    let only_a = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("copies", 1))
-        .handler(a)
-        .start()
-        .await
-        .expect("start a");
+    let only_a = start(&db, "copies", a).await;
     let id = only_a
         .outbox()
         .dead_letters(&DeadLetterFilter::all(), 0, 1)
@@ -476,10 +420,7 @@ async fn a_takeover_never_dead_letters_another_handlers_copy(t: Arc<TestDb>) {
         d.iter().filter(|d| d.handler == "a").count() == 2
     })
     .await;
-    only_a
-        .shutdown(Duration::from_secs(5))
-        .await
-        .expect("shutdown");
+    only_a.stop().await;
 
     // `b` crashed earlier holding a lease in front of the copy, on its last attempt.
     raw(
@@ -488,25 +429,13 @@ async fn a_takeover_never_dead_letters_another_handlers_copy(t: Arc<TestDb>) {
          lease_expires_at = 1, attempts = 1 WHERE handler = 'b'",
     )
     .await;
-    let only_b = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("copies", 1))
-        .handler(b)
-        .start()
-        .await
-        .expect("start b");
-    eventually(WAIT, "b past the copy", || async {
-        only_b
-            .outbox()
-            .depth("copies")
-            .await
-            .is_ok_and(|d| d.handlers.iter().all(|h| h.pending == 0))
-    })
-    .await;
+    let only_b = start(&db, "copies", b).await;
     only_b
-        .shutdown(Duration::from_secs(5))
-        .await
-        .expect("shutdown");
+        .wait_depth("copies", "b past the copy", |d| {
+            d.handlers.iter().all(|h| h.pending == 0)
+        })
+        .await;
+    only_b.stop().await;
     assert_eq!(
         dead_count(only_b.outbox(), "b").await,
         0,
@@ -518,7 +447,7 @@ async fn a_takeover_never_dead_letters_another_handlers_copy(t: Arc<TestDb>) {
         "b never handles a copy addressed to a: {:?}",
         seen.of("b")
     );
-    assert_invariants(&db, "outbox_").await;
+    only_b.assert_invariants().await;
 }
 
 on_every_backend!(

@@ -8,9 +8,9 @@ use std::time::Duration;
 use outbox::sea_orm::{
     ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait,
 };
-use outbox::{HandlerSpec, NewMessage, Outbox, Profile, QueueSpec, StartError};
+use outbox::{HandlerSpec, NewMessage, Outbox, QueueSpec, StartError};
 use outbox_tests::{
-    Seen, TestDb, assert_invariants, create_effects_table, effects, eventually, on_every_backend,
+    Harness, Seen, TestDb, assert_invariants, create_effects_table, effects, on_every_backend,
     write_effect,
 };
 
@@ -62,23 +62,17 @@ async fn kill_connections(admin: &DatabaseConnection) -> usize {
 async fn connections_killed_mid_drain_lose_nothing(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     create_effects_table(&db).await;
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("faults", 4))
-        .handler(writer())
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db, |b| {
+        b.queue(QueueSpec::new("faults", 4)).handler(writer())
+    })
+    .await
+    .with_wait(WAIT)
+    .with_grace(Duration::from_secs(10));
     let n = 600u32;
-    let txn = db.begin().await.expect("begin");
     let batch: Vec<_> = (0..n)
         .map(|i| NewMessage::new("faults", i % 4, format!("{i:05}")))
         .collect();
-    rt.outbox()
-        .enqueue_batch(&txn, &batch)
-        .await
-        .expect("enqueue");
-    txn.commit().await.expect("commit");
+    h.enqueue_committed(&batch).await;
     let admin = t.pool(1).await;
     let mut killed = 0;
     for _ in 0..15 {
@@ -86,7 +80,7 @@ async fn connections_killed_mid_drain_lose_nothing(t: Arc<TestDb>) {
         killed += kill_connections(&admin).await;
     }
     assert!(killed > 0, "no connection was killed");
-    outbox_tests::wait_drained(rt.outbox(), "faults", WAIT).await;
+    h.wait_drained("faults").await;
     let rows = effects(&admin).await;
     assert_eq!(
         rows.len(),
@@ -101,9 +95,8 @@ async fn connections_killed_mid_drain_lose_nothing(t: Arc<TestDb>) {
             "partition {p}"
         );
     }
-    rt.shutdown(Duration::from_secs(10))
-        .await
-        .expect("shutdown");
+    h.stop().await;
+    // Checked on the admin connection, which the kills spared.
     assert_invariants(&admin, "outbox_").await;
 }
 
@@ -138,37 +131,28 @@ async fn long_producer_transaction_stalls_nothing(t: Arc<TestDb>) {
     let db = t.pool(10).await;
     let seen = Seen::default();
     let s = seen.clone();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("faults", 2))
-        .handler(HandlerSpec::transactional("faults", "h", move |m, _| {
-            s.push("h", m);
-            Box::pin(async { Ok(()) })
-        }))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("faults", 2))
+            .handler(HandlerSpec::transactional("faults", "h", move |m, _| {
+                s.push("h", m);
+                Box::pin(async { Ok(()) })
+            }))
+    })
+    .await;
     // Rows just below and just above the open transaction's row: the sequencer's deletes
     // around it (on MySQL/MariaDB, runs of consecutive ids) must never touch it.
     let before = db.begin().await.expect("begin");
     let early: Vec<_> = (0..4)
         .map(|i| NewMessage::new("faults", i % 2, format!("early-{i}")))
         .collect();
-    rt.outbox()
-        .enqueue_batch(&before, &early)
-        .await
-        .expect("enqueue");
+    h.enqueue_batch_in(&before, &early).await;
     let long = db.begin().await.expect("begin");
-    rt.outbox()
-        .enqueue(&long, NewMessage::new("faults", 0, "long"))
-        .await
-        .expect("enqueue");
+    h.enqueue_in(&long, NewMessage::new("faults", 0, "long"))
+        .await;
     before.commit().await.expect("commit");
     for i in 0..16 {
-        rt.outbox()
-            .enqueue(&db, NewMessage::new("faults", i % 2, format!("short-{i}")))
-            .await
-            .expect("enqueue");
+        h.enqueue(NewMessage::new("faults", i % 2, format!("short-{i}")))
+            .await;
     }
     seen.wait_until(
         Duration::from_secs(8),
@@ -181,50 +165,39 @@ async fn long_producer_transaction_stalls_nothing(t: Arc<TestDb>) {
     seen.wait_until(WAIT, "the long transaction's message", |d| d.len() == 21)
         .await;
     assert_eq!(seen.all()[20].body, "long");
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    h.finish().await;
 }
 
 /// Messages of a queue nobody handles stay pending, are never dead-lettered, and show in the
 /// depth counts.
 async fn queue_nobody_handles_keeps_its_messages(t: Arc<TestDb>) {
     let db = t.pool(8).await;
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("faults", 2))
-        .queue(QueueSpec::new("orphan", 2))
-        .handler(writer())
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("faults", 2))
+            .queue(QueueSpec::new("orphan", 2))
+            .handler(writer())
+    })
+    .await
+    .with_wait(WAIT);
     create_effects_table(&db).await;
     for i in 0..5 {
-        rt.outbox()
-            .enqueue(&db, NewMessage::new("orphan", i % 2, "x"))
-            .await
-            .expect("enqueue");
+        h.enqueue(NewMessage::new("orphan", i % 2, "x")).await;
     }
-    let o = rt.outbox().clone();
-    eventually(WAIT, "sequenced", || {
-        let o = o.clone();
-        async move {
-            o.depth("orphan")
-                .await
-                .map(|d| d.unsequenced == 0 && d.stored == 5)
-                .unwrap_or(false)
-        }
+    h.wait_depth("orphan", "sequenced", |d| {
+        d.unsequenced == 0 && d.stored == 5
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let d = rt.outbox().depth("orphan").await.expect("depth");
+    let d = h.depth("orphan").await;
     assert_eq!((d.stored, d.handlers.len()), (5, 0), "{d:?}");
     assert_eq!(
-        rt.outbox()
+        h.outbox()
             .count_dead_letters(&outbox::DeadLetterFilter::all().queue("orphan"))
             .await
             .expect("count"),
         0
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    h.finish().await;
 }
 
 /// sea-orm opens SQLite with a single connection unless told otherwise; the runtime, a
@@ -237,24 +210,20 @@ async fn sqlite_runs_on_a_single_connection() {
         .await
         .expect("connect");
     create_effects_table(&db).await;
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("faults", 2))
-        .handler(writer())
-        .start()
-        .await
-        .expect("start on one connection");
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new("faults", 2)).handler(writer())
+    })
+    .await
+    .with_wait(WAIT);
     for i in 0..20 {
         let txn = db.begin().await.expect("begin");
-        rt.outbox()
-            .enqueue(&txn, NewMessage::new("faults", i % 2, format!("{i}")))
-            .await
-            .expect("enqueue");
+        h.enqueue_in(&txn, NewMessage::new("faults", i % 2, format!("{i}")))
+            .await;
         txn.commit().await.expect("commit");
     }
-    outbox_tests::wait_drained(rt.outbox(), "faults", WAIT).await;
+    h.wait_drained("faults").await;
     assert_eq!(effects(&db).await.len(), 20);
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    h.finish().await;
 }
 
 /// A batch bigger than one statement's packet (24 messages of 1 MiB) is split into several
@@ -263,10 +232,8 @@ async fn large_batch_of_large_payloads(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let got = Arc::new(std::sync::Mutex::new(Vec::new()));
     let g = got.clone();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("faults", 1))
-        .handler(
+    let h = Harness::start(db, |b| {
+        b.queue(QueueSpec::new("faults", 1)).handler(
             HandlerSpec::leased("faults", "h", move |m, _| {
                 g.lock()
                     .expect("lock")
@@ -275,22 +242,18 @@ async fn large_batch_of_large_payloads(t: Arc<TestDb>) {
             })
             .overrides(outbox::Overrides::NONE.batch_size(4)),
         )
-        .start()
-        .await
-        .expect("start");
+    })
+    .await
+    .with_wait(WAIT);
     let batch: Vec<_> = (0..24u8)
         .map(|i| NewMessage::new("faults", 0, vec![i; 1 << 20]))
         .collect();
-    let txn = db.begin().await.expect("begin");
-    rt.outbox()
-        .enqueue_batch(&txn, &batch)
-        .await
-        .expect("enqueue 24 MiB in one transaction");
-    txn.commit().await.expect("commit");
-    outbox_tests::wait_drained(rt.outbox(), "faults", WAIT).await;
+    // 24 MiB in one transaction.
+    h.enqueue_committed(&batch).await;
+    h.wait_drained("faults").await;
     let got = got.lock().expect("lock").clone();
     assert_eq!(got, (0..24u8).map(|i| (1 << 20, i)).collect::<Vec<_>>());
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+    h.finish().await;
 }
 
 on_every_backend!(

@@ -6,14 +6,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox::sea_orm::TransactionTrait;
+use outbox::sea_orm::{DatabaseConnection, TransactionTrait};
 use outbox::{
-    DeadLetterFilter, EnqueueError, HandlerError, HandlerSpec, HeaderError, Headers, NewMessage,
-    Outbox, Overrides, Profile, QueueSpec,
+    Builder, DeadLetterFilter, EnqueueError, HandlerError, HandlerSpec, HeaderError, Headers,
+    NewMessage, Overrides, QueueSpec,
 };
-use outbox_tests::{TestDb, assert_invariants, eventually, on_every_backend, scalar};
+use outbox_tests::{Harness, TestDb, eventually, on_every_backend, scalar};
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// Starts a runtime on `db` with what `configure` adds, waiting up to [`WAIT`] and giving
+/// handlers 10 s to finish at shutdown.
+async fn start(db: &DatabaseConnection, configure: impl FnOnce(Builder) -> Builder) -> Harness {
+    Harness::start(db.clone(), configure)
+        .await
+        .with_wait(WAIT)
+        .with_grace(Duration::from_secs(10))
+}
 
 /// One delivery: (handler, body, attempt, headers).
 type Delivery = (String, String, u32, Headers);
@@ -60,60 +69,50 @@ async fn every_kind_of_handler_sees_the_headers(t: Arc<TestDb>) {
     let db = t.pool(16).await;
     let log = Log::default();
     let (a, b, c, d) = (log.clone(), log.clone(), log.clone(), log.clone());
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("hdr", 2))
-        .handler(HandlerSpec::transactional("hdr", "tx", move |m, _| {
-            a.push("tx", m);
-            Box::pin(async { Ok(()) })
-        }))
-        .handler(HandlerSpec::leased("hdr", "leased", move |m, _| {
-            b.push("leased", m);
-            Box::pin(async { Ok(()) })
-        }))
-        .handler(HandlerSpec::transactional_batch(
-            "hdr",
-            "tx-batch",
-            move |ms, _| {
-                for m in ms {
-                    c.push("tx-batch", m);
-                }
+    let h = start(&db, |builder| {
+        builder
+            .queue(QueueSpec::new("hdr", 2))
+            .handler(HandlerSpec::transactional("hdr", "tx", move |m, _| {
+                a.push("tx", m);
                 Box::pin(async { Ok(()) })
-            },
-        ))
-        .handler(HandlerSpec::leased_batch(
-            "hdr",
-            "leased-batch",
-            move |ms, _| {
-                for m in ms {
-                    d.push("leased-batch", m);
-                }
+            }))
+            .handler(HandlerSpec::leased("hdr", "leased", move |m, _| {
+                b.push("leased", m);
                 Box::pin(async { Ok(()) })
-            },
-        ))
-        .start()
-        .await
-        .expect("start");
+            }))
+            .handler(HandlerSpec::transactional_batch(
+                "hdr",
+                "tx-batch",
+                move |ms, _| {
+                    for m in ms {
+                        c.push("tx-batch", m);
+                    }
+                    Box::pin(async { Ok(()) })
+                },
+            ))
+            .handler(HandlerSpec::leased_batch(
+                "hdr",
+                "leased-batch",
+                move |ms, _| {
+                    for m in ms {
+                        d.push("leased-batch", m);
+                    }
+                    Box::pin(async { Ok(()) })
+                },
+            ))
+    })
+    .await;
     let one = headers(&[("request-id", "r-1"), ("tenant", "acme")]);
     let two = headers(&[("request-id", "r-2"), ("note", "é \"quoted\" {json} 'x'")]);
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("hdr", 0, "one").headers(one.clone()))
-        .await
-        .expect("enqueue one");
-    let txn = db.begin().await.expect("begin");
-    rt.outbox()
-        .enqueue_batch(
-            &txn,
-            &[
-                NewMessage::new("hdr", 1, "two")
-                    .header("request-id", "r-2")
-                    .header("note", "é \"quoted\" {json} 'x'"),
-                NewMessage::new("hdr", 1, "none"),
-            ],
-        )
-        .await
-        .expect("enqueue batch");
-    txn.commit().await.expect("commit");
+    h.enqueue(NewMessage::new("hdr", 0, "one").headers(one.clone()))
+        .await;
+    h.enqueue_committed(&[
+        NewMessage::new("hdr", 1, "two")
+            .header("request-id", "r-2")
+            .header("note", "é \"quoted\" {json} 'x'"),
+        NewMessage::new("hdr", 1, "none"),
+    ])
+    .await;
     log.wait("every handler saw the three messages", 12).await;
     for handler in ["tx", "leased", "tx-batch", "leased-batch"] {
         assert_eq!(log.headers(handler, "one"), Some(one.clone()), "{handler}");
@@ -124,10 +123,7 @@ async fn every_kind_of_handler_sees_the_headers(t: Arc<TestDb>) {
             "{handler}"
         );
     }
-    rt.shutdown(Duration::from_secs(10))
-        .await
-        .expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// A dead letter keeps the message's headers; a replay delivers them again.
@@ -137,10 +133,8 @@ async fn dead_letter_and_replay_keep_the_headers(t: Arc<TestDb>) {
     let l = log.clone();
     let refuse = Arc::new(AtomicBool::new(true));
     let r = refuse.clone();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("hdr", 1))
-        .handler(
+    let h = start(&db, |b| {
+        b.queue(QueueSpec::new("hdr", 1)).handler(
             HandlerSpec::transactional("hdr", "h", move |m, _| {
                 l.push("h", m);
                 let refuse = r.load(Ordering::SeqCst);
@@ -154,33 +148,25 @@ async fn dead_letter_and_replay_keep_the_headers(t: Arc<TestDb>) {
             })
             .overrides(Overrides::NONE.max_attempts(1)),
         )
-        .start()
-        .await
-        .expect("start");
+    })
+    .await;
     let sent = headers(&[(
         "traceparent",
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
     )]);
-    rt.outbox()
-        .enqueue(
-            &db,
-            NewMessage::new("hdr", 0, "poison").headers(sent.clone()),
-        )
-        .await
-        .expect("enqueue");
+    h.enqueue(NewMessage::new("hdr", 0, "poison").headers(sent.clone()))
+        .await;
     let all = DeadLetterFilter::all();
-    eventually(WAIT, "the message is dead-lettered", || async {
-        rt.outbox().count_dead_letters(&all).await.expect("count") == 1
-    })
-    .await;
-    let dead = rt
+    h.wait_dead_letters(&all, 1, "the message is dead-lettered")
+        .await;
+    let dead = h
         .outbox()
         .dead_letters(&all, 0, 10)
         .await
         .expect("dead letters");
     assert_eq!(dead[0].headers, sent, "the dead letter keeps the headers");
     assert_eq!(
-        rt.outbox()
+        h.outbox()
             .dead_letter(dead[0].id)
             .await
             .expect("one dead letter")
@@ -188,7 +174,7 @@ async fn dead_letter_and_replay_keep_the_headers(t: Arc<TestDb>) {
         sent
     );
     refuse.store(false, Ordering::SeqCst);
-    rt.outbox()
+    h.outbox()
         .replay_dead_letter(dead[0].id)
         .await
         .expect("replay");
@@ -201,10 +187,7 @@ async fn dead_letter_and_replay_keep_the_headers(t: Arc<TestDb>) {
         seen.iter().map(|s| &s.1).collect::<Vec<_>>()
     );
     assert_eq!(seen[1].3, sent, "the replay delivers the headers again");
-    rt.shutdown(Duration::from_secs(10))
-        .await
-        .expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// A scheduled message carries its headers when it becomes due.
@@ -212,28 +195,24 @@ async fn a_scheduled_message_keeps_its_headers(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let log = Log::default();
     let l = log.clone();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("hdr", 1))
-        .handler(HandlerSpec::transactional("hdr", "h", move |m, _| {
-            l.push("h", m);
-            Box::pin(async { Ok(()) })
-        }))
-        .start()
-        .await
-        .expect("start");
+    let h = start(&db, |b| {
+        b.queue(QueueSpec::new("hdr", 1))
+            .handler(HandlerSpec::transactional("hdr", "h", move |m, _| {
+                l.push("h", m);
+                Box::pin(async { Ok(()) })
+            }))
+    })
+    .await;
     let sent = headers(&[("request-id", "later")]);
     let txn = db.begin().await.expect("begin");
-    let done = rt
-        .outbox()
-        .enqueue(
+    let done = h
+        .enqueue_in(
             &txn,
             NewMessage::new("hdr", 0, "later")
                 .headers(sent.clone())
                 .deliver_after(Duration::from_millis(300)),
         )
-        .await
-        .expect("enqueue");
+        .await;
     txn.commit().await.expect("commit");
     assert!(
         matches!(done, outbox::Enqueued::Scheduled { .. }),
@@ -241,21 +220,14 @@ async fn a_scheduled_message_keeps_its_headers(t: Arc<TestDb>) {
     );
     log.wait("the scheduled message is handled", 1).await;
     assert_eq!(log.headers("h", "later"), Some(sent));
-    rt.shutdown(Duration::from_secs(10))
-        .await
-        .expect("shutdown");
+    h.finish().await;
 }
 
 /// Headers that break a limit fail the whole batch with a typed error and write nothing,
 /// scheduled or not.
 async fn bad_headers_are_refused_and_nothing_is_written(t: Arc<TestDb>) {
     let db = t.pool(8).await;
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("hdr", 1))
-        .start()
-        .await
-        .expect("start");
+    let h = start(&db, |b| b.queue(QueueSpec::new("hdr", 1))).await;
     let too_many: Headers = (0..=outbox::MAX_HEADERS)
         .map(|i| (format!("h{i}"), "v"))
         .collect();
@@ -298,7 +270,7 @@ async fn bad_headers_are_refused_and_nothing_is_written(t: Arc<TestDb>) {
             };
             // A good message first: the batch is refused as a whole.
             let batch = [NewMessage::new("hdr", 0, "good").header("ok", "1"), bad];
-            match rt.outbox().enqueue_batch(&db, &batch).await {
+            match h.outbox().enqueue_batch(&db, &batch).await {
                 Err(EnqueueError::InvalidHeaders { queue, source }) => {
                     assert_eq!(queue, "hdr");
                     assert!(expected(&source), "unexpected {source:?}");
@@ -314,9 +286,7 @@ async fn bad_headers_are_refused_and_nothing_is_written(t: Arc<TestDb>) {
             "{table} is empty"
         );
     }
-    rt.shutdown(Duration::from_secs(10))
-        .await
-        .expect("shutdown");
+    h.finish().await;
 }
 
 /// A typed message whose fields carry headers (`#[outbox(header)]`).
@@ -339,20 +309,18 @@ async fn header_fields_of_a_typed_message_reach_the_handler(t: Arc<TestDb>) {
     let db = t.pool(16).await;
     let log = Log::default();
     let seen = log.clone();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new(Invoice::NAME, Invoice::PARTITIONS))
-        .handler(HandlerSpec::transactional(
-            Invoice::NAME,
-            "tx",
-            move |m, _| {
-                seen.push("tx", m);
-                Box::pin(async { Ok(()) })
-            },
-        ))
-        .start()
-        .await
-        .expect("start");
+    let h = start(&db, |b| {
+        b.queue(QueueSpec::new(Invoice::NAME, Invoice::PARTITIONS))
+            .handler(HandlerSpec::transactional(
+                Invoice::NAME,
+                "tx",
+                move |m, _| {
+                    seen.push("tx", m);
+                    Box::pin(async { Ok(()) })
+                },
+            ))
+    })
+    .await;
     let invoice = |tenant: &str, body: &str| Invoice {
         account: 7,
         tenant: tenant.to_owned(),
@@ -360,23 +328,20 @@ async fn header_fields_of_a_typed_message_reach_the_handler(t: Arc<TestDb>) {
     };
     let txn = db.begin().await.expect("begin");
     invoice("acme", "fields")
-        .enqueue_with(rt.outbox(), &txn)
+        .enqueue_with(h.outbox(), &txn)
         .await
         .expect("enqueue fields");
     let explicit = invoice("acme", "explicit")
         .to_message()
         .expect("message")
         .headers(headers(&[("tenant-id", "override"), ("request-id", "r-9")]));
-    rt.outbox()
-        .enqueue(&txn, explicit)
-        .await
-        .expect("enqueue explicit");
+    h.enqueue_in(&txn, explicit).await;
     txn.commit().await.expect("commit");
 
     // A line break cannot travel in a header: typed error, nothing written.
     let txn = db.begin().await.expect("begin");
     let bad = invoice("evil\r\nX-Injected: 1", "bad")
-        .enqueue_with(rt.outbox(), &txn)
+        .enqueue_with(h.outbox(), &txn)
         .await;
     assert!(
         matches!(bad, Err(EnqueueError::InvalidHeaders { .. })),
@@ -398,15 +363,13 @@ async fn header_fields_of_a_typed_message_reach_the_handler(t: Arc<TestDb>) {
             ("tenant-id", "override")
         ]))
     );
-    rt.shutdown(Duration::from_secs(10))
-        .await
-        .expect("shutdown");
+    h.stop().await;
     assert_eq!(
         log.all().len(),
         2,
         "the refused message was never delivered"
     );
-    assert_invariants(&db, "outbox_").await;
+    h.assert_invariants().await;
 }
 
 on_every_backend!(

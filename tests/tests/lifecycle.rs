@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::{
-    Error, HandlerError, HandlerSpec, NewMessage, Outbox, Profile, QueueSpec, RuntimeTuning,
+    Builder, Error, HandlerError, HandlerSpec, NewMessage, Profile, QueueSpec, RuntimeTuning,
 };
-use outbox_tests::{Seen, TestDb, assert_invariants, eventually, on_every_backend};
-
-const WAIT: Duration = Duration::from_secs(30);
+use outbox_tests::harness::WAIT;
+use outbox_tests::{Harness, Seen, TestDb, on_every_backend};
 
 fn recorder(queue: &'static str, name: &'static str, seen: &Seen) -> HandlerSpec {
     let seen = seen.clone();
@@ -29,61 +28,42 @@ fn eager() -> RuntimeTuning {
     t
 }
 
-async fn stored(rt: &Outbox, queue: &str) -> i64 {
-    rt.depth(queue).await.expect("depth").stored
-}
-
 /// A handler added to a queue whose messages were already vacuumed starts at the vacuumed
 /// sequence: no phantom pending messages, no lag (before: the deleted messages counted as
 /// pending until new traffic arrived, a false lag alert).
 async fn a_handler_added_after_vacuum_starts_at_the_vacuumed_sequence(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .runtime_tuning(eager())
-        .queue(QueueSpec::new("late", 1))
-        .handler(recorder("late", "first", &seen))
-        .start()
-        .await
-        .expect("start");
+    let late = |b: Builder| {
+        b.runtime_tuning(eager())
+            .queue(QueueSpec::new("late", 1))
+            .handler(recorder("late", "first", &seen))
+    };
+    let h = Harness::start(db.clone(), late).await;
     let batch: Vec<_> = (0..20)
         .map(|i| NewMessage::new("late", 0, format!("m{i}")))
         .collect();
-    rt.outbox()
-        .enqueue_batch(&db, &batch)
-        .await
-        .expect("enqueue");
+    h.enqueue_batch(&batch).await;
     seen.wait_until(WAIT, "20 deliveries", |d| d.len() == 20)
         .await;
-    eventually(WAIT, "vacuumed", || async {
-        stored(rt.outbox(), "late").await == 0
+    h.eventually("vacuumed", || async { h.depth("late").await.stored == 0 })
+        .await;
+    h.stop().await;
+
+    let h = Harness::start(db.clone(), |b| {
+        late(b).handler(recorder("late", "second", &seen))
     })
     .await;
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .runtime_tuning(eager())
-        .queue(QueueSpec::new("late", 1))
-        .handler(recorder("late", "first", &seen))
-        .handler(recorder("late", "second", &seen))
-        .start()
-        .await
-        .expect("start with a new handler");
-    let status = rt.outbox().queue_status("late").await.expect("status");
+    let status = h.outbox().queue_status("late").await.expect("status");
     let second = status.handler("second").expect("registered");
     assert_eq!(second.pending, 0, "no phantom pending messages");
     assert_eq!(second.lag_ms, None, "no phantom lag");
     assert_eq!(second.partitions[0].processed_seq, 20);
     assert_eq!(second.partitions[0].head_seq, None);
-    let depth = rt.outbox().depth("late").await.expect("depth");
+    let depth = h.depth("late").await;
     assert!(depth.handlers.iter().all(|h| h.pending == 0), "{depth:?}");
 
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("late", 0, "after"))
-        .await
-        .expect("enqueue");
+    h.enqueue(NewMessage::new("late", 0, "after")).await;
     seen.wait_until(WAIT, "both handlers see the new message", |d| {
         d.iter().filter(|d| d.body == "after").count() == 2
     })
@@ -94,8 +74,7 @@ async fn a_handler_added_after_vacuum_starts_at_the_vacuumed_sequence(t: Arc<Tes
         "the new handler starts after the vacuumed ones"
     );
     assert_eq!(seen.of("second")[0].seq, 21);
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// A handler no process runs any more is marked stale in status (with how long), pins vacuum
@@ -103,101 +82,85 @@ async fn a_handler_added_after_vacuum_starts_at_the_vacuumed_sequence(t: Arc<Tes
 async fn a_stale_handler_is_shown_and_can_be_retired(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
-    let both = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .runtime_tuning(eager())
-        .queue(QueueSpec::new("fleet", 2))
-        .handler(recorder("fleet", "kept", &seen))
-        .handler(recorder("fleet", "removed", &seen))
-        .start()
-        .await
-        .expect("start");
+    let fleet = |b: Builder| {
+        b.runtime_tuning(eager())
+            .queue(QueueSpec::new("fleet", 2))
+            .handler(recorder("fleet", "kept", &seen))
+    };
+    let both = Harness::start(db.clone(), |b| {
+        fleet(b).handler(recorder("fleet", "removed", &seen))
+    })
+    .await;
     let status = both.outbox().queue_status("fleet").await.expect("status");
     assert!(status.handlers.iter().all(|h| !h.is_stale()), "{status:?}");
     assert!(matches!(
         both.outbox().retire_handler("fleet", "removed").await,
         Err(Error::HandlerInUse { .. })
     ));
-    both.shutdown(Duration::from_secs(5))
-        .await
-        .expect("shutdown");
+    both.stop().await;
 
     // The next release no longer has `removed`.
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .runtime_tuning(eager())
-        .queue(QueueSpec::new("fleet", 2))
-        .handler(recorder("fleet", "kept", &seen))
-        .start()
-        .await
-        .expect("start without the removed handler");
+    let h = Harness::start(db.clone(), fleet).await;
     let batch: Vec<_> = (0..10)
         .map(|i| NewMessage::new("fleet", i % 2, format!("m{i}")))
         .collect();
-    rt.outbox()
-        .enqueue_batch(&db, &batch)
-        .await
-        .expect("enqueue");
+    h.enqueue_batch(&batch).await;
     seen.wait_until(WAIT, "kept handles all", |d| {
         d.iter().filter(|d| d.handler == "kept").count() == 10
     })
     .await;
-    eventually(WAIT, "removed marked stale", || async {
-        rt.outbox().queue_status("fleet").await.is_ok_and(|s| {
+    h.eventually("removed marked stale", || async {
+        h.outbox().queue_status("fleet").await.is_ok_and(|s| {
             s.handler("removed").is_some_and(|h| h.is_stale())
                 && s.handler("kept").is_some_and(|h| !h.is_stale())
         })
     })
     .await;
-    let status = rt.outbox().queue_status("fleet").await.expect("status");
+    let status = h.outbox().queue_status("fleet").await.expect("status");
     let removed = status.handler("removed").expect("removed");
     assert!(removed.stale_for_ms.is_some_and(|ms| ms >= 0));
     assert_eq!(removed.pending, 10, "nobody handles its messages");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        stored(rt.outbox(), "fleet").await,
+        h.depth("fleet").await.stored,
         10,
         "the removed handler pins vacuum"
     );
 
     assert!(matches!(
-        rt.outbox().retire_handler("fleet", "kept").await,
+        h.outbox().retire_handler("fleet", "kept").await,
         Err(Error::HandlerInUse { .. })
     ));
     assert!(matches!(
-        rt.outbox().retire_handler("fleet", "never").await,
+        h.outbox().retire_handler("fleet", "never").await,
         Err(Error::HandlerNotFound { .. })
     ));
     assert!(matches!(
-        rt.outbox().retire_handler("fleet", "removed ").await,
+        h.outbox().retire_handler("fleet", "removed ").await,
         Err(Error::InvalidName(_))
     ));
     assert_eq!(
-        rt.outbox()
+        h.outbox()
             .retire_handler("fleet", "removed")
             .await
             .expect("retire"),
         2
     );
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("fleet", 0, "nudge"))
-        .await
-        .expect("enqueue");
-    eventually(WAIT, "vacuum moved on", || async {
-        stored(rt.outbox(), "fleet").await == 0
+    h.enqueue(NewMessage::new("fleet", 0, "nudge")).await;
+    h.eventually("vacuum moved on", || async {
+        h.depth("fleet").await.stored == 0
     })
     .await;
-    let status = rt.outbox().queue_status("fleet").await.expect("status");
+    let status = h.outbox().queue_status("fleet").await.expect("status");
     assert!(status.handler("removed").is_none());
     assert_eq!(
-        rt.outbox()
+        h.outbox()
             .count_dead_letters(&outbox::DeadLetterFilter::all())
             .await
             .expect("count"),
         0
     );
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// The head an operator sees and skips is this handler's own message: a replayed copy
@@ -227,27 +190,23 @@ async fn the_operators_head_is_the_handlers_own_message(t: Arc<TestDb>) {
         }
     })
     .overrides(outbox::Overrides::NONE.max_attempts(1_000));
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::LowLatency)
-        .queue(QueueSpec::new("heads", 1).poison_policy(outbox::PoisonPolicy::Block))
-        .handler(a)
-        .handler(b)
-        .start()
-        .await
-        .expect("start");
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("heads", 0, "poison"))
-        .await
-        .expect("enqueue");
-    eventually(WAIT, "a blocked on its head", || async {
-        rt.outbox()
+    let h = Harness::start(db.clone(), |builder| {
+        builder
+            .queue(QueueSpec::new("heads", 1).poison_policy(outbox::PoisonPolicy::Block))
+            .handler(a)
+            .handler(b)
+    })
+    .await;
+    h.enqueue(NewMessage::new("heads", 0, "poison")).await;
+    h.eventually("a blocked on its head", || async {
+        h.outbox()
             .queue_status("heads")
             .await
             .is_ok_and(|s| s.handler("a").is_some_and(|h| h.blocked_partitions == 1))
     })
     .await;
     // `a` skips its poisoned head, then replays it: a copy for `a` only, at seq 2.
-    let a_head = rt
+    let a_head = h
         .outbox()
         .queue_status("heads")
         .await
@@ -257,46 +216,45 @@ async fn the_operators_head_is_the_handlers_own_message(t: Arc<TestDb>) {
         .partitions[0]
         .head_seq
         .expect("a head");
-    rt.outbox()
+    h.outbox()
         .skip_head("heads", 0, "a", a_head)
         .await
         .expect("skip a's head");
-    let id = rt
+    let id = h
         .outbox()
         .dead_letters(&outbox::DeadLetterFilter::all().handler("a"), 0, 1)
         .await
         .expect("list")[0]
         .id;
-    rt.outbox().replay_dead_letter(id).await.expect("replay");
+    h.outbox().replay_dead_letter(id).await.expect("replay");
     seen.wait_until(WAIT, "a handles the copy", |d| {
         d.iter().filter(|d| d.handler == "a").count() == 2
     })
     .await;
     // `b` is still failing on seq 1; its head is seq 1, never the copy (seq 2).
-    let status = rt.outbox().queue_status("heads").await.expect("status");
+    let status = h.outbox().queue_status("heads").await.expect("status");
     let b_part = &status.handler("b").expect("b").partitions[0];
     assert_eq!(b_part.head_seq, Some(1));
     assert_eq!(
         b_part.pending, 2,
         "seq 2 is a's copy but counts as stored after b's cursor"
     );
-    rt.outbox()
+    h.outbox()
         .skip_head("heads", 0, "b", 1)
         .await
         .expect("skip b's head");
     // Nothing of b's is left: the copy for a is not b's head.
     assert!(matches!(
-        rt.outbox().skip_head("heads", 0, "b", 2).await,
+        h.outbox().skip_head("heads", 0, "b", 2).await,
         Err(Error::HeadMoved { found: None, .. })
     ));
-    let dead = rt
+    let dead = h
         .outbox()
         .dead_letters(&outbox::DeadLetterFilter::all().handler("b"), 0, 10)
         .await
         .expect("list");
     assert_eq!(dead.iter().map(|d| d.seq).collect::<Vec<_>>(), [1]);
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// `wait_idle` returns once everything committed before it is handled, including a scheduled
@@ -306,56 +264,45 @@ async fn wait_idle_returns_when_committed_work_is_handled(t: Arc<TestDb>) {
     let db = t.pool(8).await;
     let seen = Seen::default();
     let slow = seen.clone();
-    let rt = Outbox::builder(db.clone())
-        .profile(Profile::Default)
-        .queue(QueueSpec::new("idle", 4))
-        .queue(QueueSpec::new("stuck", 1).poison_policy(outbox::PoisonPolicy::Block))
-        .handler(HandlerSpec::transactional(
-            "idle",
-            "slow",
-            move |m, _txn| {
-                slow.push("slow", m);
-                Box::pin(async {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                    Ok(())
+    let h = Harness::start(db.clone(), |b| {
+        b.profile(Profile::Default)
+            .queue(QueueSpec::new("idle", 4))
+            .queue(QueueSpec::new("stuck", 1).poison_policy(outbox::PoisonPolicy::Block))
+            .handler(HandlerSpec::transactional(
+                "idle",
+                "slow",
+                move |m, _txn| {
+                    slow.push("slow", m);
+                    Box::pin(async {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        Ok(())
+                    })
+                },
+            ))
+            .handler(
+                HandlerSpec::transactional("stuck", "poisoned", |_m, _txn| {
+                    Box::pin(async { Err(HandlerError::retry("always fails")) })
                 })
-            },
-        ))
-        .handler(
-            HandlerSpec::transactional("stuck", "poisoned", |_m, _txn| {
-                Box::pin(async { Err(HandlerError::retry("always fails")) })
-            })
-            .overrides(outbox::Overrides::NONE.max_attempts(1)),
-        )
-        .start()
-        .await
-        .expect("start");
+                .overrides(outbox::Overrides::NONE.max_attempts(1)),
+            )
+    })
+    .await;
     let batch: Vec<_> = (0..300)
         .map(|i| NewMessage::new("idle", i % 4, format!("m{i}")))
         .collect();
-    rt.outbox()
-        .enqueue_batch(&db, &batch)
-        .await
-        .expect("enqueue");
+    h.enqueue_batch(&batch).await;
     let overdue = std::time::SystemTime::now() - Duration::from_secs(1);
-    rt.outbox()
-        .enqueue(
-            &db,
-            NewMessage::new("idle", 0, "overdue").deliver_at(overdue),
-        )
-        .await
-        .expect("enqueue");
-    rt.wait_idle(WAIT).await.expect("idle");
+    h.enqueue(NewMessage::new("idle", 0, "overdue").deliver_at(overdue))
+        .await;
+    h.running().wait_idle(WAIT).await.expect("idle");
     assert_eq!(
         seen.all().len(),
         301,
         "wait_idle returned before every committed message was handled"
     );
-    rt.outbox()
-        .enqueue(&db, NewMessage::new("stuck", 0, "poison"))
-        .await
-        .expect("enqueue");
-    let err = rt
+    h.enqueue(NewMessage::new("stuck", 0, "poison")).await;
+    let err = h
+        .running()
         .wait_idle(Duration::from_secs(3))
         .await
         .expect_err("a blocked partition is not idle");
@@ -365,8 +312,7 @@ async fn wait_idle_returns_when_committed_work_is_handled(t: Arc<TestDb>) {
         }
         other => panic!("expected NotIdle, got {other:?}"),
     }
-    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
-    assert_invariants(&db, "outbox_").await;
+    h.finish().await;
 }
 
 /// Vacuum gives way to shutdown between partitions: with 4,096 partitions to clean at once
@@ -381,32 +327,34 @@ async fn shutdown_is_not_held_up_by_vacuum_over_many_partitions(t: Arc<TestDb>) 
     tuning.vacuum_interval = Duration::from_secs(3_600);
     let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let count = handled.clone();
-    let rt = Outbox::builder(db.clone())
-        .runtime_tuning(tuning)
-        .queue(QueueSpec::new("wide", partitions))
-        .handler(HandlerSpec::transactional("wide", "h", move |_m, _txn| {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async { Ok(()) })
-        }))
-        .start()
-        .await
-        .expect("start");
+    let h = Harness::start(db.clone(), |b| {
+        b.profile(Profile::Default)
+            .runtime_tuning(tuning)
+            .queue(QueueSpec::new("wide", partitions))
+            .handler(HandlerSpec::transactional("wide", "h", move |_m, _txn| {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Box::pin(async { Ok(()) })
+            }))
+    })
+    .await
+    .with_wait(Duration::from_secs(120));
     let batch: Vec<NewMessage> = (0..partitions)
         .map(|p| NewMessage::new("wide", p, "m"))
         .collect();
-    rt.outbox()
-        .enqueue_batch(&db, &batch)
-        .await
-        .expect("enqueue");
-    eventually(Duration::from_secs(120), "every message handled", || {
+    h.enqueue_batch(&batch).await;
+    h.eventually("every message handled", || {
         let handled = handled.clone();
         async move { handled.load(std::sync::atomic::Ordering::SeqCst) == u64::from(partitions) }
     })
     .await;
     // The last ack woke vacuum, which now has every partition to clean.
-    rt.shutdown(Duration::from_millis(500))
+    h.running()
+        .shutdown(Duration::from_millis(500))
         .await
         .expect("shutdown within the grace period while vacuum has 4,096 partitions to clean");
+    // The invariants are not checked here: `assert_invariants` reads each of the 4,096
+    // partitions with three queries; with it, this test took 11 minutes instead of 1.5 for the
+    // three backends on a loaded two-core machine.
 }
 
 on_every_backend!(

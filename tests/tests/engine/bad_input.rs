@@ -87,6 +87,7 @@ async fn bad_input_gets_typed_errors_and_writes_nothing(t: Arc<TestDb>) {
     })
     .await;
     assert_eq!(got.lock().expect("lock")[0], exact);
+    // Stopped, not finished: the failed starts below must leave the state as it is too.
     h.stop().await;
 
     // Start-up reports every registry problem at once, including a changed partition count.
@@ -129,6 +130,7 @@ async fn bad_input_gets_typed_errors_and_writes_nothing(t: Arc<TestDb>) {
         matches!(&err, StartError::Registry(p) if p == &[RegistryProblem::PartitionMismatch { queue: "valid".into(), declared: 8, stored: 4 }]),
         "{err:?}"
     );
+    h.assert_invariants().await;
 }
 
 on_every_backend!(bad_input_gets_typed_errors_and_writes_nothing,);

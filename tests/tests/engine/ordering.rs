@@ -80,7 +80,7 @@ async fn late_commit_of_a_lower_id_is_delivered_in_commit_order(t: Arc<TestDb>) 
         h.enqueue(NewMessage::new("late", 0, "B")).await;
         seen.wait_until(WAIT, "A and B", |d| d.len() == 2).await;
         assert_eq!(bodies(&seen.all()), ["A", "B"]);
-        h.stop().await;
+        h.finish().await;
         return;
     }
     let a = db.begin().await.expect("begin a");
