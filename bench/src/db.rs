@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    IsolationLevel, SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait, Value,
+    Statement, Value,
 };
 
 use crate::Res;
@@ -213,23 +213,11 @@ impl FreshDb {
 /// own.
 pub(crate) use outbox::__workspace::statement as stmt;
 
-/// A write transaction as the raw ceilings take it: `BEGIN IMMEDIATE` on SQLite, READ COMMITTED
-/// on MySQL/MariaDB (as the engine does), the default on PostgreSQL.
+/// A write transaction as the raw ceilings take it: the engine's own
+/// ([`begin_on`](outbox::__workspace::begin_on): `BEGIN IMMEDIATE` on SQLite, READ COMMITTED
+/// on MySQL/MariaDB, the default on PostgreSQL).
 pub(crate) async fn begin_write(db: &DatabaseConnection) -> Res<DatabaseTransaction> {
-    Ok(match db.get_database_backend() {
-        DbBackend::Sqlite => {
-            db.begin_with_options(TransactionOptions {
-                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                ..Default::default()
-            })
-            .await?
-        }
-        DbBackend::MySql => {
-            db.begin_with_config(Some(IsolationLevel::ReadCommitted), None)
-                .await?
-        }
-        _ => db.begin().await?,
-    })
+    Ok(outbox::__workspace::begin_on(db).await?)
 }
 
 /// One `i64` from a single-row query.

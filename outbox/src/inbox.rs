@@ -25,10 +25,11 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement};
+use sea_orm::{ConnectionTrait, DbErr};
 
 use crate::error::InvalidName;
 use crate::queue::validate_prefix;
+use crate::storage::{dialect, statement};
 
 /// Default retention of received ids: seven days.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -67,19 +68,8 @@ impl Inbox {
 
     /// Creates the table and its index if they do not exist.
     pub async fn create_table<C: ConnectionTrait>(&self, db: &C) -> Result<(), DbErr> {
-        let t = &self.table;
-        let sql = match db.get_database_backend() {
-            DbBackend::MySql => vec![format!(
-                "CREATE TABLE IF NOT EXISTS {t} (message_id VARCHAR({MAX_ID_BYTES}) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY, received_at_ms BIGINT NOT NULL, INDEX {t}_received (received_at_ms)) ENGINE=InnoDB"
-            )],
-            _ => vec![
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {t} (message_id VARCHAR({MAX_ID_BYTES}) NOT NULL PRIMARY KEY, received_at_ms BIGINT NOT NULL)"
-                ),
-                format!("CREATE INDEX IF NOT EXISTS {t}_received ON {t} (received_at_ms)"),
-            ],
-        };
-        for s in sql {
+        let dialect = dialect::of(db.get_database_backend());
+        for s in dialect.inbox_table(&self.table, MAX_ID_BYTES) {
             db.execute_unprepared(&s).await?;
         }
         Ok(())
@@ -102,23 +92,17 @@ impl Inbox {
             )));
         }
         let backend = txn.get_database_backend();
-        let t = &self.table;
-        let sql = match backend {
-            DbBackend::MySql => {
-                format!("INSERT IGNORE INTO {t} (message_id, received_at_ms) VALUES (?, ?)")
-            }
-            DbBackend::Postgres => format!(
-                "INSERT INTO {t} (message_id, received_at_ms) VALUES ($1, $2) ON CONFLICT (message_id) DO NOTHING"
-            ),
-            _ => format!(
-                "INSERT INTO {t} (message_id, received_at_ms) VALUES (?, ?) ON CONFLICT (message_id) DO NOTHING"
-            ),
-        };
+        let sql = dialect::of(backend).insert_unless_key(
+            &self.table,
+            "message_id, received_at_ms",
+            "VALUES (?, ?)",
+            "message_id",
+        );
         let r = txn
-            .execute_raw(Statement::from_sql_and_values(
+            .execute_raw(statement(
                 backend,
-                sql,
-                [message_id.into(), crate::storage::now_ms().into()],
+                &sql,
+                vec![message_id.into(), crate::storage::now_ms().into()],
             ))
             .await?;
         Ok(r.rows_affected() == 1)
@@ -126,19 +110,13 @@ impl Inbox {
 
     /// Removes ids received longer ago than the retention window; returns how many.
     pub async fn cleanup<C: ConnectionTrait>(&self, db: &C) -> Result<u64, DbErr> {
-        let backend = db.get_database_backend();
         let cutoff = crate::storage::now_ms()
             .saturating_sub(i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX));
-        let p = if backend == DbBackend::Postgres {
-            "$1"
-        } else {
-            "?"
-        };
         let r = db
-            .execute_raw(Statement::from_sql_and_values(
-                backend,
-                format!("DELETE FROM {} WHERE received_at_ms < {p}", self.table),
-                [cutoff.into()],
+            .execute_raw(statement(
+                db.get_database_backend(),
+                &format!("DELETE FROM {} WHERE received_at_ms < ?", self.table),
+                vec![cutoff.into()],
             ))
             .await?;
         Ok(r.rows_affected())

@@ -70,7 +70,7 @@ pub use outbox_macros::{handler, queue};
 /// **Not public API**: no semver promise; may change or go in any release.
 #[doc(hidden)]
 pub mod __workspace {
-    pub use crate::storage::statement;
+    pub use crate::storage::{begin_on, statement};
 }
 
 /// Support for the code that `#[outbox::queue]` and `#[outbox::handler]` generate.

@@ -85,7 +85,7 @@ impl MigrationTrait for Migration {
         let c = manager.get_connection();
         schema::apply(
             c,
-            c.get_database_backend(),
+            crate::storage::dialect::of(c.get_database_backend()),
             &Tables::new(&self.prefix),
             self.version,
         )

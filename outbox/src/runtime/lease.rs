@@ -139,13 +139,14 @@ impl Lease {
         Ok(renewed)
     }
 
-    /// The guard of the ack: the cursor still holds this lease, unexpired. On SQLite the ack
-    /// may wait behind the engine's own writer, so it is judged by when it was asked for (one
-    /// host, one clock); elsewhere the database's clock judges it when it runs.
+    /// The guard of the ack: the cursor still holds this lease, unexpired. On a single-writer
+    /// backend (SQLite) the ack may wait behind the engine's own writer, so it is judged by
+    /// when it was asked for (one host, one clock); elsewhere the database's clock judges it
+    /// when it runs.
     pub(crate) fn fence(&self) -> Fence<'_> {
         Fence::Lease {
             token: &self.token,
-            judged_at: self.shared.store.is_sqlite().then(now_ms),
+            judged_at: self.shared.store.dialect.single_writer().then(now_ms),
         }
     }
 }

@@ -286,16 +286,18 @@ impl Outbox {
             .iter()
             .map(|m| crate::trace::stored_headers(&m.headers, &trace))
             .collect();
-        let too_large = |e: sea_orm::DbErr| match messages.iter().max_by_key(|m| m.payload.len()) {
-            Some(m) if store.is_mysql() && e.to_string().contains("max_allowed_packet") => {
-                EnqueueError::PayloadTooLargeForServer {
-                    queue: m.queue.to_string(),
-                    size: m.payload.len(),
-                    setting: "max_allowed_packet",
+        let cap = store.dialect.statement_cap();
+        let too_large =
+            |e: sea_orm::DbErr| match (messages.iter().max_by_key(|m| m.payload.len()), cap) {
+                (Some(m), Some(cap)) if e.to_string().contains(cap.setting) => {
+                    EnqueueError::PayloadTooLargeForServer {
+                        queue: m.queue.to_string(),
+                        size: m.payload.len(),
+                        setting: cap.setting,
+                    }
                 }
-            }
-            _ => EnqueueError::Database(e),
-        };
+                _ => EnqueueError::Database(e),
+            };
         // Plain messages without a key go in one multi-row insert, as before; a key is taken
         // first, in the caller's transaction, and decides whether its message is written.
         let plain = messages
@@ -882,7 +884,7 @@ impl Builder {
                 .register_handler(&h.queue, &h.name, known[&*h.queue])
                 .await?;
         }
-        let wake = Arc::new(Wake::new(store.is_pg()));
+        let wake = Arc::new(Wake::new(store.dialect.listen_notify()));
         let shared = Arc::new(Shared {
             store,
             wake,
@@ -898,12 +900,12 @@ impl Builder {
     /// must leave room for the rest of the statement.
     async fn check_payload_limit(&self, store: &Store) -> Result<(), StartError> {
         const MARGIN: u64 = 64 * 1024;
-        if !store.is_mysql() {
+        let Some(cap) = store.dialect.statement_cap() else {
             return Ok(());
-        }
+        };
         let row = store
             .db
-            .query_one_raw(store.stmt("SELECT @@max_allowed_packet", vec![]))
+            .query_one_raw(store.stmt(cap.query, vec![]))
             .await?;
         let server: u64 = match row {
             Some(r) => r
@@ -915,7 +917,7 @@ impl Builder {
         if self.max_payload as u64 + MARGIN > server {
             return Err(StartError::PayloadLimitAboveServer {
                 limit: self.max_payload,
-                setting: "max_allowed_packet",
+                setting: cap.setting,
                 server,
                 margin: MARGIN,
             });
@@ -929,7 +931,8 @@ impl Builder {
     /// has one writer, so the runtime works on any pool there, including sea-orm's default
     /// single connection (its workers then take turns).
     fn connections_needed(&self) -> u32 {
-        if self.db.get_database_backend() == DbBackend::Sqlite {
+        let dialect = crate::storage::dialect::of(self.db.get_database_backend());
+        if dialect.single_writer() {
             return 1;
         }
         let per_handler: u32 = self
@@ -944,13 +947,13 @@ impl Builder {
                 t.with(&h.overrides).concurrency
             })
             .sum();
-        let listener = u32::from(self.db.get_database_backend() == DbBackend::Postgres);
+        let listener = u32::from(dialect.listen_notify());
         per_handler + 2 + listener
     }
 
     /// Connections the relays' handlers need (see [`connections_needed`](Builder::connections_needed)).
     fn relays_concurrency(&self) -> u32 {
-        if self.db.get_database_backend() == DbBackend::Sqlite {
+        if crate::storage::dialect::of(self.db.get_database_backend()).single_writer() {
             return 0;
         }
         self.relays
@@ -1047,14 +1050,18 @@ impl Builder {
                 }
             });
         };
-        let write_hold = shared.store.is_sqlite().then_some(rt.sqlite_write_hold);
+        let write_hold = shared
+            .store
+            .dialect
+            .single_writer()
+            .then_some(rt.sqlite_write_hold);
         let owner: Arc<str> =
             format!("{}-{:08x}", std::process::id(), rand::random::<u32>()).into();
         let base = builder.profile.tuning();
         // On PostgreSQL every change another process makes is announced by NOTIFY (delivered
         // on commit), and retries and lease expiries wake their workers by timer, so polling
         // is only a safety net there and runs at most once a second.
-        let listens = shared.store.is_pg();
+        let listens = shared.store.dialect.listen_notify();
         let pacing = move |poll: Duration| Pacing {
             poll: if listens {
                 poll.max(PG_SAFETY_POLL)

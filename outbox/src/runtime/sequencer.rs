@@ -147,7 +147,7 @@ impl Sequencer {
             self.shared.store.sequence_pass(limit, floor, detail),
         )
         .await?;
-        if self.shared.store.is_pg()
+        if self.shared.store.dialect.low_water_mark()
             && let Err(e) = self.advance_low_water(pass.max_id).await
         {
             // The mark only saves work: left where it is, the scan starts lower and still

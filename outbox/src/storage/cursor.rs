@@ -2,8 +2,9 @@
 //! claiming a batch, leases, settling the outcome of a batch in one guarded write, and the
 //! operator's actions on a cursor (unblock, skip the head, retire a handler).
 //!
-//! Every time here is the database's clock ([`Store::now_sql`]), so processes whose clocks
-//! disagree still agree on retry times and on who holds a lease.
+//! Every time here is the database's clock
+//! ([`Dialect::now_ms`](super::dialect::Dialect::now_ms)), so processes whose clocks disagree
+//! still agree on retry times and on who holds a lease.
 
 use std::time::Duration;
 
@@ -176,8 +177,8 @@ impl Store {
                      WHERE c.queue = ? AND c.handler = ? AND p.last_seq > {} AND c.blocked = 0",
                     self.t.cursors,
                     self.t.partitions,
-                    self.greatest("c.processed_seq", "p.vacuumed_seq"),
-                    now = self.now_sql(),
+                    self.dialect.greatest("c.processed_seq", "p.vacuumed_seq"),
+                    now = self.dialect.now_ms(),
                 ),
                 vec![queue.into(), handler.into()],
             ))
@@ -205,9 +206,9 @@ impl Store {
             .query_one_raw(self.stmt(
                 &format!(
                     "SELECT {CURSOR_COLS}, {} FROM {} WHERE {KEY}{}",
-                    self.now_sql(),
+                    self.dialect.now_ms(),
                     self.t.cursors,
-                    self.skip_locked()
+                    self.dialect.skip_locked()
                 ),
                 key.values(),
             ))
@@ -308,7 +309,7 @@ impl Store {
             attempts.into(),
         ];
         values.extend(key.values());
-        let now = self.now_sql();
+        let now = self.dialect.now_ms();
         exec(
             c,
             self.stmt(
@@ -336,7 +337,7 @@ impl Store {
         let mut values: Vec<Value> = vec![(lease.as_millis() as i64).into()];
         values.extend(key.values());
         values.push(token.into());
-        let now = self.now_sql();
+        let now = self.dialect.now_ms();
         Ok(exec(
             &self.db,
             self.stmt(
@@ -363,7 +364,7 @@ impl Store {
         outcome: Outcome<'_>,
         fence: Fence<'_>,
     ) -> Result<bool, DbErr> {
-        let now = self.now_sql();
+        let now = self.dialect.now_ms();
         let mut sets = String::from("processed_seq = ?, attempts = ?, ");
         let mut values: Vec<Value> = Vec::new();
         let mut dead = None;
@@ -459,7 +460,7 @@ impl Store {
                     "INSERT INTO {} (queue, partition_no, seq, handler, payload, last_error, attempts, enqueued_at, headers, failed_at) \
                      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {})",
                     self.t.dead_letters,
-                    self.now_sql()
+                    self.dialect.now_ms()
                 ),
                 vec![
                     key.queue.into(),
@@ -491,9 +492,9 @@ impl Store {
             .query_one_raw(self.stmt(
                 &format!(
                     "SELECT {CURSOR_COLS}, {} FROM {} WHERE {KEY}{}",
-                    self.now_sql(),
+                    self.dialect.now_ms(),
                     self.t.cursors,
-                    self.for_update()
+                    self.dialect.for_update()
                 ),
                 key.values(),
             ))
@@ -542,7 +543,7 @@ impl Store {
                     "UPDATE {} SET blocked = 0, attempts = 0, retry_at = 0, updated_at = {} \
                      WHERE {KEY} AND processed_seq = ?",
                     self.t.cursors,
-                    self.now_sql()
+                    self.dialect.now_ms()
                 ),
                 values,
             ),
@@ -633,7 +634,7 @@ impl Store {
                     &format!(
                         "UPDATE {} SET seen_at = {}, heartbeat_ms = ? WHERE {}",
                         self.t.handlers,
-                        self.now_sql(),
+                        self.dialect.now_ms(),
                         preds.join(" OR ")
                     ),
                     values,
@@ -657,9 +658,9 @@ impl Store {
             .query_one_raw(self.stmt(
                 &format!(
                     "SELECT seen_at, heartbeat_ms, {} FROM {} WHERE queue = ? AND handler = ?{}",
-                    self.now_sql(),
+                    self.dialect.now_ms(),
                     self.t.handlers,
-                    self.for_update()
+                    self.dialect.for_update()
                 ),
                 vec![queue.into(), handler.into()],
             ))

@@ -1,7 +1,14 @@
-//! The storage layer: one dialect type that knows the three backends, and the SQL of every
-//! pipeline step. Nothing outside this module writes SQL.
+//! The storage layer: the SQL of every pipeline step, one file per step, and the
+//! [`dialect`] of each backend. Nothing outside this module writes SQL.
+//!
+//! A pipeline file asks the dialect what the backend can do (row locks or a single writer,
+//! LISTEN/NOTIFY, a one-statement sequencer pass, ...) and never which backend it is. SQL that
+//! is the same everywhere stays in the pipeline file; what is one backend's alone (fragments,
+//! whole statements, DDL) lives in that backend's file: `dialect/sqlite.rs`,
+//! `dialect/postgres.rs`, `dialect/mysql.rs`.
 
 mod cursor;
+pub(crate) mod dialect;
 pub(crate) mod notify;
 mod ops;
 mod scheduled;
@@ -12,6 +19,7 @@ pub(crate) mod status;
 pub(crate) use cursor::{
     CursorKey, CursorRow, Fence, Outcome, Refused, RetireRefused, STALE_AFTER_HEARTBEATS, Verdict,
 };
+pub use dialect::{begin_on, statement};
 pub use ops::{DeadLetter, DeadLetterFilter};
 pub(crate) use ops::{InsertRow, StoredMessage};
 pub(crate) use scheduled::{DueAt, ScheduledCount};
@@ -20,8 +28,7 @@ pub(crate) use schema::Registered;
 use std::sync::Arc;
 
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, IsolationLevel,
-    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait, Value,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Statement, Value,
 };
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
@@ -82,10 +89,12 @@ impl Tables {
 pub(crate) struct Store {
     pub(crate) db: DatabaseConnection,
     pub(crate) backend: DbBackend,
+    /// What the backend can do, and its SQL (see [`dialect`]).
+    pub(crate) dialect: &'static dyn dialect::Dialect,
     pub(crate) t: Tables,
     pub(crate) prefix: String,
-    /// SQLite has one writer: the engine's own write transactions queue here instead of
-    /// spinning in SQLite's busy handler.
+    /// A single-writer backend (SQLite): the engine's own write transactions queue here
+    /// instead of spinning in the database's busy handler.
     write_gate: Option<Arc<Mutex<()>>>,
     /// Which enqueues carry the PostgreSQL NOTIFY (see [`notify`]).
     pub(crate) notify: Arc<notify::NotifyGate>,
@@ -125,10 +134,12 @@ pub(crate) struct WriteGuard(#[allow(dead_code)] Option<OwnedMutexGuard<()>>);
 impl Store {
     pub(crate) fn new(db: DatabaseConnection, prefix: &str) -> Self {
         let backend = db.get_database_backend();
+        let dialect = dialect::of(backend);
         Self {
-            write_gate: (backend == DbBackend::Sqlite).then(|| Arc::new(Mutex::new(()))),
+            write_gate: dialect.single_writer().then(|| Arc::new(Mutex::new(()))),
             db,
             backend,
+            dialect,
             t: Tables::new(prefix),
             prefix: prefix.to_owned(),
             notify: notify::NotifyGate::new(
@@ -141,51 +152,6 @@ impl Store {
     pub(crate) fn with_notify_window(mut self, window: std::time::Duration) -> Self {
         self.notify = notify::NotifyGate::new(window);
         self
-    }
-
-    pub(crate) fn is_pg(&self) -> bool {
-        self.backend == DbBackend::Postgres
-    }
-
-    pub(crate) fn is_mysql(&self) -> bool {
-        self.backend == DbBackend::MySql
-    }
-
-    pub(crate) fn is_sqlite(&self) -> bool {
-        self.backend == DbBackend::Sqlite
-    }
-
-    /// `FOR UPDATE SKIP LOCKED` where the backend has row locks; SQLite's write transaction
-    /// already excludes every other writer.
-    pub(crate) fn skip_locked(&self) -> &'static str {
-        if self.is_sqlite() {
-            ""
-        } else {
-            " FOR UPDATE SKIP LOCKED"
-        }
-    }
-
-    /// The database's clock in milliseconds since the Unix epoch, as an SQL expression.
-    ///
-    /// Leases, their takeover, the ack fence, retry times and enqueue times are all judged by
-    /// this one clock, so processes whose own clocks disagree still agree on who holds a lease.
-    /// (SQLite runs inside each process, on the host's clock, which its processes share.)
-    pub(crate) fn now_sql(&self) -> &'static str {
-        schema::now_sql(self.backend)
-    }
-
-    /// The larger of two integer SQL expressions.
-    pub(crate) fn greatest(&self, a: &str, b: &str) -> String {
-        if self.is_sqlite() {
-            format!("MAX({a}, {b})")
-        } else {
-            format!("GREATEST({a}, {b})")
-        }
-    }
-
-    /// `FOR UPDATE` where the backend has row locks.
-    pub(crate) fn for_update(&self) -> &'static str {
-        if self.is_sqlite() { "" } else { " FOR UPDATE" }
     }
 
     /// Builds a statement from SQL written with `?` placeholders (rewritten to `$n` on
@@ -213,7 +179,7 @@ impl Store {
             Some(g) => Some(g.clone().lock_owned().await),
             None => None,
         };
-        let txn = begin_on(&self.db, self.backend).await?;
+        let txn = begin_on(&self.db).await?;
         Ok(WriteTxn { txn, _gate: gate })
     }
 
@@ -222,29 +188,6 @@ impl Store {
             Some(g) => WriteGuard(Some(g.clone().lock_owned().await)),
             None => WriteGuard(None),
         }
-    }
-}
-
-/// Begins a transaction the way the engine needs it on each backend: `BEGIN IMMEDIATE` on
-/// SQLite, READ COMMITTED on MySQL/MariaDB (no gap locks, fresh snapshot per statement), the
-/// default READ COMMITTED on PostgreSQL.
-pub(crate) async fn begin_on(
-    db: &DatabaseConnection,
-    backend: DbBackend,
-) -> Result<DatabaseTransaction, DbErr> {
-    match backend {
-        DbBackend::Sqlite => {
-            db.begin_with_options(TransactionOptions {
-                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                ..Default::default()
-            })
-            .await
-        }
-        DbBackend::MySql => {
-            db.begin_with_config(Some(IsolationLevel::ReadCommitted), None)
-                .await
-        }
-        _ => db.begin().await,
     }
 }
 
@@ -266,24 +209,4 @@ pub(crate) fn attempts_from_db(stored: i64) -> u32 {
 /// Runs `f` on any connection: shorthand for executing one statement.
 pub(crate) async fn exec<C: ConnectionTrait>(c: &C, s: Statement) -> Result<u64, DbErr> {
     Ok(c.execute_raw(s).await?.rows_affected())
-}
-
-/// A statement from SQL written with `?` placeholders, rewritten to `$n` on PostgreSQL. Every
-/// value is bound, never spliced.
-pub fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
-    if backend != DbBackend::Postgres {
-        return Statement::from_sql_and_values(backend, sql, values);
-    }
-    let mut out = String::with_capacity(sql.len() + 16);
-    let mut n = 0;
-    for c in sql.chars() {
-        if c == '?' {
-            n += 1;
-            out.push('$');
-            out.push_str(&n.to_string());
-        } else {
-            out.push(c);
-        }
-    }
-    Statement::from_sql_and_values(backend, out, values)
 }

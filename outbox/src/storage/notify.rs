@@ -99,7 +99,7 @@ async fn trail(gate: Arc<NotifyGate>, db: DatabaseConnection, channel: String) {
     let sent = db
         .execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
-            "SELECT pg_notify($1, $2)",
+            super::dialect::postgres::NOTIFY,
             [channel.into(), TRAILING.into()],
         ))
         .await;

@@ -183,15 +183,15 @@ const DEAD_LETTER_COLS: &str = "id, queue, partition_no, seq, handler, payload, 
 impl Store {
     // ---------------------------------------------------------------- enqueue
 
-    /// Inserts messages into `incoming` on the caller's connection. On PostgreSQL the same
-    /// statement sends a NOTIFY, which is delivered only if the caller commits (at most one
-    /// enqueue per coalescing window carries it; see [`super::notify`]).
+    /// Inserts messages into `incoming` on the caller's connection. With LISTEN/NOTIFY
+    /// (PostgreSQL) the same statement sends a NOTIFY, which is delivered only if the caller
+    /// commits (at most one enqueue per coalescing window carries it; see [`super::notify`]).
     pub(crate) async fn insert_incoming<C: ConnectionTrait>(
         &self,
         c: &C,
         rows: &[InsertRow<'_>],
     ) -> Result<(), DbErr> {
-        let now = self.now_sql();
+        let now = self.dialect.now_ms();
         let row_sql = format!("(?, ?, ?, ?, ?, ?, {now})");
         let mut rest = rows;
         while !rest.is_empty() {
@@ -212,14 +212,19 @@ impl Store {
                 self.t.incoming,
                 vec![row_sql.as_str(); chunk.len()].join(", ")
             );
-            let sql = if self.is_pg() && self.notify.take(&self.db, &self.t.channel) {
-                values.push(self.t.channel.clone().into());
-                values.push(super::notify::ENQUEUED.into());
-                format!(
-                    "WITH ins AS ({insert} RETURNING 1) SELECT pg_notify(?, ?) FROM ins LIMIT 1"
-                )
-            } else {
-                insert
+            let notifying =
+                if self.dialect.listen_notify() && self.notify.take(&self.db, &self.t.channel) {
+                    self.dialect.notifying_insert(&insert)
+                } else {
+                    None
+                };
+            let sql = match notifying {
+                Some(sql) => {
+                    values.push(self.t.channel.clone().into());
+                    values.push(super::notify::ENQUEUED.into());
+                    sql
+                }
+                None => insert,
             };
             c.execute_raw(self.stmt(&sql, values)).await?;
         }
@@ -289,7 +294,7 @@ impl Store {
                 &format!(
                     "SELECT {DEAD_LETTER_COLS} FROM {} WHERE id = ?{}",
                     self.t.dead_letters,
-                    self.for_update()
+                    self.dialect.for_update()
                 ),
                 vec![id.into()],
             ))

@@ -13,7 +13,6 @@
 
 use sea_orm::{ConnectionTrait, DbErr, Value};
 
-use super::schema::insert_ignore_sql;
 use super::{InsertRow, Store, col, exec};
 
 /// When a scheduled message becomes due, as stored.
@@ -43,11 +42,10 @@ impl Store {
         queue: &str,
         key: &str,
     ) -> Result<bool, DbErr> {
-        let sql = insert_ignore_sql(
-            self.backend,
+        let sql = self.dialect.insert_ignore(
             &self.t.dedup,
             "queue, dedup_key, created_at",
-            &format!("VALUES (?, ?, {})", self.now_sql()),
+            &format!("VALUES (?, ?, {})", self.dialect.now_ms()),
         );
         Ok(exec(c, self.stmt(&sql, vec![queue.into(), key.into()])).await? == 1)
     }
@@ -81,7 +79,7 @@ impl Store {
         row: InsertRow<'_>,
         due: DueAt,
     ) -> Result<i64, DbErr> {
-        let now = self.now_sql();
+        let now = self.dialect.now_ms();
         let (due_sql, due_value) = match due {
             DueAt::At(ms) => ("?".to_owned(), ms),
             DueAt::After(ms) => (format!("{now} + ?"), ms),
@@ -99,7 +97,7 @@ impl Store {
             row.headers.map(str::to_owned).into(),
             due_value.into(),
         ];
-        if self.is_pg() {
+        if self.dialect.insert_returning() {
             let r = c
                 .query_one_raw(self.stmt(&format!("{sql} RETURNING id"), values))
                 .await?
@@ -120,7 +118,7 @@ impl Store {
             .query_one_raw(self.stmt(
                 &format!(
                     "SELECT MIN(due_at) - {} FROM {}",
-                    self.now_sql(),
+                    self.dialect.now_ms(),
                     self.t.scheduled
                 ),
                 vec![],
@@ -136,24 +134,16 @@ impl Store {
     /// one transaction; rows another scheduler is moving are skipped. Returns how many moved.
     /// A moved message's `created_at` is its due time (its lag counts from then).
     pub(crate) async fn release_due(&self, limit: u32) -> Result<u64, DbErr> {
-        let (s, inc, now) = (&self.t.scheduled, &self.t.incoming, self.now_sql());
-        if self.is_pg() {
-            let sql = format!(
-                "WITH due AS (SELECT id FROM {s} WHERE due_at <= {now} ORDER BY due_at, id LIMIT ? \
-                              FOR UPDATE SKIP LOCKED), \
-                 moved AS (DELETE FROM {s} x USING due WHERE x.id = due.id \
-                           RETURNING x.id, x.queue, x.partition_no, x.payload, x.dedup_key, x.headers, x.due_at) \
-                 INSERT INTO {inc} (queue, partition_no, payload, target_handler, dedup_key, headers, created_at) \
-                 SELECT queue, partition_no, payload, NULL, dedup_key, headers, due_at FROM moved ORDER BY due_at, id"
-            );
+        if let Some(sql) = self.dialect.release_due(&self.t) {
             return exec(&self.db, self.stmt(&sql, vec![i64::from(limit).into()])).await;
         }
+        let (s, inc, now) = (&self.t.scheduled, &self.t.incoming, self.dialect.now_ms());
         let txn = self.begin_write().await?;
         let ids: Vec<i64> = txn
             .query_all_raw(self.stmt(
                 &format!(
                     "SELECT id FROM {s} WHERE due_at <= {now} ORDER BY due_at, id LIMIT ?{}",
-                    self.skip_locked()
+                    self.dialect.skip_locked()
                 ),
                 vec![i64::from(limit).into()],
             ))
@@ -203,7 +193,7 @@ impl Store {
                 &format!(
                     "SELECT queue, dedup_key FROM {} WHERE id = ?{}",
                     self.t.scheduled,
-                    self.for_update()
+                    self.dialect.for_update()
                 ),
                 vec![id.into()],
             ))
@@ -295,7 +285,7 @@ impl Store {
                      AND seq > ? AND seq <= ? AND dedup_key IS NOT NULL)",
                     d = self.t.dedup,
                     o = self.t.outgoing,
-                    now = self.now_sql()
+                    now = self.dialect.now_ms()
                 ),
                 vec![
                     queue.into(),
@@ -323,7 +313,7 @@ impl Store {
                 &format!(
                     "DELETE FROM {} WHERE queue = ? AND released_at IS NOT NULL AND released_at <= {} - ?",
                     self.t.dedup,
-                    self.now_sql()
+                    self.dialect.now_ms()
                 ),
                 vec![queue.into(), retention_ms.into()],
             ),

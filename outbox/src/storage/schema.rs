@@ -7,8 +7,9 @@
 //! `schema_version`. A runtime whose schema is current runs no DDL at all, so a database user
 //! that may only read and write rows can run it.
 
-use sea_orm::{ConnectionTrait, DbBackend, DbErr};
+use sea_orm::{ConnectionTrait, DbErr};
 
+use super::dialect::{Dialect, MigrationLock};
 use super::{Store, Tables, col, exec, statement};
 
 /// Version of the schema this build writes and needs.
@@ -38,110 +39,10 @@ pub(crate) enum Registered {
     PartitionMismatch { stored: u32 },
 }
 
-/// Version 1: the statements that create every table and index of the first schema; each is
-/// idempotent.
-fn step_1(backend: DbBackend, t: &Tables) -> Vec<String> {
-    let p = &t.prefix;
-    match backend {
-        sea_orm::DbBackend::Postgres => vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (version BIGINT NOT NULL)",
-                t.schema_version
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (name VARCHAR(64) PRIMARY KEY, partitions BIGINT NOT NULL, created_at BIGINT NOT NULL)",
-                t.queues
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, last_seq BIGINT NOT NULL DEFAULT 0, vacuumed_seq BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (queue, partition_no))",
-                t.partitions
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, payload BYTEA NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL)",
-                t.incoming
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, payload BYTEA NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL, PRIMARY KEY (queue, partition_no, seq))",
-                t.outgoing
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, handler VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, processed_seq BIGINT NOT NULL DEFAULT 0, attempts BIGINT NOT NULL DEFAULT 0, retry_at BIGINT NOT NULL DEFAULT 0, blocked BIGINT NOT NULL DEFAULT 0, last_error TEXT, lease_token VARCHAR(64), lease_owner VARCHAR(64), lease_expires_at BIGINT, updated_at BIGINT NOT NULL, PRIMARY KEY (queue, handler, partition_no))",
-                t.cursors
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, handler VARCHAR(64) NOT NULL, payload BYTEA NOT NULL, last_error TEXT NOT NULL, attempts BIGINT NOT NULL, enqueued_at BIGINT NOT NULL, failed_at BIGINT NOT NULL)",
-                t.dead_letters
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {p}dead_letters_queue ON {} (queue, handler, partition_no)",
-                t.dead_letters
-            ),
-        ],
-        sea_orm::DbBackend::MySql => vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (version BIGINT NOT NULL) ENGINE=InnoDB",
-                t.schema_version
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (name VARCHAR(64) NOT NULL PRIMARY KEY, partitions BIGINT NOT NULL, created_at BIGINT NOT NULL) ENGINE=InnoDB",
-                t.queues
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, last_seq BIGINT NOT NULL DEFAULT 0, vacuumed_seq BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (queue, partition_no)) ENGINE=InnoDB",
-                t.partitions
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, payload LONGBLOB NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL) ENGINE=InnoDB",
-                t.incoming
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, payload LONGBLOB NOT NULL, target_handler VARCHAR(64), created_at BIGINT NOT NULL, PRIMARY KEY (queue, partition_no, seq)) ENGINE=InnoDB",
-                t.outgoing
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (queue VARCHAR(64) NOT NULL, handler VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, processed_seq BIGINT NOT NULL DEFAULT 0, attempts BIGINT NOT NULL DEFAULT 0, retry_at BIGINT NOT NULL DEFAULT 0, blocked BIGINT NOT NULL DEFAULT 0, last_error TEXT, lease_token VARCHAR(64), lease_owner VARCHAR(64), lease_expires_at BIGINT, updated_at BIGINT NOT NULL, PRIMARY KEY (queue, handler, partition_no)) ENGINE=InnoDB",
-                t.cursors
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, queue VARCHAR(64) NOT NULL, partition_no BIGINT NOT NULL, seq BIGINT NOT NULL, handler VARCHAR(64) NOT NULL, payload LONGBLOB NOT NULL, last_error TEXT NOT NULL, attempts BIGINT NOT NULL, enqueued_at BIGINT NOT NULL, failed_at BIGINT NOT NULL, INDEX {p}dead_letters_queue (queue, handler, partition_no)) ENGINE=InnoDB",
-                t.dead_letters
-            ),
-        ],
-        _ => vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (version INTEGER NOT NULL)",
-                t.schema_version
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (name TEXT NOT NULL PRIMARY KEY, partitions INTEGER NOT NULL, created_at INTEGER NOT NULL)",
-                t.queues
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (queue TEXT NOT NULL, partition_no INTEGER NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, vacuumed_seq INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (queue, partition_no))",
-                t.partitions
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, partition_no INTEGER NOT NULL, payload BLOB NOT NULL, target_handler TEXT, created_at INTEGER NOT NULL)",
-                t.incoming
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (queue TEXT NOT NULL, partition_no INTEGER NOT NULL, seq INTEGER NOT NULL, payload BLOB NOT NULL, target_handler TEXT, created_at INTEGER NOT NULL, PRIMARY KEY (queue, partition_no, seq))",
-                t.outgoing
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (queue TEXT NOT NULL, handler TEXT NOT NULL, partition_no INTEGER NOT NULL, processed_seq INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, retry_at INTEGER NOT NULL DEFAULT 0, blocked INTEGER NOT NULL DEFAULT 0, last_error TEXT, lease_token TEXT, lease_owner TEXT, lease_expires_at INTEGER, updated_at INTEGER NOT NULL, PRIMARY KEY (queue, handler, partition_no))",
-                t.cursors
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, partition_no INTEGER NOT NULL, seq INTEGER NOT NULL, handler TEXT NOT NULL, payload BLOB NOT NULL, last_error TEXT NOT NULL, attempts INTEGER NOT NULL, enqueued_at INTEGER NOT NULL, failed_at INTEGER NOT NULL)",
-                t.dead_letters
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {p}dead_letters_queue ON {} (queue, handler, partition_no)",
-                t.dead_letters
-            ),
-        ],
-    }
+/// Version 1: the statements that create every table and index of the first schema
+/// ([`Dialect::schema_v1`]); each is idempotent.
+fn step_1(d: &dyn Dialect, t: &Tables) -> Vec<String> {
+    d.schema_v1(t)
 }
 
 /// Version 2: names compare byte for byte on every backend, error texts take any character, a
@@ -151,54 +52,20 @@ fn step_1(backend: DbBackend, t: &Tables) -> Vec<String> {
 /// PostgreSQL and SQLite already compare text byte for byte. MySQL/MariaDB compare with the
 /// column's collation, case-insensitively by default, so `orders` and `Orders` were one queue
 /// there: every name column becomes `ascii_bin` (names are ASCII by validation). Error texts
-/// become `utf8mb4` so any text a handler returns can be stored.
-fn step_2(backend: DbBackend, t: &Tables) -> Vec<String> {
-    let name = name_type(backend);
-    let mut out = Vec::new();
-    if backend == DbBackend::MySql {
-        let nn = format!("{name} NOT NULL");
-        let null = format!("{name} NULL");
-        out.extend([
-            format!("ALTER TABLE {} MODIFY name {nn}", t.queues),
-            format!("ALTER TABLE {} MODIFY queue {nn}", t.partitions),
-            format!(
-                "ALTER TABLE {} MODIFY queue {nn}, MODIFY target_handler {null}",
-                t.incoming
-            ),
-            format!(
-                "ALTER TABLE {} MODIFY queue {nn}, MODIFY target_handler {null}",
-                t.outgoing
-            ),
-            format!(
-                "ALTER TABLE {} MODIFY queue {nn}, MODIFY handler {nn}, \
-                 MODIFY last_error TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL",
-                t.cursors
-            ),
-            format!(
-                "ALTER TABLE {} MODIFY queue {nn}, MODIFY handler {nn}, \
-                 MODIFY last_error TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
-                t.dead_letters
-            ),
-        ]);
-    }
-    let (big, engine) = match backend {
-        DbBackend::Sqlite => ("INTEGER", ""),
-        DbBackend::MySql => ("BIGINT", " ENGINE=InnoDB"),
-        _ => ("BIGINT", ""),
-    };
+/// become `utf8mb4` so any text a handler returns can be stored
+/// ([`Dialect::exact_names_v2`]).
+fn step_2(d: &dyn Dialect, t: &Tables) -> Vec<String> {
+    let ty = d.types();
+    let (name, big, text, suffix) = (ty.name, ty.big, ty.text, ty.table_suffix);
+    let mut out = d.exact_names_v2(t);
     out.push(format!(
         "CREATE TABLE IF NOT EXISTS {} (queue {name} NOT NULL, handler {name} NOT NULL, \
          registered_at {big} NOT NULL, seen_at {big}, heartbeat_ms {big}, \
-         PRIMARY KEY (queue, handler)){engine}",
+         PRIMARY KEY (queue, handler)){suffix}",
         t.handlers
     ));
-    let text = if backend == DbBackend::Sqlite {
-        "TEXT"
-    } else {
-        "VARCHAR(255)"
-    };
     out.push(format!(
-        "CREATE TABLE IF NOT EXISTS {} (name {name} NOT NULL PRIMARY KEY, value {text} NOT NULL){engine}",
+        "CREATE TABLE IF NOT EXISTS {} (name {name} NOT NULL PRIMARY KEY, value {text} NOT NULL){suffix}",
         t.meta
     ));
     out
@@ -212,56 +79,22 @@ fn step_2(backend: DbBackend, t: &Tables) -> Vec<String> {
 /// travels with the message (`incoming.dedup_key`, `outgoing.dedup_key`) so vacuum knows which
 /// keys it releases. `scheduled` holds messages until they are due; its `(due_at, id)` index
 /// lets the scheduler find the due ones without reading the future ones.
-fn step_3(backend: DbBackend, t: &Tables) -> Vec<String> {
-    let p = &t.prefix;
-    let name = name_type(backend);
-    let key = key_type(backend);
-    let (big, blob, id, engine) = match backend {
-        DbBackend::Sqlite => ("INTEGER", "BLOB", "id INTEGER PRIMARY KEY", ""),
-        DbBackend::MySql => (
-            "BIGINT",
-            "LONGBLOB",
-            "id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY",
-            " ENGINE=InnoDB",
-        ),
-        _ => (
-            "BIGINT",
-            "BYTEA",
-            "id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-            "",
-        ),
-    };
-    let mut out = vec![
+fn step_3(d: &dyn Dialect, t: &Tables) -> Vec<String> {
+    let ty = d.types();
+    let (name, key, big, blob, id, suffix) =
+        (ty.name, ty.key, ty.big, ty.blob, ty.id, ty.table_suffix);
+    vec![
         format!(
             "CREATE TABLE IF NOT EXISTS {} (queue {name} NOT NULL, dedup_key {key} NOT NULL, \
-             created_at {big} NOT NULL, released_at {big}, PRIMARY KEY (queue, dedup_key)){engine}",
+             created_at {big} NOT NULL, released_at {big}, PRIMARY KEY (queue, dedup_key)){suffix}",
             t.dedup
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {} ({id}, queue {name} NOT NULL, partition_no {big} NOT NULL, \
-             payload {blob} NOT NULL, dedup_key {key}, due_at {big} NOT NULL, created_at {big} NOT NULL){engine}",
+             payload {blob} NOT NULL, dedup_key {key}, due_at {big} NOT NULL, created_at {big} NOT NULL){suffix}",
             t.scheduled
         ),
-    ];
-    if backend == DbBackend::MySql {
-        // MySQL has no CREATE INDEX IF NOT EXISTS; `add_missing_index` checks the catalog.
-    } else {
-        out.extend([
-            format!(
-                "CREATE INDEX IF NOT EXISTS {p}dedup_released ON {} (released_at)",
-                t.dedup
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {p}scheduled_due ON {} (due_at, id)",
-                t.scheduled
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {p}scheduled_key ON {} (queue, dedup_key)",
-                t.scheduled
-            ),
-        ]);
-    }
-    out
+    ]
 }
 
 /// Version 4: message headers. Every table that holds a message gets a nullable `headers`
@@ -275,153 +108,114 @@ fn headers_tables(t: &Tables) -> [&String; 4] {
     [&t.incoming, &t.outgoing, &t.scheduled, &t.dead_letters]
 }
 
-/// The column type of stored headers: JSON text, bounded by the limits of
-/// [`Headers`](crate::Headers) (MySQL's `TEXT` stops at 64 KiB, so `MEDIUMTEXT` there).
-fn headers_type(backend: DbBackend) -> &'static str {
-    match backend {
-        DbBackend::MySql => "MEDIUMTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
-        _ => "TEXT",
-    }
-}
-
-/// The column type of a deduplication key: up to 255 characters, compared exactly.
-fn key_type(backend: DbBackend) -> &'static str {
-    match backend {
-        DbBackend::MySql => "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
-        DbBackend::Sqlite => "TEXT",
-        _ => "VARCHAR(255)",
-    }
-}
-
 /// Adds `column` to `table` unless it is there (MySQL has no `ADD COLUMN IF NOT EXISTS`,
 /// SQLite neither).
 async fn add_missing_column<C: ConnectionTrait>(
     c: &C,
-    backend: DbBackend,
+    d: &dyn Dialect,
     table: &str,
     column: &str,
     ty: &str,
 ) -> Result<(), DbErr> {
-    let check = match backend {
-        DbBackend::Postgres => {
-            "SELECT COUNT(*) FROM information_schema.columns \
-             WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?"
-        }
-        DbBackend::MySql => {
-            "SELECT COUNT(*) FROM information_schema.columns \
-             WHERE table_schema = DATABASE() AND table_name = ? AND column_name = ?"
-        }
-        _ => "SELECT COUNT(*) FROM pragma_table_info(?) WHERE name = ?",
-    };
-    let row = c
-        .query_one_raw(statement(backend, check, vec![table.into(), column.into()]))
-        .await?;
-    let present = match row {
-        Some(r) => col::<i64>(&r, 0)? > 0,
-        None => false,
-    };
-    if !present {
+    if !column_present(c, d, table, column).await? {
         c.execute_unprepared(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))
             .await?;
     }
     Ok(())
 }
 
+/// Whether `table` has `column`.
+async fn column_present<C: ConnectionTrait>(
+    c: &C,
+    d: &dyn Dialect,
+    table: &str,
+    column: &str,
+) -> Result<bool, DbErr> {
+    let row = c
+        .query_one_raw(statement(
+            d.backend(),
+            d.column_count(),
+            vec![table.into(), column.into()],
+        ))
+        .await?;
+    match row {
+        Some(r) => Ok(col::<i64>(&r, 0)? > 0),
+        None => Ok(false),
+    }
+}
+
 /// Drops `column` from `table` if it is there.
 #[cfg(feature = "migration")]
 async fn drop_present_column<C: ConnectionTrait>(
     c: &C,
-    backend: DbBackend,
+    d: &dyn Dialect,
     table: &str,
     column: &str,
 ) -> Result<(), DbErr> {
-    let check = match backend {
-        DbBackend::Postgres => {
-            "SELECT COUNT(*) FROM information_schema.columns \
-             WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?"
-        }
-        DbBackend::MySql => {
-            "SELECT COUNT(*) FROM information_schema.columns \
-             WHERE table_schema = DATABASE() AND table_name = ? AND column_name = ?"
-        }
-        _ => "SELECT COUNT(*) FROM pragma_table_info(?) WHERE name = ?",
-    };
-    let row = c
-        .query_one_raw(statement(backend, check, vec![table.into(), column.into()]))
-        .await?;
-    if let Some(r) = row
-        && col::<i64>(&r, 0)? > 0
-    {
+    if column_present(c, d, table, column).await? {
         c.execute_unprepared(&format!("ALTER TABLE {table} DROP COLUMN {column}"))
             .await?;
     }
     Ok(())
 }
 
-/// Creates index `name` on `table (cols)` on MySQL/MariaDB unless it exists.
+/// Creates index `name` on `table (cols)` unless it exists: `CREATE INDEX IF NOT EXISTS`, or
+/// where the backend has none ([`Dialect::index_count`]), a read of the catalog first.
 async fn add_missing_index<C: ConnectionTrait>(
     c: &C,
+    d: &dyn Dialect,
     table: &str,
     name: &str,
     cols: &str,
 ) -> Result<(), DbErr> {
-    let row = c
-        .query_one_raw(statement(
-            DbBackend::MySql,
-            "SELECT COUNT(*) FROM information_schema.statistics \
-             WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
-            vec![table.into(), name.into()],
+    if d.index_count().is_none() {
+        c.execute_unprepared(&format!(
+            "CREATE INDEX IF NOT EXISTS {name} ON {table} ({cols})"
         ))
         .await?;
-    let present = match row {
-        Some(r) => col::<i64>(&r, 0)? > 0,
-        None => false,
-    };
-    if !present {
+    } else if !index_present(c, d, table, name).await? {
         c.execute_unprepared(&format!("CREATE INDEX {name} ON {table} ({cols})"))
             .await?;
     }
     Ok(())
 }
 
-/// The column type of a queue or handler name.
-fn name_type(backend: DbBackend) -> &'static str {
-    match backend {
-        DbBackend::MySql => "VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin",
-        DbBackend::Sqlite => "TEXT",
-        _ => "VARCHAR(64)",
-    }
-}
-
-/// `INSERT` of one row that does nothing when the primary key exists.
-pub(crate) fn insert_ignore_sql(
-    backend: DbBackend,
+/// Whether `table` has index `name`, read from the catalog where the backend has
+/// [`Dialect::index_count`] (elsewhere: `true`, and the `IF [NOT] EXISTS` forms decide).
+async fn index_present<C: ConnectionTrait>(
+    c: &C,
+    d: &dyn Dialect,
     table: &str,
-    cols: &str,
-    values: &str,
-) -> String {
-    match backend {
-        DbBackend::MySql => format!("INSERT IGNORE INTO {table} ({cols}) {values}"),
-        DbBackend::Sqlite => format!("INSERT OR IGNORE INTO {table} ({cols}) {values}"),
-        _ => format!("INSERT INTO {table} ({cols}) {values} ON CONFLICT DO NOTHING"),
+    name: &str,
+) -> Result<bool, DbErr> {
+    let Some(count) = d.index_count() else {
+        return Ok(true);
+    };
+    let row = c
+        .query_one_raw(statement(
+            d.backend(),
+            count,
+            vec![table.into(), name.into()],
+        ))
+        .await?;
+    match row {
+        Some(r) => Ok(col::<i64>(&r, 0)? > 0),
+        None => Ok(false),
     }
 }
 
 impl Store {
     /// The schema version recorded in the database; `None` before the first migration.
     pub(crate) async fn schema_version(&self) -> Result<Option<i64>, DbErr> {
-        current_version(&self.db, self.backend, &self.t).await
+        current_version(&self.db, self.dialect, &self.t).await
     }
 
     /// Brings the schema to [`SCHEMA_VERSION`]. Idempotent, and serialized between processes:
     /// an advisory lock on PostgreSQL, a named lock on MySQL/MariaDB, the write lock on SQLite.
     /// A current schema costs one read and runs no DDL. Returns the version found before.
     pub(crate) async fn migrate(&self) -> Result<Option<i64>, DbErr> {
-        if self.is_sqlite() {
-            // WAL is a property of the database file; it lets readers run beside the writer.
-            self.db
-                .execute_unprepared("PRAGMA journal_mode=WAL")
-                .await?;
+        if let Some(settings) = self.dialect.file_settings() {
+            self.db.execute_unprepared(settings).await?;
         }
         let found = self.schema_version().await?;
         match found {
@@ -431,33 +225,31 @@ impl Store {
         }
         let lock_name = format!("outbox-migrate:{}", self.prefix);
         let txn = self.begin_write().await?;
-        if self.is_pg() {
-            exec(
-                &*txn,
-                self.stmt(
-                    "SELECT pg_advisory_xact_lock(hashtext(?))",
-                    vec![lock_name.clone().into()],
-                ),
-            )
-            .await?;
-        } else if self.is_mysql() {
-            let row = txn
-                .query_one_raw(self.stmt("SELECT GET_LOCK(?, 60)", vec![lock_name.clone().into()]))
-                .await?;
-            let got: Option<i64> = match row {
-                Some(r) => col(&r, 0)?,
-                None => None,
-            };
-            if got != Some(1) {
-                return Err(DbErr::Custom(format!(
-                    "could not take the migration lock `{lock_name}`"
-                )));
+        let lock = self.dialect.migration_lock();
+        match lock {
+            MigrationLock::WriteTransaction => {}
+            MigrationLock::Transaction(take) => {
+                exec(&*txn, self.stmt(take, vec![lock_name.clone().into()])).await?;
+            }
+            MigrationLock::Named { take, .. } => {
+                let row = txn
+                    .query_one_raw(self.stmt(take, vec![lock_name.clone().into()]))
+                    .await?;
+                let got: Option<i64> = match row {
+                    Some(r) => col(&r, 0)?,
+                    None => None,
+                };
+                if got != Some(1) {
+                    return Err(DbErr::Custom(format!(
+                        "could not take the migration lock `{lock_name}`"
+                    )));
+                }
             }
         }
-        let mut result = apply(&*txn, self.backend, &self.t, SCHEMA_VERSION).await;
-        if self.is_mysql() {
+        let mut result = apply(&*txn, self.dialect, &self.t, SCHEMA_VERSION).await;
+        if let MigrationLock::Named { release, .. } = lock {
             let release = txn
-                .execute_raw(self.stmt("SELECT RELEASE_LOCK(?)", vec![lock_name.into()]))
+                .execute_raw(self.stmt(release, vec![lock_name.into()]))
                 .await;
             if result.is_ok() {
                 result = release.map(|_| ());
@@ -476,12 +268,11 @@ impl Store {
         partitions: u32,
     ) -> Result<Registered, DbErr> {
         let txn = self.begin_write().await?;
-        let now = self.now_sql();
+        let now = self.dialect.now_ms();
         exec(
             &*txn,
             self.stmt(
-                &insert_ignore_sql(
-                    self.backend,
+                &self.dialect.insert_ignore(
                     &self.t.queues,
                     "name, partitions, created_at",
                     &format!("VALUES (?, ?, {now})"),
@@ -506,8 +297,7 @@ impl Store {
             exec(
                 &*txn,
                 self.stmt(
-                    &insert_ignore_sql(
-                        self.backend,
+                    &self.dialect.insert_ignore(
                         &self.t.partitions,
                         "queue, partition_no",
                         &format!("VALUES {}", vec![Store::list(2); chunk.len()].join(", ")),
@@ -531,12 +321,11 @@ impl Store {
         partitions: u32,
     ) -> Result<(), DbErr> {
         let txn = self.begin_write().await?;
-        let now = self.now_sql();
+        let now = self.dialect.now_ms();
         exec(
             &*txn,
             self.stmt(
-                &insert_ignore_sql(
-                    self.backend,
+                &self.dialect.insert_ignore(
                     &self.t.handlers,
                     "queue, handler, registered_at",
                     &format!("VALUES (?, ?, {now})"),
@@ -548,8 +337,7 @@ impl Store {
         exec(
             &*txn,
             self.stmt(
-                &insert_ignore_sql(
-                    self.backend,
+                &self.dialect.insert_ignore(
                     &self.t.cursors,
                     "queue, handler, partition_no, processed_seq, updated_at",
                     &format!(
@@ -609,24 +397,13 @@ fn too_new(found: i64) -> DbErr {
 /// the catalog first, so it needs no privilege beyond reading rows.
 pub(crate) async fn current_version<C: ConnectionTrait>(
     c: &C,
-    backend: DbBackend,
+    d: &dyn Dialect,
     t: &Tables,
 ) -> Result<Option<i64>, DbErr> {
-    let exists_sql = match backend {
-        DbBackend::Postgres => {
-            "SELECT COUNT(*) FROM information_schema.tables \
-             WHERE table_schema = current_schema() AND table_name = ?"
-        }
-        DbBackend::MySql => {
-            "SELECT COUNT(*) FROM information_schema.tables \
-             WHERE table_schema = DATABASE() AND table_name = ?"
-        }
-        _ => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?",
-    };
     let row = c
         .query_one_raw(statement(
-            backend,
-            exists_sql,
+            d.backend(),
+            d.table_count(),
             vec![t.schema_version.clone().into()],
         ))
         .await?;
@@ -639,7 +416,7 @@ pub(crate) async fn current_version<C: ConnectionTrait>(
     }
     let row = c
         .query_one_raw(statement(
-            backend,
+            d.backend(),
             &format!("SELECT MAX(version) FROM {}", t.schema_version),
             vec![],
         ))
@@ -655,16 +432,16 @@ pub(crate) async fn current_version<C: ConnectionTrait>(
 /// processes (see [`Store::migrate`]).
 pub(crate) async fn apply<C: ConnectionTrait>(
     c: &C,
-    backend: DbBackend,
+    d: &dyn Dialect,
     t: &Tables,
     target: i64,
 ) -> Result<(), DbErr> {
-    let found = current_version(c, backend, t).await?.unwrap_or(0);
+    let found = current_version(c, d, t).await?.unwrap_or(0);
     if found > SCHEMA_VERSION {
         return Err(too_new(found));
     }
     for version in (found + 1)..=target.min(SCHEMA_VERSION) {
-        apply_step(c, backend, t, version).await?;
+        apply_step(c, d, t, version).await?;
     }
     Ok(())
 }
@@ -672,30 +449,30 @@ pub(crate) async fn apply<C: ConnectionTrait>(
 /// Runs the step to `version` and records it.
 async fn apply_step<C: ConnectionTrait>(
     c: &C,
-    backend: DbBackend,
+    d: &dyn Dialect,
     t: &Tables,
     version: i64,
 ) -> Result<(), DbErr> {
     let sql = match version {
-        1 => step_1(backend, t),
-        2 => step_2(backend, t),
-        3 => step_3(backend, t),
+        1 => step_1(d, t),
+        2 => step_2(d, t),
+        3 => step_3(d, t),
         4 => Vec::new(),
         _ => return Err(too_new(version)),
     };
     for s in sql {
         c.execute_unprepared(&s).await?;
     }
+    let p = &t.prefix;
     match version {
-        1 => drop_incoming_index(c, backend, t).await?,
+        1 => drop_incoming_index(c, d, t).await?,
         2 => {
             // Version-1 databases made before the sequencer read `incoming` by primary key
             // still carry its old index (that change kept the version number).
-            drop_incoming_index(c, backend, t).await?;
+            drop_incoming_index(c, d, t).await?;
             // Handlers registered before the registry existed: listed, never seen yet.
-            let now = now_sql(backend);
-            c.execute_unprepared(&insert_ignore_sql(
-                backend,
+            let now = d.now_ms();
+            c.execute_unprepared(&d.insert_ignore(
                 &t.handlers,
                 "queue, handler, registered_at",
                 &format!("SELECT DISTINCT queue, handler, {now} FROM {}", t.cursors),
@@ -705,58 +482,42 @@ async fn apply_step<C: ConnectionTrait>(
             exec(
                 c,
                 statement(
-                    backend,
-                    &insert_ignore_sql(
-                        backend,
-                        &t.meta,
-                        "name, value",
-                        "VALUES ('instance_id', ?)",
-                    ),
+                    d.backend(),
+                    &d.insert_ignore(&t.meta, "name, value", "VALUES ('instance_id', ?)"),
                     vec![id.into()],
                 ),
             )
             .await?;
         }
         3 => {
-            let key = key_type(backend);
-            add_missing_column(c, backend, &t.incoming, "dedup_key", key).await?;
-            add_missing_column(c, backend, &t.outgoing, "dedup_key", key).await?;
-            if backend == DbBackend::MySql {
-                let p = &t.prefix;
-                add_missing_index(c, &t.dedup, &format!("{p}dedup_released"), "released_at")
-                    .await?;
-                add_missing_index(c, &t.scheduled, &format!("{p}scheduled_due"), "due_at, id")
-                    .await?;
-                add_missing_index(
-                    c,
-                    &t.scheduled,
-                    &format!("{p}scheduled_key"),
-                    "queue, dedup_key",
-                )
-                .await?;
-            }
+            let key = d.types().key;
+            add_missing_column(c, d, &t.incoming, "dedup_key", key).await?;
+            add_missing_column(c, d, &t.outgoing, "dedup_key", key).await?;
+            let (dedup, scheduled) = (&t.dedup, &t.scheduled);
+            add_missing_index(c, d, dedup, &format!("{p}dedup_released"), "released_at").await?;
+            add_missing_index(c, d, scheduled, &format!("{p}scheduled_due"), "due_at, id").await?;
+            add_missing_index(
+                c,
+                d,
+                scheduled,
+                &format!("{p}scheduled_key"),
+                "queue, dedup_key",
+            )
+            .await?;
         }
         4 => {
             for table in headers_tables(t) {
-                add_missing_column(c, backend, table, "headers", headers_type(backend)).await?;
+                add_missing_column(c, d, table, "headers", d.types().headers).await?;
             }
-            let name = format!("{}scheduled_queue_due", t.prefix);
-            if backend == DbBackend::MySql {
-                add_missing_index(c, &t.scheduled, &name, "queue, due_at").await?;
-            } else {
-                c.execute_unprepared(&format!(
-                    "CREATE INDEX IF NOT EXISTS {name} ON {} (queue, due_at)",
-                    t.scheduled
-                ))
-                .await?;
-            }
+            let name = format!("{p}scheduled_queue_due");
+            add_missing_index(c, d, &t.scheduled, &name, "queue, due_at").await?;
         }
         _ => {}
     }
     exec(
         c,
         statement(
-            backend,
+            d.backend(),
             &format!("INSERT INTO {} (version) VALUES (?)", t.schema_version),
             vec![version.into()],
         ),
@@ -765,49 +526,17 @@ async fn apply_step<C: ConnectionTrait>(
     Ok(())
 }
 
-/// The database's clock in milliseconds since the Unix epoch, as an SQL expression (see
-/// [`Store::now_sql`]).
-pub(crate) fn now_sql(backend: DbBackend) -> &'static str {
-    match backend {
-        DbBackend::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
-        DbBackend::MySql => {
-            "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) DIV 1000)"
-        }
-        _ => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
-    }
-}
-
 /// Databases created before the sequencer read `incoming` by primary key have a secondary
 /// index on it that only costs producers now: drop it.
 async fn drop_incoming_index<C: ConnectionTrait>(
     c: &C,
-    backend: DbBackend,
+    d: &dyn Dialect,
     t: &Tables,
 ) -> Result<(), DbErr> {
     let index = format!("{}incoming_partition", t.prefix);
-    match backend {
-        DbBackend::MySql => {
-            let row = c
-                .query_one_raw(statement(
-                    backend,
-                    "SELECT COUNT(*) FROM information_schema.statistics \
-                     WHERE table_schema = DATABASE() AND table_name = ? AND index_name = ?",
-                    vec![t.incoming.clone().into(), index.clone().into()],
-                ))
-                .await?;
-            let present: i64 = match row {
-                Some(r) => col(&r, 0)?,
-                None => 0,
-            };
-            if present > 0 {
-                c.execute_unprepared(&format!("ALTER TABLE {} DROP INDEX {index}", t.incoming))
-                    .await?;
-            }
-        }
-        _ => {
-            c.execute_unprepared(&format!("DROP INDEX IF EXISTS {index}"))
-                .await?;
-        }
+    if index_present(c, d, &t.incoming, &index).await? {
+        c.execute_unprepared(&d.drop_index(&index, &t.incoming))
+            .await?;
     }
     Ok(())
 }
@@ -821,7 +550,7 @@ pub(crate) async fn revert<C: ConnectionTrait>(
     t: &Tables,
     version: i64,
 ) -> Result<(), DbErr> {
-    let backend = c.get_database_backend();
+    let d = super::dialect::of(c.get_database_backend());
     let tables: Vec<&String> = match version {
         1 => vec![
             &t.scheduled,
@@ -839,20 +568,16 @@ pub(crate) async fn revert<C: ConnectionTrait>(
         2 => vec![&t.meta, &t.handlers],
         4 => {
             for table in headers_tables(t) {
-                drop_present_column(c, backend, table, "headers").await?;
+                drop_present_column(c, d, table, "headers").await?;
             }
             let name = format!("{}scheduled_queue_due", t.prefix);
-            c.execute_unprepared(&if backend == DbBackend::MySql {
-                format!("DROP INDEX {name} ON {}", t.scheduled)
-            } else {
-                format!("DROP INDEX IF EXISTS {name}")
-            })
-            .await?;
+            c.execute_unprepared(&d.drop_index(&name, &t.scheduled))
+                .await?;
             vec![]
         }
         _ => {
-            drop_present_column(c, backend, &t.incoming, "dedup_key").await?;
-            drop_present_column(c, backend, &t.outgoing, "dedup_key").await?;
+            drop_present_column(c, d, &t.incoming, "dedup_key").await?;
+            drop_present_column(c, d, &t.outgoing, "dedup_key").await?;
             vec![&t.scheduled, &t.dedup]
         }
     };
@@ -864,7 +589,7 @@ pub(crate) async fn revert<C: ConnectionTrait>(
         exec(
             c,
             statement(
-                backend,
+                d.backend(),
                 &format!("DELETE FROM {} WHERE version >= ?", t.schema_version),
                 vec![version.into()],
             ),

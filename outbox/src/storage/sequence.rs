@@ -15,6 +15,7 @@ use std::collections::HashMap;
 
 use sea_orm::{ConnectionTrait, DbErr, Value};
 
+use super::dialect::postgres;
 use super::{Store, col, exec};
 
 /// What one pass did.
@@ -49,8 +50,9 @@ struct Group {
 impl Store {
     /// Sequences up to `limit` of the oldest committed messages, across queues and partitions,
     /// in one transaction.
-    /// On PostgreSQL the scan starts above `floor`, a low-water mark below which no row can
-    /// still commit (see [`LowWater`](crate::runtime)); elsewhere it is ignored. With `detail`
+    /// Where the pass is one statement ([`Dialect::sequence_pass`]) the scan starts above
+    /// `floor`, a low-water mark below which no row can still commit (see
+    /// [`LowWater`](crate::runtime)); elsewhere it is ignored. With `detail`
     /// the pass also reports the sequence numbers it gave ([`Pass::sequenced`]), for the
     /// sequencer's span.
     pub(crate) async fn sequence_pass(
@@ -59,8 +61,8 @@ impl Store {
         floor: i64,
         detail: bool,
     ) -> Result<Pass, DbErr> {
-        if self.is_pg() {
-            return self.sequence_pass_pg(limit, floor, detail).await;
+        if let Some(sql) = self.dialect.sequence_pass(&self.t) {
+            return self.sequence_pass_one(sql, limit, floor, detail).await;
         }
         // An idle runtime polls here: one plain read, no write transaction (on SQLite that
         // would take the write lock, on MySQL cost three more statements).
@@ -129,7 +131,7 @@ impl Store {
                         "SELECT partition_no, last_seq FROM {} WHERE queue = ? AND partition_no IN {}{}",
                         self.t.partitions,
                         Store::list(parts.len()),
-                        self.skip_locked()
+                        self.dialect.skip_locked()
                     ),
                     values,
                 ))
@@ -150,18 +152,14 @@ impl Store {
             return Ok(pass);
         }
 
-        // On MySQL/MariaDB the rows were read before the locks: another sequencer may have
+        // With row locks the rows were read before the locks: another sequencer may have
         // moved some since. Keep those still there (a fresh read, after the locks). What it
         // moved was the oldest of the partition, so what is left follows it in id order.
-        if self.is_mysql() {
+        if let Some(source) = self.dialect.reread_after_lock(&self.t.incoming) {
             let wanted: Vec<i64> = groups.iter().flat_map(|g| g.ids.iter().copied()).collect();
             let present: std::collections::HashSet<i64> = txn
                 .query_all_raw(self.stmt(
-                    &format!(
-                        "SELECT i.id FROM JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$')) AS x \
-                         STRAIGHT_JOIN {} AS i ON i.id = x.id",
-                        self.t.incoming
-                    ),
+                    &format!("SELECT i.id FROM {source}"),
                     vec![json_array(&wanted).into()],
                 ))
                 .await?
@@ -267,19 +265,7 @@ impl Store {
                     .collect::<Vec<_>>()
                     .join(",")
             );
-            let source = if self.is_mysql() {
-                format!(
-                    "JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$[0]', seq BIGINT PATH '$[1]')) AS x \
-                     STRAIGHT_JOIN {} AS i ON i.id = x.id",
-                    self.t.incoming
-                )
-            } else {
-                format!(
-                    "(SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS seq FROM json_each(?)) AS x \
-                     JOIN {} AS i ON i.id = x.id",
-                    self.t.incoming
-                )
-            };
+            let source = self.dialect.json_pairs_join(&self.t.incoming);
             moved += exec(
                 c,
                 self.stmt(
@@ -299,7 +285,7 @@ impl Store {
     /// Deletes moved rows from `incoming` by primary key.
     async fn delete_incoming<C: ConnectionTrait>(&self, c: &C, ids: &[i64]) -> Result<u64, DbErr> {
         let mut deleted = 0;
-        if self.is_mysql() {
+        if self.dialect.deletes_wait_on_producers() {
             // On MySQL/MariaDB a DELETE waits on the row lock of every uncommitted producer
             // insert its scan touches (seen on MariaDB 10.11: an `IN` list planned as a scan,
             // and a range scan that reads one record past its end). So the rows go by runs of
@@ -343,44 +329,16 @@ impl Store {
         Ok(deleted)
     }
 
-    /// [`sequence_pass`](Store::sequence_pass) on PostgreSQL as one statement (its own
-    /// transaction): read the oldest rows, lock their partitions, delete the rows of the locked
-    /// ones, insert them numbered per partition in id order, advance `last_seq`, notify the
-    /// queues' handlers. Rows another sequencer moved after this statement's snapshot are not
-    /// deleted again (the DELETE re-checks them), so they are not numbered twice; the locked
-    /// partition row is read at its latest version.
-    async fn sequence_pass_pg(&self, limit: u32, floor: i64, detail: bool) -> Result<Pass, DbErr> {
+    /// [`sequence_pass`](Store::sequence_pass) as one statement (its own transaction), `sql`
+    /// from [`Dialect::sequence_pass`](super::dialect::Dialect::sequence_pass).
+    async fn sequence_pass_one(
+        &self,
+        sql: String,
+        limit: u32,
+        floor: i64,
+        detail: bool,
+    ) -> Result<Pass, DbErr> {
         let t = &self.t;
-        let sql = format!(
-            "WITH scan AS (SELECT id, queue, partition_no FROM {inc} WHERE id > $3 ORDER BY id LIMIT $1), \
-             locked AS (SELECT p.queue, p.partition_no, p.last_seq FROM {parts} p \
-                        WHERE (p.queue, p.partition_no) IN (SELECT DISTINCT queue, partition_no FROM scan) \
-                        FOR UPDATE SKIP LOCKED), \
-             mine AS MATERIALIZED (SELECT s.id, l.last_seq FROM scan s \
-                       JOIN locked l ON l.queue = s.queue AND l.partition_no = s.partition_no), \
-             moved AS (DELETE FROM {inc} i USING mine WHERE i.id = mine.id \
-                       RETURNING i.id, i.queue, i.partition_no, i.payload, i.target_handler, i.dedup_key, i.headers, i.created_at, mine.last_seq), \
-             ins AS (INSERT INTO {out} (queue, partition_no, seq, payload, target_handler, dedup_key, headers, created_at) \
-                     SELECT m.queue, m.partition_no, \
-                            m.last_seq + ROW_NUMBER() OVER (PARTITION BY m.queue, m.partition_no ORDER BY m.id), \
-                            m.payload, m.target_handler, m.dedup_key, m.headers, m.created_at \
-                     FROM moved m \
-                     RETURNING queue, partition_no, seq), \
-             upd AS (UPDATE {parts} p SET last_seq = x.last \
-                     FROM (SELECT queue, partition_no, MIN(seq) AS lo, MAX(seq) AS last FROM ins GROUP BY queue, partition_no) x \
-                     WHERE p.queue = x.queue AND p.partition_no = x.partition_no \
-                     RETURNING p.queue, p.partition_no, x.lo, x.last), \
-             per_queue AS (SELECT queue, COUNT(*) AS n FROM ins GROUP BY queue), \
-             woke AS (SELECT pg_notify($2, 's:' || queue) FROM per_queue) \
-             SELECT (SELECT COUNT(*) FROM scan), q.queue, q.n, (SELECT COUNT(*) FROM woke), (SELECT COUNT(*) FROM upd), \
-                    (SELECT MAX(id) FROM scan), \
-                    CASE WHEN $4 THEN (SELECT string_agg(queue || '/' || partition_no || ':' || lo || '-' || last, ',' \
-                                                         ORDER BY queue, partition_no) FROM upd) END \
-             FROM (SELECT 1) one LEFT JOIN per_queue q ON true",
-            parts = t.partitions,
-            inc = t.incoming,
-            out = t.outgoing,
-        );
         let rows = self
             .db
             .query_all_raw(sea_orm::Statement::from_sql_and_values(
@@ -421,13 +379,7 @@ impl Store {
             .db
             .query_one_raw(sea_orm::Statement::from_string(
                 self.backend,
-                format!(
-                    "SELECT string_agg(virtualtransaction, ',') FROM pg_locks \
-                     WHERE locktype = 'relation' AND relation = '{}'::regclass \
-                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                     AND mode = 'RowExclusiveLock' AND pid IS DISTINCT FROM pg_backend_pid()",
-                    self.t.incoming
-                ),
+                postgres::incoming_writers(&self.t),
             ))
             .await?;
         match row {
@@ -443,12 +395,7 @@ impl Store {
             .db
             .query_one_raw(sea_orm::Statement::from_sql_and_values(
                 self.backend,
-                format!(
-                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'relation' \
-                     AND relation = '{}'::regclass AND mode = 'RowExclusiveLock' \
-                     AND virtualtransaction = ANY (string_to_array($1, ',')))",
-                    self.t.incoming
-                ),
+                postgres::writers_remain(&self.t),
                 [writers.into()],
             ))
             .await?;

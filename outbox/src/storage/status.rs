@@ -109,7 +109,7 @@ impl Store {
             .query_one_raw(self.stmt(
                 &format!(
                     "SELECT MAX(version), {} FROM {}",
-                    self.now_sql(),
+                    self.dialect.now_ms(),
                     self.t.schema_version
                 ),
                 vec![],
@@ -180,15 +180,11 @@ impl Store {
                     o = self.t.outgoing,
                     c = self.t.cursors,
                     p = self.t.partitions,
-                    at = self.greatest("c.processed_seq", "p.vacuumed_seq"),
+                    at = self.dialect.greatest("c.processed_seq", "p.vacuumed_seq"),
                     head = self.head_seq_sql(),
                     // Keeps the planner from inlining `head` into the created_at probe, which
                     // would compute it twice per cursor.
-                    fence = match self.backend {
-                        sea_orm::DbBackend::Postgres => " OFFSET 0",
-                        sea_orm::DbBackend::MySql => " LIMIT 18446744073709551615",
-                        _ => " LIMIT -1",
-                    },
+                    fence = self.dialect.optimization_fence(),
                 ),
                 v,
             ))
@@ -325,7 +321,7 @@ impl Store {
                 &format!(
                     "UPDATE {} SET lease_expires_at = {} - 1 WHERE queue = ? AND handler = ? AND lease_expires_at IS NOT NULL",
                     self.t.cursors,
-                    self.now_sql()
+                    self.dialect.now_ms()
                 ),
                 vec![queue.into(), handler.into()],
             ),
@@ -358,7 +354,7 @@ impl Store {
              AND o.seq > {at} AND (o.target_handler IS NULL OR o.target_handler = c.handler) \
              ORDER BY o.seq LIMIT 1))",
             o = self.t.outgoing,
-            at = self.greatest("c.processed_seq", "p.vacuumed_seq"),
+            at = self.dialect.greatest("c.processed_seq", "p.vacuumed_seq"),
         )
     }
 
