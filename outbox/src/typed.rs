@@ -802,8 +802,8 @@ impl Builder {
         self
     }
 
-    /// Does not declare this declared queue nor run its handlers. Implies
-    /// [`declared`](Builder::declared).
+    /// Leaves out the queue `name` declared with `#[outbox::queue]`, and every declared handler
+    /// of it. Implies [`declared`](Builder::declared).
     pub fn exclude_queue(mut self, name: impl Into<String>) -> Self {
         self.discovery
             .get_or_insert_with(Discovery::default)
