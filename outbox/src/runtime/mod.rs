@@ -1207,6 +1207,32 @@ impl Builder {
             let c = cancel.child_token();
             spawn(Box::pin(wake::listen_postgres(pool, channel, wake, c)));
         }
+        #[cfg(feature = "sqlite")]
+        {
+            // SQLite: other processes' commits are seen as writes to the database's log. Without
+            // the watch (a database in memory, no file watch on this system) the sequencer polls.
+            let watched = match shared.store.commit_files().await {
+                Ok(files) if files.is_empty() => None,
+                Ok(files) => match wake::watch_files(&files, shared.wake.clone()) {
+                    Ok(watcher) => Some(watcher),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch the database file; commits of other processes are found by polling");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read where the database file is; commits of other processes are found by polling");
+                    None
+                }
+            };
+            if let Some(watcher) = watched {
+                let c = cancel.child_token();
+                spawn(Box::pin(async move {
+                    c.cancelled().await;
+                    drop(watcher);
+                }));
+            }
+        }
         // Start every worker with one pass of work: nothing enqueued before start is stranded.
         shared.wake.all();
         tracker.close();

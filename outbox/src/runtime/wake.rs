@@ -1,5 +1,7 @@
 //! Wake-ups: in-process signals with stored permits, an eager re-check window for enqueues
-//! whose commit has not happened yet, and PostgreSQL LISTEN/NOTIFY for other processes.
+//! whose commit has not happened yet, and for other processes' commits PostgreSQL
+//! LISTEN/NOTIFY, a watch on SQLite's write-ahead log, and quick re-checks after work was found
+//! where nothing announces commits (adaptive polling).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -14,11 +16,28 @@ const EAGER_FIRST: Duration = Duration::from_millis(1);
 /// signals before its transaction commits; this window covers the usual commit delay, and the
 /// poll interval covers any longer one.
 const EAGER_WINDOW: Duration = Duration::from_secs(2);
+/// How long after a look that found work the sequencer keeps re-checking quickly where no
+/// notification announces other processes' commits: producers write in bursts and trickles,
+/// and the next commit is likely close behind. The same ramp as [`EAGER_WINDOW`]'s, so the
+/// end of a burst costs a few dozen reads of `incoming` and an idle runtime none.
+const ACTIVE_WINDOW: Duration = Duration::from_secs(2);
+/// How long after a write to the database's files the sequencer keeps re-checking: the write
+/// that commits can be seen a moment before the commit itself (SQLite writes the log, then
+/// publishes it in its shared-memory index), so one look right away may come too early.
+const WRITE_SEEN_WINDOW: Duration = Duration::from_millis(8);
 
 #[derive(Debug)]
 struct Eager {
     until: Option<Instant>,
     next_delay: Duration,
+}
+
+impl Eager {
+    /// Keeps the window open at least `window` from now (never shortens it).
+    fn open_for(&mut self, window: Duration) {
+        let until = Instant::now() + window;
+        self.until = Some(self.until.map_or(until, |u| u.max(until)));
+    }
 }
 
 /// Every wake-up source of one runtime. `Notify::notify_one` stores a permit, so a signal sent
@@ -56,7 +75,7 @@ impl Wake {
             return; // the NOTIFY sent with the insert wakes the sequencer once it commits
         }
         if let Ok(mut e) = self.eager.lock() {
-            e.until = Some(Instant::now() + EAGER_WINDOW);
+            e.open_for(EAGER_WINDOW);
             e.next_delay = EAGER_FIRST;
         }
         self.sequencer.notify_one();
@@ -72,7 +91,7 @@ impl Wake {
     /// still: re-check quickly for a while, as after an in-process enqueue.
     pub(crate) fn commit_may_follow(&self) {
         if let Ok(mut e) = self.eager.lock() {
-            e.until = Some(Instant::now() + EAGER_WINDOW);
+            e.open_for(EAGER_WINDOW);
             e.next_delay = EAGER_FIRST;
         }
         self.sequencer.notify_one();
@@ -91,11 +110,27 @@ impl Wake {
         Some(d)
     }
 
-    /// The sequencer found work: re-check quickly again if more enqueues are expected.
+    /// The sequencer found work: re-check quickly again. Where nothing announces other
+    /// processes' commits, keep doing so for [`ACTIVE_WINDOW`] (adaptive polling): another
+    /// process's trickle is then found within milliseconds instead of at the next poll.
     pub(crate) fn found_work(&self) {
         if let Ok(mut e) = self.eager.lock() {
             e.next_delay = EAGER_FIRST;
+            if !self.notified_on_commit {
+                e.open_for(ACTIVE_WINDOW);
+            }
         }
+    }
+
+    /// A file the database writes on every commit changed: another process may have committed
+    /// (or this one did; the look costs one read). Look now, and again within a few
+    /// milliseconds in case the write was seen before its commit was.
+    pub(crate) fn files_written(&self) {
+        if let Ok(mut e) = self.eager.lock() {
+            e.open_for(WRITE_SEEN_WINDOW);
+            e.next_delay = EAGER_FIRST;
+        }
+        self.sequencer.notify_one();
     }
 
     pub(crate) fn register_handler(&self, queue: &str) -> Arc<Notify> {
@@ -178,6 +213,48 @@ pub(crate) async fn listen_postgres(
     }
 }
 
+#[cfg(feature = "sqlite")]
+/// Watches the files a commit writes (SQLite's write-ahead log; see
+/// [`Store::commit_files`](crate::storage::Store::commit_files)) and wakes the sequencer when
+/// one is written: a commit by another process is then found at once, not at the next poll.
+/// The watch is on their directory, so the log is still seen after it is deleted and made
+/// again. It ends when the returned watcher is dropped.
+pub(crate) fn watch_files(
+    files: &[std::path::PathBuf],
+    wake: Arc<Wake>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(Into::into))
+        .collect();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        match event {
+            Ok(e) => {
+                let written = matches!(e.kind, EventKind::Modify(_) | EventKind::Create(_))
+                    && e.paths.iter().any(|p| {
+                        p.file_name()
+                            .is_some_and(|n| names.iter().any(|name| name == n))
+                    });
+                if written {
+                    wake.files_written();
+                }
+            }
+            // Events were lost (the kernel's queue overflowed): anything may have changed.
+            Err(e) => {
+                tracing::debug!(error = %e, "database file watch");
+                wake.all();
+            }
+        }
+    })?;
+    let dirs: std::collections::BTreeSet<&std::path::Path> =
+        files.iter().filter_map(|f| f.parent()).collect();
+    for dir in dirs {
+        watcher.watch(dir, RecursiveMode::NonRecursive)?;
+    }
+    Ok(watcher)
+}
+
 #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 fn dispatch(wake: &Wake, payload: &str) {
     if let Some(queue) = payload.strip_prefix("s:") {
@@ -212,5 +289,51 @@ mod tests {
             None,
             "the window closes; polling takes over"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn found_work_keeps_looking_quickly_only_where_commits_are_not_announced() {
+        let cap = Duration::from_millis(50);
+        let polled = Wake::new(false);
+        polled.found_work();
+        let ramp: Vec<_> = (0..4)
+            .filter_map(|_| polled.eager_delay(cap))
+            .map(|d| d.as_millis())
+            .collect();
+        assert_eq!(ramp, [1, 2, 4, 8], "adaptive polling after work was found");
+        tokio::time::advance(ACTIVE_WINDOW).await;
+        assert_eq!(polled.eager_delay(cap), None, "idle again: the poll only");
+
+        let announced = Wake::new(true);
+        announced.found_work();
+        assert_eq!(
+            announced.eager_delay(cap),
+            None,
+            "NOTIFY announces every commit; no re-checks needed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_file_write_wakes_the_sequencer_and_re_checks_briefly() {
+        let cap = Duration::from_millis(50);
+        let w = Wake::new(false);
+        w.files_written();
+        tokio::time::timeout(Duration::from_millis(1), w.sequencer.notified())
+            .await
+            .expect("a write to the database's files wakes the sequencer");
+        assert_eq!(w.eager_delay(cap), Some(Duration::from_millis(1)));
+        assert_eq!(w.eager_delay(cap), Some(Duration::from_millis(2)));
+        tokio::time::advance(WRITE_SEEN_WINDOW).await;
+        assert_eq!(
+            w.eager_delay(cap),
+            None,
+            "a short window: writes are frequent"
+        );
+
+        // It never shortens the longer window of an in-process enqueue.
+        w.enqueued();
+        w.files_written();
+        tokio::time::advance(WRITE_SEEN_WINDOW).await;
+        assert_eq!(w.eager_delay(cap), Some(Duration::from_millis(1)));
     }
 }

@@ -183,6 +183,31 @@ impl Store {
         Ok(WriteTxn { txn, _gate: gate })
     }
 
+    /// The files another process's commit writes, to be watched (see
+    /// [`Dialect::commit_files`](dialect::Dialect::commit_files)); empty for a server or a
+    /// database in memory.
+    pub(crate) async fn commit_files(&self) -> Result<Vec<std::path::PathBuf>, DbErr> {
+        let Some(files) = self.dialect.commit_files() else {
+            return Ok(Vec::new());
+        };
+        let rows = self.db.query_all_raw(self.stmt(files.list, vec![])).await?;
+        for r in &rows {
+            if col::<String>(r, 1)? != "main" {
+                continue;
+            }
+            let path = col::<String>(r, 2)?;
+            if path.is_empty() {
+                return Ok(Vec::new());
+            }
+            return Ok(files
+                .suffixes
+                .iter()
+                .map(|suffix| format!("{path}{suffix}").into())
+                .collect());
+        }
+        Ok(Vec::new())
+    }
+
     pub(crate) async fn write_guard(&self) -> WriteGuard {
         match &self.write_gate {
             Some(g) => WriteGuard(Some(g.clone().lock_owned().await)),

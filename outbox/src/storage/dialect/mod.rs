@@ -62,6 +62,12 @@ pub(crate) trait Dialect: std::fmt::Debug + Send + Sync {
     /// there). See [`Dialect::sequence_pass`].
     fn low_water_mark(&self) -> bool;
 
+    /// Where another process's commit shows up as a write to files beside the database, which
+    /// a file watch can see (SQLite: the write-ahead log, or the file itself in the other
+    /// journal modes). `None` for a server: its files are written by the server, not by the
+    /// committing process, and tell nothing about which database changed.
+    fn commit_files(&self) -> Option<CommitFiles>;
+
     /// The server setting that caps the size of one statement, and the query that reads it
     /// (MySQL/MariaDB `max_allowed_packet`); `None` where there is no such cap.
     fn statement_cap(&self) -> Option<StatementCap>;
@@ -205,6 +211,16 @@ pub(crate) struct StatementCap {
     pub(crate) setting: &'static str,
     /// Reads the setting, in bytes.
     pub(crate) query: &'static str,
+}
+
+/// The files a commit writes (see [`Dialect::commit_files`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CommitFiles {
+    /// Lists the attached databases: the row whose second column is `main` has the path of the
+    /// database file in its third column (empty for a database in memory).
+    pub(crate) list: &'static str,
+    /// Appended to the database file's path: the files a commit writes.
+    pub(crate) suffixes: &'static [&'static str],
 }
 
 /// How concurrent migrations are kept apart (see [`Dialect::migration_lock`]).

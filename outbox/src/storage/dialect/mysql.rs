@@ -2,7 +2,7 @@
 
 use sea_orm::{DbBackend, IsolationLevel, TransactionOptions};
 
-use super::{Dialect, MigrationLock, StatementCap, Types};
+use super::{CommitFiles, Dialect, MigrationLock, StatementCap, Types};
 use crate::storage::Tables;
 
 /// The MySQL/MariaDB dialect.
@@ -62,6 +62,10 @@ impl Dialect for MySql {
 
     fn low_water_mark(&self) -> bool {
         false
+    }
+
+    fn commit_files(&self) -> Option<CommitFiles> {
+        None
     }
 
     fn statement_cap(&self) -> Option<StatementCap> {

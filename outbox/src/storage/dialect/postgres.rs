@@ -2,7 +2,7 @@
 
 use sea_orm::{DbBackend, TransactionOptions};
 
-use super::{Dialect, MigrationLock, StatementCap, Types};
+use super::{CommitFiles, Dialect, MigrationLock, StatementCap, Types};
 use crate::storage::Tables;
 
 /// The PostgreSQL dialect.
@@ -52,6 +52,10 @@ impl Dialect for Postgres {
 
     fn low_water_mark(&self) -> bool {
         true
+    }
+
+    fn commit_files(&self) -> Option<CommitFiles> {
+        None
     }
 
     fn statement_cap(&self) -> Option<StatementCap> {

@@ -2,7 +2,7 @@
 
 use sea_orm::{DbBackend, SqliteTransactionMode, TransactionOptions};
 
-use super::{Dialect, MigrationLock, StatementCap, Types};
+use super::{CommitFiles, Dialect, MigrationLock, StatementCap, Types};
 use crate::storage::Tables;
 
 /// The SQLite dialect.
@@ -56,6 +56,14 @@ impl Dialect for Sqlite {
 
     fn low_water_mark(&self) -> bool {
         false
+    }
+
+    fn commit_files(&self) -> Option<CommitFiles> {
+        Some(CommitFiles {
+            list: "PRAGMA database_list",
+            // WAL (what the engine sets), and the file itself in the rollback-journal modes.
+            suffixes: &["-wal", ""],
+        })
     }
 
     fn statement_cap(&self) -> Option<StatementCap> {
