@@ -14,6 +14,7 @@
 //! | `outbox_blocked_total` | counter | `queue`, `handler` | Times a poisoned head blocked a partition (block policy). |
 //! | `outbox_handler_duration_seconds` | histogram | `queue`, `handler` | Duration of one handler call that succeeded. |
 //! | `outbox_delivery_latency_seconds` | histogram | `queue`, `handler` | From enqueue (`Message::enqueued_at_ms`, the database's clock at insert; commit follows it) to the successful end of the handler call, by this process's clock (skew between it and the database shows here). |
+//! | `outbox_scans_total` | counter | `queue`, `handler` | Reads of the handler's cursors for partitions with work (after a wake-up, and at each poll; on SQLite a poll skips the read while a watch on the database file saw no write, and reads at least every 10 s). |
 //! | `outbox_waiting` | gauge | `queue`, `handler` | Messages the handler has not handled yet, sequenced or not (depth). |
 //! | `outbox_lag_seconds` | gauge | `queue`, `handler` | Age of the oldest message the handler has not handled (0 when nothing waits). |
 //! | `outbox_unsequenced` | gauge | `queue` | Committed messages waiting for the sequencer. |
@@ -60,6 +61,8 @@ pub const BLOCKED: &str = "outbox_blocked_total";
 pub const HANDLER_DURATION: &str = "outbox_handler_duration_seconds";
 /// Name of the histogram of enqueue-to-handled latencies.
 pub const DELIVERY_LATENCY: &str = "outbox_delivery_latency_seconds";
+/// Name of the counter of reads of a handler's cursors looking for work.
+pub const SCANS: &str = "outbox_scans_total";
 /// Name of the gauge of messages waiting for a handler.
 pub const WAITING: &str = "outbox_waiting";
 /// Name of the gauge of the age of the oldest unhandled message.
@@ -101,6 +104,11 @@ pub(crate) fn handled(queue: &str, handler: &str, n: u64) {
         counter!(HANDLED, "queue" => queue.to_owned(), "handler" => handler.to_owned())
             .increment(n);
     }
+}
+
+/// Counts a read of a handler's cursors.
+pub(crate) fn scanned(queue: &str, handler: &str) {
+    counter!(SCANS, "queue" => queue.to_owned(), "handler" => handler.to_owned()).increment(1);
 }
 
 /// Counts a failed attempt: dead-lettered, blocked, or to be retried.

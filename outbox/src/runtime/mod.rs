@@ -1088,6 +1088,7 @@ impl Builder {
                 wake: shared.wake.register_handler(&h.queue),
                 in_flight: Mutex::new(HashSet::new()),
                 backlog: Mutex::default(),
+                scanned: Mutex::new(None),
                 slots: Arc::new(Semaphore::new(tuning.concurrency as usize)),
                 starved: std::sync::atomic::AtomicBool::new(false),
                 write_hold,
@@ -1102,7 +1103,7 @@ impl Builder {
             spawn(Box::pin(async move {
                 worker::run(
                     &name,
-                    || p.dispatch(),
+                    |cause| p.dispatch(cause),
                     wake,
                     pacing(tuning.poll_interval),
                     c,
@@ -1117,7 +1118,7 @@ impl Builder {
             let wake = shared.wake.sequencer.clone();
             let c = cancel.child_token();
             spawn(Box::pin(async move {
-                worker::run("sequencer", || s.step(), wake, pacing(poll), c).await;
+                worker::run("sequencer", |_| s.step(), wake, pacing(poll), c).await;
             }));
         }
         {
@@ -1128,7 +1129,7 @@ impl Builder {
             spawn(Box::pin(async move {
                 worker::run(
                     "scheduler",
-                    || scheduler::step(&s, batch),
+                    |_| scheduler::step(&s, batch),
                     wake,
                     pacing(poll),
                     c,
@@ -1151,7 +1152,7 @@ impl Builder {
             spawn(Box::pin(async move {
                 worker::run(
                     "vacuum",
-                    || vacuum::step(&s, rt.vacuum_chunk, &retention),
+                    |_| vacuum::step(&s, rt.vacuum_chunk, &retention),
                     wake,
                     pacing(rt.vacuum_interval),
                     c,
@@ -1214,7 +1215,10 @@ impl Builder {
             let watched = match shared.store.commit_files().await {
                 Ok(files) if files.is_empty() => None,
                 Ok(files) => match wake::watch_files(&files, shared.wake.clone()) {
-                    Ok(watcher) => Some(watcher),
+                    Ok(watcher) => {
+                        shared.wake.watching_files();
+                        Some(watcher)
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot watch the database file; commits of other processes are found by polling");
                         None

@@ -25,6 +25,11 @@ const ACTIVE_WINDOW: Duration = Duration::from_secs(2);
 /// that commits can be seen a moment before the commit itself (SQLite writes the log, then
 /// publishes it in its shared-memory index), so one look right away may come too early.
 const WRITE_SEEN_WINDOW: Duration = Duration::from_millis(8);
+/// How long before a handler's scan a write to the database's files must have happened for
+/// the scan to have seen its commit (see [`Wake::files_quiet_since`]): far more than the
+/// moment between SQLite's write of the log and the commit becoming visible, and than the
+/// watch's delivery of the event.
+const WRITE_SETTLED: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 struct Eager {
@@ -50,6 +55,9 @@ pub(crate) struct Wake {
     pub(crate) scheduler: Arc<Notify>,
     eager: Mutex<Eager>,
     handlers: RwLock<HashMap<String, Vec<Arc<Notify>>>>,
+    /// When the database's files were last written, once a watch on them runs (SQLite; see
+    /// [`watch_files`]); `None` without a watch.
+    last_write: Mutex<Option<Instant>>,
 }
 
 impl Wake {
@@ -66,7 +74,28 @@ impl Wake {
                 next_delay: EAGER_FIRST,
             }),
             handlers: RwLock::new(HashMap::new()),
+            last_write: Mutex::new(None),
         }
+    }
+
+    /// A watch on the database's files now runs: every commit, by any process, is seen as a
+    /// write (see [`files_written`](Wake::files_written)).
+    pub(crate) fn watching_files(&self) {
+        if let Ok(mut w) = self.last_write.lock() {
+            *w = Some(Instant::now());
+        }
+    }
+
+    /// Whether the database cannot have changed since a scan that started at `scan`: a watch
+    /// on its files runs, and their last write came [`WRITE_SETTLED`] or more before the
+    /// scan, so the scan saw that commit. `false` without a watch (a server, a database in
+    /// memory): there, only reading tells.
+    pub(crate) fn files_quiet_since(&self, scan: Instant) -> bool {
+        self.last_write
+            .lock()
+            .ok()
+            .and_then(|w| *w)
+            .is_some_and(|w| w + WRITE_SETTLED <= scan)
     }
 
     /// A message was enqueued in this process (perhaps not committed yet).
@@ -126,6 +155,11 @@ impl Wake {
     /// (or this one did; the look costs one read). Look now, and again within a few
     /// milliseconds in case the write was seen before its commit was.
     pub(crate) fn files_written(&self) {
+        if let Ok(mut w) = self.last_write.lock()
+            && w.is_some()
+        {
+            *w = Some(Instant::now());
+        }
         if let Ok(mut e) = self.eager.lock() {
             e.open_for(WRITE_SEEN_WINDOW);
             e.next_delay = EAGER_FIRST;
@@ -243,6 +277,7 @@ pub(crate) fn watch_files(
             // Events were lost (the kernel's queue overflowed): anything may have changed.
             Err(e) => {
                 tracing::debug!(error = %e, "database file watch");
+                wake.files_written();
                 wake.all();
             }
         }
@@ -335,5 +370,30 @@ mod tests {
         w.files_written();
         tokio::time::advance(WRITE_SEEN_WINDOW).await;
         assert_eq!(w.eager_delay(cap), Some(Duration::from_millis(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_files_are_quiet_only_under_a_watch_and_long_after_the_last_write() {
+        let w = Wake::new(false);
+        assert!(
+            !w.files_quiet_since(Instant::now()),
+            "without a watch nothing tells that the database did not change"
+        );
+        w.watching_files();
+        let scan = Instant::now();
+        assert!(!w.files_quiet_since(scan), "a write may just have happened");
+        tokio::time::advance(WRITE_SETTLED).await;
+        assert!(w.files_quiet_since(Instant::now()));
+
+        w.files_written();
+        let before = Instant::now();
+        tokio::time::advance(WRITE_SETTLED / 2).await;
+        assert!(
+            !w.files_quiet_since(Instant::now()),
+            "a scan right after a write may have missed its commit"
+        );
+        tokio::time::advance(WRITE_SETTLED).await;
+        assert!(w.files_quiet_since(Instant::now()));
+        assert!(!w.files_quiet_since(before), "a scan before the write");
     }
 }

@@ -25,6 +25,16 @@ pub(crate) enum Next {
     After(Duration),
 }
 
+/// Why a step runs. Only a step after a quiet wait may skip work that nothing can have
+/// changed (see [`Wake::files_quiet_since`](super::wake::Wake::files_quiet_since)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// The first step, a wake-up, more work, or a retry after an error.
+    Nudged,
+    /// The wait after [`Next::Idle`] or [`Next::After`] ran out without a wake-up.
+    Timer,
+}
+
 /// Timing of one worker.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Pacing {
@@ -41,13 +51,15 @@ pub(crate) async fn run<F, Fut>(
     pacing: Pacing,
     cancel: CancellationToken,
 ) where
-    F: FnMut() -> Fut,
+    F: FnMut(Cause) -> Fut,
     Fut: Future<Output = Result<Next, sea_orm::DbErr>>,
 {
     let mut error_delay = pacing.error_min;
     let mut failures: u64 = 0;
+    let mut cause = Cause::Nudged;
     while !cancel.is_cancelled() {
-        let outcome = AssertUnwindSafe(step()).catch_unwind().await;
+        let outcome = AssertUnwindSafe(step(cause)).catch_unwind().await;
+        cause = Cause::Nudged;
         let wait = match outcome {
             Ok(Ok(next)) => {
                 if failures > 0 {
@@ -89,7 +101,7 @@ pub(crate) async fn run<F, Fut>(
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(wait) => cause = Cause::Timer,
         }
     }
 }
@@ -114,16 +126,29 @@ mod tests {
         wake: Arc<Notify>,
         run_for: Duration,
     ) -> Vec<Duration> {
+        script_causes(outcomes, wake, run_for)
+            .await
+            .into_iter()
+            .map(|(at, _)| at)
+            .collect()
+    }
+
+    /// Runs a scripted worker; returns the paused-clock offsets of its calls and why each ran.
+    async fn script_causes(
+        outcomes: Vec<Result<Next, &'static str>>,
+        wake: Arc<Notify>,
+        run_for: Duration,
+    ) -> Vec<(Duration, Cause)> {
         let start = Instant::now();
         let calls = Arc::new(Mutex::new(Vec::new()));
         let cancel = CancellationToken::new();
         let (c, script) = (calls.clone(), Arc::new(Mutex::new(outcomes.into_iter())));
         let task = tokio::spawn(run(
             "test",
-            move || {
+            move |cause| {
                 let (c, script) = (c.clone(), script.clone());
                 async move {
-                    c.lock().expect("test").push(start.elapsed());
+                    c.lock().expect("test").push((start.elapsed(), cause));
                     let next = script.lock().expect("test").next();
                     match next {
                         Some(Ok(n)) => Ok(n),
@@ -188,5 +213,38 @@ mod tests {
         .await;
         // `After` is capped by the poll interval.
         assert_eq!(calls, [ms(0), ms(0), ms(250), ms(10_250)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_wait_that_ran_out_counts_as_a_timer() {
+        let wake = Arc::new(Notify::new());
+        let w = wake.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(3_000)).await;
+            w.notify_one();
+        });
+        let calls = script_causes(
+            vec![
+                Err("db down"),
+                Ok(Next::More),
+                Ok(Next::Idle),
+                Ok(Next::After(ms(500))),
+                Ok(Next::Idle),
+            ],
+            wake,
+            ms(12_000),
+        )
+        .await;
+        use Cause::{Nudged, Timer};
+        assert_eq!(
+            calls,
+            [
+                (ms(0), Nudged),     // the first step
+                (ms(100), Nudged),   // a retry after an error
+                (ms(100), Nudged),   // more work
+                (ms(3_000), Nudged), // woken while idle
+                (ms(3_500), Timer),  // `After` ran out
+            ]
+        );
     }
 }
