@@ -153,6 +153,16 @@ impl Outbox {
         &self.shared.store
     }
 
+    /// Whether a poll may skip a read that started at `read`, less than `at_least_every` ago:
+    /// nothing was written to the database since (see `wake::Wake::unchanged_since`).
+    pub(crate) fn unchanged_since(
+        &self,
+        read: Option<tokio::time::Instant>,
+        at_least_every: Duration,
+    ) -> bool {
+        self.shared.wake.unchanged_since(read, at_least_every)
+    }
+
     /// The database backend.
     pub fn backend(&self) -> DbBackend {
         self.shared.store.backend
@@ -1150,9 +1160,10 @@ impl Builder {
                 })
                 .collect();
             spawn(Box::pin(async move {
+                let looked = Mutex::new(None);
                 worker::run(
                     "vacuum",
-                    |_| vacuum::step(&s, rt.vacuum_chunk, &retention),
+                    |cause| vacuum::step(&s, cause, &looked, rt.vacuum_chunk, &retention),
                     wake,
                     pacing(rt.vacuum_interval),
                     c,
@@ -1172,7 +1183,10 @@ impl Builder {
                 .map(|(q, h)| (q.as_str(), h.as_str()))
                 .collect();
             let every = rt.heartbeat_interval;
-            shared.store.heartbeat(&pairs, every).await?;
+            shared
+                .wake
+                .own_write(shared.store.heartbeat(&pairs, every))
+                .await?;
             let s = shared.clone();
             let c = cancel.child_token();
             spawn(Box::pin(async move {
@@ -1185,7 +1199,9 @@ impl Builder {
                         () = c.cancelled() => return,
                         () = tokio::time::sleep(every) => {}
                     }
-                    if let Err(e) = s.store.heartbeat(&pairs, every).await {
+                    // The heartbeat changes nothing a poll looks for: its write is not a change
+                    // that ends a quiet spell (see `Wake::own_write`).
+                    if let Err(e) = s.wake.own_write(s.store.heartbeat(&pairs, every)).await {
                         tracing::warn!(error = %e, "heartbeat failed; retrying at the next interval");
                     }
                 }

@@ -30,6 +30,9 @@ const WRITE_SEEN_WINDOW: Duration = Duration::from_millis(8);
 /// moment between SQLite's write of the log and the commit becoming visible, and than the
 /// watch's delivery of the event.
 const WRITE_SETTLED: Duration = Duration::from_millis(100);
+/// How long after this process's own bookkeeping write ends a write seen by the watch is still
+/// taken for that write (the watch delivers its events a moment after the write).
+const OWN_WRITE_SEEN: Duration = Duration::from_millis(20);
 
 #[derive(Debug)]
 struct Eager {
@@ -58,6 +61,9 @@ pub(crate) struct Wake {
     /// When the database's files were last written, once a watch on them runs (SQLite; see
     /// [`watch_files`]); `None` without a watch.
     last_write: Mutex<Option<Instant>>,
+    /// This process writes bookkeeping that no poll looks for (the heartbeat) until this
+    /// instant (`None`: not now; see [`own_write`](Wake::own_write)).
+    own_write_until: Mutex<Option<Instant>>,
 }
 
 impl Wake {
@@ -75,7 +81,25 @@ impl Wake {
             }),
             handlers: RwLock::new(HashMap::new()),
             last_write: Mutex::new(None),
+            own_write_until: Mutex::new(None),
         }
+    }
+
+    /// Runs `write`, a write of this process's own bookkeeping that no poll looks for (the
+    /// heartbeat of its handlers, every 10 s by default), so that what the watch sees of it does
+    /// not end a quiet spell: otherwise an idle runtime would read everything again after each
+    /// heartbeat. Another process's commit seen in the same moment is taken for it too; the
+    /// sequencer still looks at once (every write wakes it), and the polls read at least every
+    /// 10 s (handlers) or once a minute (vacuum, gauges).
+    pub(crate) async fn own_write<F: std::future::Future>(&self, write: F) -> F::Output {
+        if let Ok(mut o) = self.own_write_until.lock() {
+            *o = Some(Instant::now() + Duration::from_secs(3_600));
+        }
+        let out = write.await;
+        if let Ok(mut o) = self.own_write_until.lock() {
+            *o = Some(Instant::now() + OWN_WRITE_SEEN);
+        }
+        out
     }
 
     /// A watch on the database's files now runs: every commit, by any process, is seen as a
@@ -151,14 +175,31 @@ impl Wake {
         }
     }
 
+    /// Whether a poll may skip the read that last started at `read` (a handler's scan of its
+    /// cursors, vacuum's look for processed messages, the gauges' status read): the database's
+    /// files are quiet since (see [`files_quiet_since`](Wake::files_quiet_since)) and that
+    /// read is less than `at_least_every` old, so a write the watch missed costs at most that
+    /// delay. `false` before the first read.
+    pub(crate) fn unchanged_since(&self, read: Option<Instant>, at_least_every: Duration) -> bool {
+        read.is_some_and(|r| r.elapsed() < at_least_every && self.files_quiet_since(r))
+    }
+
     /// A file the database writes on every commit changed: another process may have committed
     /// (or this one did; the look costs one read). Look now, and again within a few
     /// milliseconds in case the write was seen before its commit was.
     pub(crate) fn files_written(&self) {
-        if let Ok(mut w) = self.last_write.lock()
+        let now = Instant::now();
+        let own = self
+            .own_write_until
+            .lock()
+            .ok()
+            .and_then(|o| *o)
+            .is_some_and(|until| now <= until);
+        if !own
+            && let Ok(mut w) = self.last_write.lock()
             && w.is_some()
         {
-            *w = Some(Instant::now());
+            *w = Some(now);
         }
         if let Ok(mut e) = self.eager.lock() {
             e.open_for(WRITE_SEEN_WINDOW);
@@ -395,5 +436,23 @@ mod tests {
         tokio::time::advance(WRITE_SETTLED).await;
         assert!(w.files_quiet_since(Instant::now()));
         assert!(!w.files_quiet_since(before), "a scan before the write");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_processs_own_bookkeeping_write_does_not_end_a_quiet_spell() {
+        let w = Wake::new(false);
+        w.watching_files();
+        tokio::time::advance(WRITE_SETTLED).await;
+        let scan = Instant::now();
+        w.own_write(async { w.files_written() }).await;
+        // The watch's event comes a moment after the write.
+        tokio::time::advance(OWN_WRITE_SEEN / 2).await;
+        w.files_written();
+        tokio::time::advance(WRITE_SETTLED).await;
+        assert!(w.files_quiet_since(scan), "the heartbeat is not a change");
+
+        tokio::time::advance(OWN_WRITE_SEEN).await;
+        w.files_written();
+        assert!(!w.files_quiet_since(scan), "a write after it is");
     }
 }
