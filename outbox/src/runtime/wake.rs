@@ -24,6 +24,7 @@ const ACTIVE_WINDOW: Duration = Duration::from_secs(2);
 /// How long after a write to the database's files the sequencer keeps re-checking: the write
 /// that commits can be seen a moment before the commit itself (SQLite writes the log, then
 /// publishes it in its shared-memory index), so one look right away may come too early.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 const WRITE_SEEN_WINDOW: Duration = Duration::from_millis(8);
 /// How long before a handler's scan a write to the database's files must have happened for
 /// the scan to have seen its commit (see [`Wake::files_quiet_since`]): far more than the
@@ -104,6 +105,7 @@ impl Wake {
 
     /// A watch on the database's files now runs: every commit, by any process, is seen as a
     /// write (see [`files_written`](Wake::files_written)).
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) fn watching_files(&self) {
         if let Ok(mut w) = self.last_write.lock() {
             *w = Some(Instant::now());
@@ -187,6 +189,7 @@ impl Wake {
     /// A file the database writes on every commit changed: another process may have committed
     /// (or this one did; the look costs one read). Look now, and again within a few
     /// milliseconds in case the write was seen before its commit was.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) fn files_written(&self) {
         let now = Instant::now();
         let own = self

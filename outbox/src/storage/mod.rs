@@ -186,6 +186,7 @@ impl Store {
     /// The files another process's commit writes, to be watched (see
     /// [`Dialect::commit_files`](dialect::Dialect::commit_files)); empty for a server or a
     /// database in memory.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) async fn commit_files(&self) -> Result<Vec<std::path::PathBuf>, DbErr> {
         let Some(files) = self.dialect.commit_files() else {
             return Ok(Vec::new());
