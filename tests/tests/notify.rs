@@ -135,19 +135,7 @@ on_every_backend!(
 async fn coalesced_enqueues_still_wake_another_process(t: Arc<TestDb>) {
     let consumer_db = t.pool(4).await;
     let seen = Seen::default();
-    let rt = {
-        let seen = seen.clone();
-        Outbox::builder(consumer_db.clone())
-            .profile(Profile::Relaxed)
-            .queue(QueueSpec::new("wake", 1))
-            .handler(HandlerSpec::leased("wake", "h", move |m, _ctx| {
-                seen.push("h", m);
-                Box::pin(async { Ok(()) })
-            }))
-            .start()
-            .await
-            .expect("start consumer")
-    };
+    let rt = consumer(&consumer_db, &seen).await;
     let producer_db = t.pool(4).await;
     let mut tuning = Profile::Relaxed.runtime();
     tuning.notify_coalesce = WINDOW;
