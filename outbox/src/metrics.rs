@@ -26,9 +26,9 @@
 //! partition count.
 //!
 //! Counters and histograms are recorded where the event happens. Gauges are read from the
-//! database: a running outbox refreshes them every [`GAUGE_INTERVAL`] (one status read, a fixed
-//! number of statements whatever the partition count; [`Outbox::status`](crate::Outbox::status)
-//! itself only reads). On SQLite, while a watch on the database file saw no write, the last
+//! database: a running outbox refreshes them every [`GAUGE_INTERVAL`] (one
+//! [`Outbox::status_totals`](crate::Outbox::status_totals) read: a fixed number of statements
+//! and of rows whatever the partition count; the status calls themselves only read). On SQLite, while a watch on the database file saw no write, the last
 //! read is used again with its lags aged, and a new read is made at least once a minute. With
 //! several processes on one database every process reports the same gauge values: aggregate
 //! them with `max`, not `sum`.
@@ -174,10 +174,14 @@ fn record_aged(status: &Status, elapsed: Duration) {
 /// Refreshes the gauges from a status read every [`GAUGE_INTERVAL`] until `cancel` fires. The
 /// only writer of the gauges: reading the status elsewhere changes nothing.
 ///
+/// The read sums the partitions in the database ([`Outbox::status_totals`]): one row per
+/// handler, where the full status returns one per (handler, partition) (40,960 rows at 4,096
+/// partitions and 10 handlers, most of an idle runtime's cost on MySQL/MariaDB).
+///
 /// Where a watch on the database's files saw no write since the last read (SQLite), nothing
 /// but the lags can have changed, and they grew by the time since: the last read is recorded
-/// again with its lags aged, not read anew (a read covers every cursor row: at 4,096
-/// partitions and 10 handlers it was most of an idle runtime's cost).
+/// again with its lags aged, not read anew (the read still covers every cursor row in the
+/// database).
 pub(crate) async fn run_gauges(outbox: &Outbox, cancel: CancellationToken) {
     let mut last: Option<(Status, tokio::time::Instant)> = None;
     loop {
@@ -187,7 +191,7 @@ pub(crate) async fn run_gauges(outbox: &Outbox, cancel: CancellationToken) {
             }
             _ => {
                 let started = tokio::time::Instant::now();
-                match outbox.status().await {
+                match outbox.status_totals().await {
                     Ok(status) => {
                         record_status(&status);
                         last = Some((status, started));

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::{
-    DEFAULT_TABLE_PREFIX, Error, HandlerError, HandlerSpec, NewMessage, Outbox, PoisonPolicy,
-    Profile, QueueSpec,
+    DEFAULT_TABLE_PREFIX, Error, HandlerError, HandlerSpec, NewMessage, Outbox, Overrides,
+    PoisonPolicy, Profile, QueueSpec, Status,
 };
 use outbox_tests::{TestDb, eventually, on_every_backend};
 
@@ -30,6 +30,36 @@ fn picky(queue: &'static str, name: &'static str) -> HandlerSpec {
 
 fn accept(queue: &'static str, name: &'static str) -> HandlerSpec {
     HandlerSpec::transactional(queue, name, |_m, _txn| Box::pin(async { Ok(()) }))
+}
+
+/// `status` with the per-partition entries dropped, and lags and staleness turned into the
+/// times they count from, so that two reads taken a moment apart compare equal.
+fn summed(mut s: Status) -> Status {
+    let now = s.taken_at_ms;
+    for q in &mut s.queues {
+        for h in &mut q.handlers {
+            h.partitions.clear();
+            h.lag_ms = h.lag_ms.map(|lag| now - lag);
+            h.stale_for_ms = h.stale_for_ms.map(|stale| now - stale);
+        }
+    }
+    s.taken_at_ms = 0;
+    s
+}
+
+/// `status_totals` reports, per queue and handler, exactly what `status` sums over the
+/// partitions, with no partition entries. Call it while nothing changes.
+async fn assert_totals_agree(outbox: &Outbox) {
+    let full = outbox.status().await.expect("status");
+    let totals = outbox.status_totals().await.expect("status totals");
+    assert!(
+        totals
+            .queues
+            .iter()
+            .all(|q| q.handlers.iter().all(|h| h.partitions.is_empty())),
+        "{totals:#?}"
+    );
+    assert_eq!(summed(totals), summed(full));
 }
 
 async fn status_reports_waiting_lag_blocked_and_dead_letters(t: Arc<TestDb>) {
@@ -126,6 +156,8 @@ async fn status_reports_waiting_lag_blocked_and_dead_letters(t: Arc<TestDb>) {
     );
     assert!(p.lag_ms.is_some());
 
+    assert_totals_agree(&admin).await;
+
     // One queue, and an unknown one.
     let one = admin.queue_status("blk").await.expect("queue status");
     assert_eq!(
@@ -180,6 +212,7 @@ async fn status_shows_a_live_lease(t: Arc<TestDb>) {
     let lease = p.lease.as_ref().expect("lease");
     assert!(!lease.expired && lease.expires_at_ms > 0 && !lease.owner.is_empty());
     assert_eq!(p.pending, 1);
+    assert_totals_agree(rt.outbox()).await;
     let _ = tx.send(());
     eventually(WAIT, "handled", || async {
         let s = rt.outbox().queue_status("lz").await.expect("status");
@@ -189,7 +222,81 @@ async fn status_shows_a_live_lease(t: Arc<TestDb>) {
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
 }
 
+/// Totals over many partitions in every state at once: handled, waiting for a retry,
+/// pending behind a retry, unsequenced, scheduled, and a stale handler.
+async fn status_totals_sum_every_partition(t: Arc<TestDb>) {
+    const PARTITIONS: u32 = 16;
+    let db = t.pool(10).await;
+    let later = HandlerSpec::transactional("tot", "later", |m, _txn| {
+        let fail = m.payload().starts_with(b"later");
+        Box::pin(async move {
+            if fail {
+                Err(HandlerError::retry(std::io::Error::other("not yet")))
+            } else {
+                Ok(())
+            }
+        })
+    })
+    .overrides(
+        Overrides::NONE
+            .backoff_base(Duration::from_secs(600))
+            .backoff_max(Duration::from_secs(600)),
+    );
+    let rt = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new("tot", PARTITIONS))
+        .queue(QueueSpec::new("empty", 4))
+        .handler(accept("tot", "ok"))
+        .handler(later)
+        .start()
+        .await
+        .expect("start");
+    let mut batch = Vec::new();
+    for p in 0..PARTITIONS {
+        // Every third partition's head fails for "later"; two more messages wait behind it.
+        let head = if p % 3 == 0 { "later" } else { "fine" };
+        batch.push(NewMessage::new("tot", p, head));
+        batch.push(NewMessage::new("tot", p, "fine"));
+        batch.push(NewMessage::new("tot", p, "fine"));
+    }
+    batch.push(NewMessage::new("tot", 5, "someday").deliver_after(Duration::from_secs(3_600)));
+    rt.outbox()
+        .enqueue_batch(&db, &batch)
+        .await
+        .expect("enqueue");
+    let failing = (0..PARTITIONS).filter(|p| p % 3 == 0).count();
+    eventually(WAIT, "ok done, later waiting for retries", || async {
+        let s = rt.outbox().queue_status("tot").await.expect("status");
+        s.handler("ok").is_some_and(|h| h.pending == 0)
+            && s.handler("later")
+                .is_some_and(|h| h.retrying_partitions as usize == failing)
+    })
+    .await;
+    assert_totals_agree(rt.outbox()).await;
+    rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
+
+    // No process serves the handlers now; new messages wait unsequenced.
+    let admin = Outbox::admin(t.pool(2).await, DEFAULT_TABLE_PREFIX).expect("admin");
+    for p in [1, 7, 7] {
+        admin
+            .enqueue(&db, NewMessage::new("tot", p, "fine"))
+            .await
+            .expect("enqueue without workers");
+    }
+    let totals = admin.status_totals().await.expect("totals");
+    let tot = totals.queue("tot").expect("tot");
+    assert_eq!((tot.unsequenced, tot.scheduled), (3, 1));
+    let later = tot.handler("later").expect("later");
+    assert_eq!(later.pending, 3 * failing as i64);
+    assert_eq!(later.waiting, 3 * failing as i64 + 3);
+    assert!(later.lag_ms.is_some());
+    assert_eq!(tot.handler("ok").expect("ok").pending, 0);
+    assert!(totals.queue("empty").is_some_and(|q| q.handlers.is_empty()));
+    assert_totals_agree(&admin).await;
+}
+
 on_every_backend!(
     status_reports_waiting_lag_blocked_and_dead_letters,
     status_shows_a_live_lease,
+    status_totals_sum_every_partition,
 );

@@ -356,15 +356,21 @@ impl Store {
 
     /// Deletes sequenced messages that every handler of their queue has processed, at most
     /// `chunk` rows per partition and statement and [`VACUUM_PARTITIONS_PER_STEP`] partitions
-    /// per call. Returns rows deleted and whether more remain.
+    /// per call. Returns rows deleted and whether more remain. Only partitions with something
+    /// to delete come back from the database (an idle runtime at 4,096 partitions used to
+    /// fetch 4,096 rows every vacuum interval to find none).
     pub(crate) async fn vacuum(&self, chunk: u32) -> Result<(u64, bool), DbErr> {
         let rows = self
             .db
             .query_all_raw(self.stmt(
                 &format!(
                     "SELECT c.queue, c.partition_no, MIN(c.processed_seq), MIN(p.vacuumed_seq) FROM {} c JOIN {} p \
-                     ON p.queue = c.queue AND p.partition_no = c.partition_no GROUP BY c.queue, c.partition_no",
-                    self.t.cursors, self.t.partitions
+                     ON p.queue = c.queue AND p.partition_no = c.partition_no GROUP BY c.queue, c.partition_no \
+                     HAVING MIN(c.processed_seq) > MIN(p.vacuumed_seq) LIMIT {}",
+                    self.t.cursors,
+                    self.t.partitions,
+                    // One more than a step cleans: its presence tells that more remain.
+                    VACUUM_PARTITIONS_PER_STEP + 1
                 ),
                 vec![],
             ))

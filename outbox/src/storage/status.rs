@@ -42,6 +42,31 @@ pub(crate) struct CursorStatusRow {
     pub(crate) head_enqueued_at: Option<i64>,
 }
 
+/// One handler's cursors summed over its partitions in the database.
+#[derive(Debug, Clone)]
+pub(crate) struct CursorTotalsRow {
+    pub(crate) queue: String,
+    pub(crate) handler: String,
+    pub(crate) pending: i64,
+    /// Partitions with work whose head waits for a retry.
+    pub(crate) retrying: i64,
+    /// Partitions held by a lease that had not expired.
+    pub(crate) leased: i64,
+    pub(crate) blocked: i64,
+    /// When the oldest head of a partition with work was enqueued.
+    pub(crate) oldest_head_at: Option<i64>,
+}
+
+/// How much of the cursors a status read returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Detail {
+    /// One row per (queue, handler, partition): every field of the status.
+    Partitions,
+    /// One row per (queue, handler), summed in the database: the same totals, a fixed number
+    /// of rows whatever the partition count.
+    Totals,
+}
+
 /// Dead letters of one (queue, handler, partition).
 #[derive(Debug, Clone)]
 pub(crate) struct DeadRow {
@@ -69,7 +94,10 @@ pub(crate) struct StatusRows {
     pub(crate) schema_version: Option<i64>,
     pub(crate) queues: Vec<QueueRow>,
     pub(crate) incoming: Vec<IncomingRow>,
+    /// Filled when the read was [`Detail::Partitions`].
     pub(crate) cursors: Vec<CursorStatusRow>,
+    /// Filled when the read was [`Detail::Totals`].
+    pub(crate) totals: Vec<CursorTotalsRow>,
     pub(crate) dead: Vec<DeadRow>,
     pub(crate) handlers: Vec<HandlerRow>,
     pub(crate) scheduled: Vec<super::ScheduledCount>,
@@ -77,6 +105,14 @@ pub(crate) struct StatusRows {
 
 fn partition_of(v: i64) -> u32 {
     u32::try_from(v).unwrap_or(0)
+}
+
+/// ` WHERE <alias><column> = ?` and its value when the read is for one queue.
+fn queue_filter(queue: Option<&str>, alias: &str, column: &str) -> (String, Vec<Value>) {
+    match queue {
+        Some(q) => (format!(" WHERE {alias}{column} = ?"), vec![q.into()]),
+        None => (String::new(), Vec::new()),
+    }
 }
 
 impl Store {
@@ -90,13 +126,16 @@ impl Store {
     /// `MIN(seq)`: with the `target_handler` condition MariaDB computes it by reading every row
     /// of the partition past the cursor (640 ms for 8 x 256 partitions and a million waiting
     /// messages; 80-110 ms with the ordered probe alone, 35-60 ms with the lookup first).
-    pub(crate) async fn status_rows(&self, queue: Option<&str>) -> Result<StatusRows, DbErr> {
-        let filter = |alias: &str, column: &str| -> (String, Vec<Value>) {
-            match queue {
-                Some(q) => (format!(" WHERE {alias}{column} = ?"), vec![q.into()]),
-                None => (String::new(), Vec::new()),
-            }
-        };
+    ///
+    /// With [`Detail::Totals`] the cursors come summed per handler instead (no head lookup
+    /// for a partition without work): what the gauges need, in rows that do not grow with the
+    /// partition count.
+    pub(crate) async fn status_rows(
+        &self,
+        queue: Option<&str>,
+        detail: Detail,
+    ) -> Result<StatusRows, DbErr> {
+        let filter = |alias: &str, column: &str| queue_filter(queue, alias, column);
         // Read upstream first (scheduled, then incoming, then the cursors over outgoing): a
         // message that moves on between two reads is then seen twice at worst, never missed,
         // so "nothing waits" is never reported while something does.
@@ -163,51 +202,10 @@ impl Store {
             })
             .collect::<Result<Vec<_>, DbErr>>()?;
 
-        let (w, v) = filter("c.", "queue");
-        let cursors = self
-            .db
-            .query_all_raw(self.stmt(
-                &format!(
-                    "SELECT x.queue, x.handler, x.partition_no, x.last_seq - x.at, x.attempts, x.retry_at, \
-                     x.blocked, x.last_error, x.lease_owner, x.lease_expires_at, x.at, x.head, \
-                     (SELECT o.created_at FROM {o} o WHERE o.queue = x.queue AND o.partition_no = x.partition_no \
-                      AND o.seq = x.head) \
-                     FROM (SELECT c.queue, c.handler, c.partition_no, p.last_seq, c.attempts, c.retry_at, \
-                           c.blocked, c.last_error, c.lease_owner, c.lease_expires_at, {at} AS at, \
-                           {head} AS head \
-                           FROM {c} c JOIN {p} p ON p.queue = c.queue AND p.partition_no = c.partition_no{w}{fence}) x \
-                     ORDER BY x.queue, x.handler, x.partition_no",
-                    o = self.t.outgoing,
-                    c = self.t.cursors,
-                    p = self.t.partitions,
-                    at = self.dialect.greatest("c.processed_seq", "p.vacuumed_seq"),
-                    head = self.head_seq_sql(),
-                    // Keeps the planner from inlining `head` into the created_at probe, which
-                    // would compute it twice per cursor.
-                    fence = self.dialect.optimization_fence(),
-                ),
-                v,
-            ))
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(CursorStatusRow {
-                    queue: col(r, 0)?,
-                    handler: col(r, 1)?,
-                    partition: partition_of(col(r, 2)?),
-                    pending: col(r, 3)?,
-                    attempts: col(r, 4)?,
-                    retry_at: col(r, 5)?,
-                    blocked: col::<i64>(r, 6)? != 0,
-                    last_error: col(r, 7)?,
-                    lease_owner: col(r, 8)?,
-                    lease_expires_at: col(r, 9)?,
-                    processed_seq: col(r, 10)?,
-                    head_seq: col(r, 11)?,
-                    head_enqueued_at: col(r, 12)?,
-                })
-            })
-            .collect::<Result<Vec<_>, DbErr>>()?;
+        let (cursors, totals) = match detail {
+            Detail::Partitions => (self.cursor_status_rows(queue).await?, Vec::new()),
+            Detail::Totals => (Vec::new(), self.cursor_totals_rows(queue, now).await?),
+        };
 
         let (w, v) = filter("", "queue");
         let dead = self
@@ -263,8 +261,106 @@ impl Store {
             queues,
             incoming,
             cursors,
+            totals,
             dead,
         })
+    }
+
+    /// Every cursor of `queue` (or of every queue) with its partition's tail, its head and the
+    /// head's enqueue time, by queue, handler and partition.
+    async fn cursor_status_rows(&self, queue: Option<&str>) -> Result<Vec<CursorStatusRow>, DbErr> {
+        let (w, v) = queue_filter(queue, "c.", "queue");
+        self
+            .db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT x.queue, x.handler, x.partition_no, x.last_seq - x.at, x.attempts, x.retry_at, \
+                     x.blocked, x.last_error, x.lease_owner, x.lease_expires_at, x.at, x.head, \
+                     (SELECT o.created_at FROM {o} o WHERE o.queue = x.queue AND o.partition_no = x.partition_no \
+                      AND o.seq = x.head) \
+                     FROM (SELECT c.queue, c.handler, c.partition_no, p.last_seq, c.attempts, c.retry_at, \
+                           c.blocked, c.last_error, c.lease_owner, c.lease_expires_at, {at} AS at, \
+                           {head} AS head \
+                           FROM {c} c JOIN {p} p ON p.queue = c.queue AND p.partition_no = c.partition_no{w}{fence}) x \
+                     ORDER BY x.queue, x.handler, x.partition_no",
+                    o = self.t.outgoing,
+                    c = self.t.cursors,
+                    p = self.t.partitions,
+                    at = self.dialect.greatest("c.processed_seq", "p.vacuumed_seq"),
+                    head = self.head_seq_sql(),
+                    // Keeps the planner from inlining `head` into the created_at probe, which
+                    // would compute it twice per cursor.
+                    fence = self.dialect.optimization_fence(),
+                ),
+                v,
+            ))
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(CursorStatusRow {
+                    queue: col(r, 0)?,
+                    handler: col(r, 1)?,
+                    partition: partition_of(col(r, 2)?),
+                    pending: col(r, 3)?,
+                    attempts: col(r, 4)?,
+                    retry_at: col(r, 5)?,
+                    blocked: col::<i64>(r, 6)? != 0,
+                    last_error: col(r, 7)?,
+                    lease_owner: col(r, 8)?,
+                    lease_expires_at: col(r, 9)?,
+                    processed_seq: col(r, 10)?,
+                    head_seq: col(r, 11)?,
+                    head_enqueued_at: col(r, 12)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The cursors of `queue` (or of every queue) summed per handler, judged at `now` (the
+    /// database's clock of the same read). The head's enqueue time is looked up only for a
+    /// partition with work: an idle handler costs one pass over its cursor rows and no probe.
+    async fn cursor_totals_rows(
+        &self,
+        queue: Option<&str>,
+        now: i64,
+    ) -> Result<Vec<CursorTotalsRow>, DbErr> {
+        let (w, filter) = queue_filter(queue, "c.", "queue");
+        let at = self.dialect.greatest("c.processed_seq", "p.vacuumed_seq");
+        let mut values: Vec<Value> = vec![now.into(), now.into()];
+        values.extend(filter);
+        self.db
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT c.queue, c.handler, {pending}, \
+                     COUNT(CASE WHEN p.last_seq > {at} AND c.retry_at > ? THEN 1 END), \
+                     COUNT(CASE WHEN c.lease_owner IS NOT NULL AND COALESCE(c.lease_expires_at, 0) > ? THEN 1 END), \
+                     COUNT(CASE WHEN c.blocked <> 0 THEN 1 END), \
+                     MIN(CASE WHEN p.last_seq > {at} THEN {head_at} END) \
+                     FROM {c} c JOIN {p} p ON p.queue = c.queue AND p.partition_no = c.partition_no{w} \
+                     GROUP BY c.queue, c.handler ORDER BY c.queue, c.handler",
+                    pending = self.dialect.sum_int(&format!(
+                        "CASE WHEN p.last_seq > {at} THEN p.last_seq - {at} ELSE 0 END"
+                    )),
+                    head_at = self.head_sql("created_at"),
+                    c = self.t.cursors,
+                    p = self.t.partitions,
+                ),
+                values,
+            ))
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(CursorTotalsRow {
+                    queue: col(r, 0)?,
+                    handler: col(r, 1)?,
+                    pending: col(r, 2)?,
+                    retrying: col(r, 3)?,
+                    leased: col(r, 4)?,
+                    blocked: col(r, 5)?,
+                    oldest_head_at: col(r, 6)?,
+                })
+            })
+            .collect()
     }
 
     #[cfg(feature = "testing")]
@@ -347,10 +443,15 @@ impl Store {
     /// the row right after the cursor by primary key (sequences are dense), or, when that row
     /// is a replay for another handler, the first one after it that is this handler's.
     fn head_seq_sql(&self) -> String {
+        self.head_sql("seq")
+    }
+
+    /// `column` of the next message of cursor `c`, found as [`Store::head_seq_sql`] finds it.
+    fn head_sql(&self, column: &str) -> String {
         format!(
-            "COALESCE((SELECT o.seq FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
+            "COALESCE((SELECT o.{column} FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
              AND o.seq = {at} + 1 AND (o.target_handler IS NULL OR o.target_handler = c.handler)), \
-             (SELECT o.seq FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
+             (SELECT o.{column} FROM {o} o WHERE o.queue = c.queue AND o.partition_no = c.partition_no \
              AND o.seq > {at} AND (o.target_handler IS NULL OR o.target_handler = c.handler) \
              ORDER BY o.seq LIMIT 1))",
             o = self.t.outgoing,

@@ -103,7 +103,35 @@ async fn vacuum_keeps_what_any_handler_still_needs(t: Arc<TestDb>) {
     h.finish().await;
 }
 
+/// Vacuum reaches every partition of a queue wider than one vacuum step (64 partitions),
+/// although it asks the database only for partitions with something to delete.
+async fn vacuum_reaches_every_partition_of_a_wide_queue(t: Arc<TestDb>) {
+    const PARTITIONS: u32 = 200;
+    let db = t.pool(12).await;
+    let seen = Seen::default();
+    let mut tuning = Profile::LowLatency.runtime();
+    tuning.vacuum_interval = Duration::from_millis(50);
+    tuning.vacuum_after_acks = 1;
+    let h = Harness::start(db.clone(), |b| {
+        b.runtime_tuning(tuning)
+            .queue(QueueSpec::new("wide", PARTITIONS))
+            .handler(recorder("wide", "all", &seen))
+    })
+    .await;
+    // Two messages in the first half of the partitions, one in the rest.
+    let batch: Vec<NewMessage> = (0..PARTITIONS + PARTITIONS / 2)
+        .map(|i| NewMessage::new("wide", i % PARTITIONS, format!("{i}")))
+        .collect();
+    h.enqueue_batch(&batch).await;
+    seen.wait_until(WAIT, "every message handled", |d| d.len() == batch.len())
+        .await;
+    h.wait_depth("wide", "every partition vacuumed", |d| d.stored == 0)
+        .await;
+    h.finish().await;
+}
+
 on_every_backend!(
     every_handler_sees_every_message,
     vacuum_keeps_what_any_handler_still_needs,
+    vacuum_reaches_every_partition_of_a_wide_queue,
 );

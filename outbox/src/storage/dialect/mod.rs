@@ -90,6 +90,15 @@ pub(crate) trait Dialect: std::fmt::Debug + Send + Sync {
         format!("{}({a}, {b})", self.greatest_fn())
     }
 
+    /// The integer type a `CAST` names (an aggregate such as `SUM` of integers is a decimal
+    /// on PostgreSQL and MySQL/MariaDB; cast back, it reads as an `i64`).
+    fn integer_cast_type(&self) -> &'static str;
+
+    /// `SUM` of an integer SQL expression, as an integer.
+    fn sum_int(&self, expr: &str) -> String {
+        format!("CAST(SUM({expr}) AS {})", self.integer_cast_type())
+    }
+
     /// `FOR UPDATE SKIP LOCKED` where the backend has row locks; a single writer's write
     /// transaction already excludes every other writer.
     fn skip_locked(&self) -> &'static str {

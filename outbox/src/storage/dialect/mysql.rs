@@ -83,6 +83,10 @@ impl Dialect for MySql {
         "GREATEST"
     }
 
+    fn integer_cast_type(&self) -> &'static str {
+        "SIGNED"
+    }
+
     fn optimization_fence(&self) -> &'static str {
         " LIMIT 18446744073709551615"
     }

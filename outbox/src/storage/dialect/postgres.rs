@@ -70,6 +70,10 @@ impl Dialect for Postgres {
         "GREATEST"
     }
 
+    fn integer_cast_type(&self) -> &'static str {
+        "BIGINT"
+    }
+
     fn optimization_fence(&self) -> &'static str {
         " OFFSET 0"
     }

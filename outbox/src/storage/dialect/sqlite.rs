@@ -78,6 +78,10 @@ impl Dialect for Sqlite {
         "MAX"
     }
 
+    fn integer_cast_type(&self) -> &'static str {
+        "INTEGER"
+    }
+
     fn optimization_fence(&self) -> &'static str {
         " LIMIT -1"
     }
