@@ -29,6 +29,16 @@ impl Backend {
             Backend::Mysql => "mysql",
         }
     }
+
+    /// Command names of the server's processes, for [`crate::sys::server_cpu_seconds`]
+    /// (none for SQLite: it runs inside the process).
+    pub(crate) fn server_processes(self) -> &'static [&'static str] {
+        match self {
+            Backend::Sqlite => &[],
+            Backend::Postgres => &["postgres"],
+            Backend::Mysql => &["mariadbd", "mysqld"],
+        }
+    }
 }
 
 impl fmt::Display for Backend {

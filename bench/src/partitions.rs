@@ -106,9 +106,17 @@ async fn drain(db: &FreshDb, partitions: u32, handlers: u32, messages: u64) -> R
     Ok(secs)
 }
 
-/// A runtime at `partitions` with `handlers` handlers and no traffic: CPU % of one core and
-/// statements/s over `secs` after a 3 s warm-up.
-async fn idle(db: &FreshDb, partitions: u32, handlers: u32, secs: f64) -> Res<(f64, f64)> {
+/// The idle cost of a runtime: CPU % of one core of this process and of the local database
+/// server's processes (0 for SQLite, whose work is in-process), and statements/s.
+struct Idle {
+    cpu: f64,
+    server_cpu: f64,
+    statements: f64,
+}
+
+/// A runtime at `partitions` with `handlers` handlers and no traffic, measured over `secs`
+/// after a 3 s warm-up.
+async fn idle(db: &FreshDb, partitions: u32, handlers: u32, secs: f64) -> Res<Idle> {
     let pool = db.pool(pool_size(db.backend, handlers), true).await?;
     let mut b = start_builder(&pool, partitions);
     for h in 0..handlers {
@@ -120,16 +128,23 @@ async fn idle(db: &FreshDb, partitions: u32, handlers: u32, secs: f64) -> Res<(f
     }
     let rt = b.start().await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (cpu0, st0, t0) = (sys::cpu_seconds(), sys::statements(), Instant::now());
+    let server = db.backend.server_processes();
+    let (cpu0, server0, st0, t0) = (
+        sys::cpu_seconds(),
+        sys::server_cpu_seconds(server),
+        sys::statements(),
+        Instant::now(),
+    );
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     let el = t0.elapsed().as_secs_f64();
-    let (cpu, st) = (
-        (sys::cpu_seconds() - cpu0) / el * 100.0,
-        (sys::statements() - st0) as f64 / el,
-    );
+    let measured = Idle {
+        cpu: (sys::cpu_seconds() - cpu0) / el * 100.0,
+        server_cpu: (sys::server_cpu_seconds(server) - server0) / el * 100.0,
+        statements: (sys::statements() - st0) as f64 / el,
+    };
     rt.shutdown(Duration::from_secs(10)).await?;
     pool.close().await.ok();
-    Ok((cpu, st))
+    Ok(measured)
 }
 
 /// Runs every cell and prints a Markdown table; `Err` if a cell failed.
@@ -138,7 +153,7 @@ pub(crate) async fn run(o: &Options) -> Res<()> {
     let widest = o.partitions.iter().copied().max().unwrap_or(1);
     let narrowest = o.partitions.iter().copied().min().unwrap_or(1);
     println!(
-        "### Partition scaling: {} messages round-robin over one queue, {} transactional handlers (Profile::Default), enqueued before start; seconds until every handler saw every message, median of {} runs [min-max]; idle: the same runtime at {widest} partitions with no traffic, {}s after a 3 s warm-up\n",
+        "### Partition scaling: {} messages round-robin over one queue, {} transactional handlers (Profile::Default), enqueued before start; seconds until every handler saw every message, median of {} runs [min-max]; idle: the same runtime at {widest} partitions with no traffic, {}s after a 3 s warm-up; server CPU: the local database server's processes over the same span\n",
         o.messages, o.handlers, o.reps, o.idle_secs
     );
     let header: Vec<String> = o
@@ -147,10 +162,10 @@ pub(crate) async fn run(o: &Options) -> Res<()> {
         .map(|p| format!("drain s, {p} partitions"))
         .collect();
     println!(
-        "| backend | {} | {widest} vs {narrowest} | idle CPU % of a core | idle statements/s |",
+        "| backend | {} | {widest} vs {narrowest} | idle CPU % of a core | idle server CPU % | idle statements/s |",
         header.join(" | ")
     );
-    println!("|---|{}---|---|---|", "---|".repeat(o.partitions.len()));
+    println!("|---|{}---|---|---|---|", "---|".repeat(o.partitions.len()));
     for &backend in &o.backends {
         let mut cells = Vec::new();
         let mut medians = Vec::new();
@@ -194,15 +209,22 @@ pub(crate) async fn run(o: &Options) -> Res<()> {
                 r
             };
             match cell.await {
-                Ok((cpu, st)) => format!("{cpu:.2} | {st:.1}"),
+                Ok(i) => {
+                    let server = if backend.server_processes().is_empty() {
+                        "in-process".to_owned()
+                    } else {
+                        format!("{:.2}", i.server_cpu)
+                    };
+                    format!("{:.2} | {server} | {:.1}", i.cpu, i.statements)
+                }
                 Err(e) => {
                     failed.push(format!("{backend}/idle: {e}"));
                     row_failed = true;
-                    "FAILED | ".into()
+                    "FAILED | | ".into()
                 }
             }
         } else {
-            "not run | not run".into()
+            "not run | not run | not run".into()
         };
         println!(
             "| {backend}{} | {} | {ratio} | {idle_cell} |",

@@ -157,21 +157,48 @@ pub(crate) fn install_counter() {
 
 /// CPU time of this process (user + system), in seconds. Assumes the usual 100 ticks/s.
 pub(crate) fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return f64::NAN;
-    };
+    std::fs::read_to_string("/proc/self/stat").map_or(f64::NAN, |stat| stat_cpu_seconds(&stat).1)
+}
+
+/// The command name and the user plus system CPU seconds of one `/proc/<pid>/stat`.
+fn stat_cpu_seconds(stat: &str) -> (&str, f64) {
     // The command name may hold spaces: fields are counted after its closing parenthesis.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return f64::NAN;
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return ("", f64::NAN);
     };
-    let f: Vec<&str> = rest.split_whitespace().collect();
+    let name = &stat[open + 1..close];
+    let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
     // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12.
     let tick = |i: usize| {
         f.get(i)
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(f64::NAN)
     };
-    (tick(11) + tick(12)) / 100.0
+    (name, (tick(11) + tick(12)) / 100.0)
+}
+
+/// CPU seconds of every process of the local database servers named `names` (`postgres`:
+/// the postmaster, every connection's backend and the background workers; `mariadbd` or
+/// `mysqld`: one process). Processes that ended between two readings are not counted, so
+/// read it around a span where the connections stay open. 0 when no such process runs here.
+pub(crate) fn server_cpu_seconds(names: &[&str]) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return f64::NAN;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .map(|stat| {
+            let (name, secs) = stat_cpu_seconds(&stat);
+            if names.contains(&name) { secs } else { 0.0 }
+        })
+        .filter(|secs| secs.is_finite())
+        .sum()
 }
 
 /// Busy and total jiffies of the whole machine (all CPUs) from `/proc/stat`; the busy share
