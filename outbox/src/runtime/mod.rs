@@ -484,6 +484,7 @@ impl Outbox {
         let result = self.shared.store.unblock(key, head_seq).await?;
         refused(result, key, head_seq)?;
         self.shared.wake.sequenced(queue);
+        self.mark_changed().await;
         Ok(())
     }
 
@@ -506,7 +507,21 @@ impl Outbox {
         let result = self.shared.store.skip_head(key, head_seq).await?;
         refused(result, key, head_seq)?;
         self.shared.wake.sequenced(queue);
+        self.mark_changed().await;
         Ok(())
+    }
+
+    /// After an operator's change that may give a partition work again: tells the idle
+    /// handlers of other processes on a server (see [`Store::mark_changed`]). The change itself
+    /// committed; without the mark they find it at their next full read, within 10 s.
+    ///
+    /// [`Store::mark_changed`]: crate::storage::Store::mark_changed
+    async fn mark_changed(&self) {
+        if self.shared.store.marks_changes()
+            && let Err(e) = self.shared.store.mark_changed().await
+        {
+            tracing::warn!(error = %e, "could not mark the change for other processes; their idle handlers find it within 10 s");
+        }
     }
 
     /// Retires a handler that no longer runs (removed or renamed): deletes its cursors so
@@ -1099,6 +1114,7 @@ impl Builder {
                 in_flight: Mutex::new(HashSet::new()),
                 backlog: Mutex::default(),
                 scanned: Mutex::new(None),
+                changes_seen: Mutex::new(None),
                 slots: Arc::new(Semaphore::new(tuning.concurrency as usize)),
                 starved: std::sync::atomic::AtomicBool::new(false),
                 write_hold,

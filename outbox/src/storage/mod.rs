@@ -183,6 +183,13 @@ impl Store {
         Ok(WriteTxn { txn, _gate: gate })
     }
 
+    /// Whether changes are marked in the database for other processes' idle handlers
+    /// ([`Store::mark_changed`]): on a server, where no file watch tells a poll that nothing
+    /// was written.
+    pub(crate) fn marks_changes(&self) -> bool {
+        self.dialect.commit_files().is_none()
+    }
+
     /// The files another process's commit writes, to be watched (see
     /// [`Dialect::commit_files`](dialect::Dialect::commit_files)); empty for a server or a
     /// database in memory.

@@ -371,6 +371,53 @@ impl Store {
         }
     }
 
+    /// Counts a change another process's idle handlers must look at: a sequencer pass that
+    /// moved rows, an operator's unblock or skip. Kept in `meta` as a number in text, bumped
+    /// after the change committed (see [`Store::changes`]).
+    pub(crate) async fn mark_changed(&self) -> Result<(), DbErr> {
+        let bumped = exec(
+            &self.db,
+            self.stmt(
+                &format!(
+                    "UPDATE {} SET value = CAST(value AS {}) + 1 WHERE name = '{CHANGES}'",
+                    self.t.meta,
+                    self.dialect.integer_cast_type()
+                ),
+                vec![],
+            ),
+        )
+        .await?;
+        if bumped == 0 {
+            exec(
+                &self.db,
+                self.stmt(
+                    &self.dialect.insert_ignore(
+                        &self.t.meta,
+                        "name, value",
+                        &format!("VALUES ('{CHANGES}', '1')"),
+                    ),
+                    vec![],
+                ),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The count of [`Store::mark_changed`] (`None` before the first): equal at two reads, no
+    /// change was marked in between, so whatever committed before the first read was there
+    /// for a read of the cursors that followed it. One row by primary key.
+    pub(crate) async fn changes(&self) -> Result<Option<String>, DbErr> {
+        let row = self
+            .db
+            .query_one_raw(self.stmt(
+                &format!("SELECT value FROM {} WHERE name = '{CHANGES}'", self.t.meta),
+                vec![],
+            ))
+            .await?;
+        row.map(|r| col::<String>(&r, 0)).transpose()
+    }
+
     /// The id of this outbox, created once by the migration to version 2.
     pub(crate) async fn instance_id(&self) -> Result<Option<String>, DbErr> {
         let row = self
@@ -386,6 +433,9 @@ impl Store {
         row.map(|r| col::<String>(&r, 0)).transpose()
     }
 }
+
+/// The `meta` row that counts [`Store::mark_changed`].
+const CHANGES: &str = "changes";
 
 fn too_new(found: i64) -> DbErr {
     DbErr::Custom(format!(
