@@ -14,7 +14,7 @@
 //! | `outbox_blocked_total` | counter | `queue`, `handler` | Times a poisoned head blocked a partition (block policy). |
 //! | `outbox_handler_duration_seconds` | histogram | `queue`, `handler` | Duration of one handler call that succeeded. |
 //! | `outbox_delivery_latency_seconds` | histogram | `queue`, `handler` | From enqueue (`Message::enqueued_at_ms`, the database's clock at insert; commit follows it) to the successful end of the handler call, by this process's clock (skew between it and the database shows here). |
-//! | `outbox_scans_total` | counter | `queue`, `handler` | Reads of the handler's cursors for partitions with work (after a wake-up, and at each poll; on SQLite a poll skips the read while a watch on the database file saw no write, and reads at least every 10 s). |
+//! | `outbox_scans_total` | counter | `queue`, `handler` | Reads of the handler's cursors for partitions with work (after a wake-up, and at a poll; a poll skips the read while nothing changed, and reads at least every 10 s: on SQLite a watch on the database file saw no write, on a server the count of changes sequencers mark in the database did not move). |
 //! | `outbox_waiting` | gauge | `queue`, `handler` | Messages the handler has not handled yet, sequenced or not (depth). |
 //! | `outbox_lag_seconds` | gauge | `queue`, `handler` | Age of the oldest message the handler has not handled (0 when nothing waits). |
 //! | `outbox_unsequenced` | gauge | `queue` | Committed messages waiting for the sequencer. |

@@ -207,7 +207,91 @@ async fn rows_another_sequencer_moved_reach_an_idle_handler(t: Arc<TestDb>) {
     assert_invariants(&db, "outbox_").await;
 }
 
+/// A process that shuts down lets a partition go with work left: another process's idle
+/// handler takes it at once, not at its next full read of the cursors (10 s) or when the lease
+/// it saw would have expired. A handles one message per batch and is stopped inside its first;
+/// B polls every 50 ms.
+async fn a_partition_a_stopped_process_let_go_reaches_an_idle_handler(t: Arc<TestDb>) {
+    snapshotter();
+    let queue: &'static str = format!("handoff_{:?}", t.kind).to_lowercase().leak();
+    let db = t.pool(6).await;
+    let seen = Seen::default();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let gate = Arc::new(tokio::sync::Mutex::new(Some((started_tx, release_rx))));
+    let first = {
+        let (seen, gate) = (seen.clone(), gate.clone());
+        HandlerSpec::leased(queue, "h", move |m, _ctx| {
+            seen.push("a", m);
+            let gate = gate.clone();
+            Box::pin(async move {
+                if let Some((started, release)) = gate.lock().await.take() {
+                    let _ = started.send(());
+                    let _ = release.await;
+                }
+                Ok(())
+            })
+        })
+        .overrides(Overrides::NONE.batch_size(1))
+    };
+    let a = Outbox::builder(db.clone())
+        .profile(Profile::LowLatency)
+        .queue(QueueSpec::new(queue, 4))
+        .handler(first)
+        .start()
+        .await
+        .expect("start A");
+    let batch: Vec<NewMessage> = (0..5)
+        .map(|i| NewMessage::new(queue, 0, format!("m{i}")))
+        .collect();
+    a.outbox()
+        .enqueue_batch(&db, &batch)
+        .await
+        .expect("enqueue");
+    started_rx.await.expect("A took the first message");
+
+    let b_db = t.pool(6).await;
+    let second = {
+        let seen = seen.clone();
+        HandlerSpec::leased(queue, "h", move |m, _ctx| {
+            seen.push("b", m);
+            Box::pin(async { Ok(()) })
+        })
+        .overrides(Overrides::NONE.poll_interval(Duration::from_millis(50)))
+    };
+    let b = Outbox::builder(b_db)
+        .profile(Profile::Relaxed)
+        .queue(QueueSpec::new(queue, 4))
+        .handler(second)
+        .start()
+        .await
+        .expect("start B");
+    // B has seen the partition leased by A; its polls skip their reads.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let stopping = tokio::spawn(async move { a.shutdown(Duration::from_secs(5)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = release_tx.send(());
+    stopping
+        .await
+        .expect("join")
+        .expect("A shuts down within its grace");
+    seen.wait_until(
+        FOUND_WITHIN,
+        "the rest of the partition A let go, handled by B",
+        |d| d.len() == 5,
+    )
+    .await;
+    let by_b = seen.of("b").len();
+    assert!(by_b >= 1, "B handled none of the partition: {by_b}");
+    b.shutdown(Duration::from_secs(5))
+        .await
+        .expect("shutdown B");
+    assert_invariants(&db, "outbox_").await;
+}
+
 on_every_backend!(
     an_idle_handler_does_not_rescan_an_unchanged_database,
     rows_another_sequencer_moved_reach_an_idle_handler,
+    a_partition_a_stopped_process_let_go_reaches_an_idle_handler,
 );

@@ -81,6 +81,10 @@ use worker::Pacing;
 /// Poll interval floor on PostgreSQL, where LISTEN/NOTIFY announces new work.
 const PG_SAFETY_POLL: Duration = Duration::from_secs(1);
 
+/// The longest a graceful shutdown waits to mark, for other processes, that it let its
+/// partitions go (see [`Outbox::mark_changed`]).
+const SHUTDOWN_MARK_WITHIN: Duration = Duration::from_millis(200);
+
 /// Default table prefix.
 pub const DEFAULT_TABLE_PREFIX: &str = "outbox_";
 
@@ -511,9 +515,10 @@ impl Outbox {
         Ok(())
     }
 
-    /// After an operator's change that may give a partition work again: tells the idle
-    /// handlers of other processes on a server (see [`Store::mark_changed`]). The change itself
-    /// committed; without the mark they find it at their next full read, within 10 s.
+    /// After an operator's change that may give a partition work again, or a shutdown that
+    /// let partitions go: tells the idle handlers of other processes on a server (see
+    /// [`Store::mark_changed`]). The change itself committed; without the mark they find it
+    /// at their next full read, within 10 s.
     ///
     /// [`Store::mark_changed`]: crate::storage::Store::mark_changed
     async fn mark_changed(&self) {
@@ -1335,6 +1340,10 @@ impl Running {
             .await
             .is_ok()
         {
+            // Partitions this process let go may still hold work: another process's idle
+            // handlers look at once instead of at their next full read. Bounded: a database
+            // that hangs does not hold up the return.
+            let _ = tokio::time::timeout(SHUTDOWN_MARK_WITHIN, self.outbox.mark_changed()).await;
             return Ok(());
         }
         self.hard.cancel();
