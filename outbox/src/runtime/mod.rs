@@ -95,12 +95,16 @@ pub(crate) struct Shared {
     /// Partition counts of queues known to exist in the database.
     known: RwLock<HashMap<String, u32>>,
     acked: AtomicU64,
+    /// Messages acked by this process since it started (vacuum's look on a server skips a
+    /// poll while this has not moved; see `vacuum::step`).
+    pub(crate) acked_total: AtomicU64,
     vacuum_after: AtomicU64,
 }
 
 impl Shared {
     /// Counts acked messages and wakes vacuum when enough accumulated.
     pub(crate) fn acked(&self, n: u64) {
+        self.acked_total.fetch_add(n, Ordering::Relaxed);
         let threshold = self.vacuum_after.load(Ordering::Relaxed);
         if threshold > 0 && self.acked.fetch_add(n, Ordering::Relaxed) + n >= threshold {
             self.acked.store(0, Ordering::Relaxed);
@@ -148,6 +152,7 @@ impl Outbox {
             max_payload: DEFAULT_MAX_PAYLOAD,
             known: RwLock::new(HashMap::new()),
             acked: AtomicU64::new(0),
+            acked_total: AtomicU64::new(0),
             vacuum_after: AtomicU64::new(0),
         });
         Ok(Outbox { shared })
@@ -921,6 +926,7 @@ impl Builder {
             max_payload: self.max_payload,
             known: RwLock::new(known),
             acked: AtomicU64::new(0),
+            acked_total: AtomicU64::new(0),
             vacuum_after: AtomicU64::new(0),
         });
         Ok((Outbox { shared }, self))

@@ -37,11 +37,13 @@ pub(crate) struct Sequencer {
     marks: Mutex<Marks>,
 }
 
-/// A server (PostgreSQL, MySQL/MariaDB): after passes that moved rows, the sequencer bumps a
-/// count in the database ([`Store::mark_changed`](crate::storage::Store::mark_changed)) that
-/// idle handlers read, one row, before they read all their cursors: handlers of this process
-/// are woken directly, but those of another process would otherwise have to scan at every
-/// poll (at 4,096 partitions and 10 handlers, 8-16% of a core of the database server).
+/// MySQL/MariaDB: after passes that moved rows, the sequencer bumps a count in the database
+/// ([`Store::mark_changed`](crate::storage::Store::mark_changed)) that idle handlers read, one
+/// row, before they read all their cursors: handlers of this process are woken directly, but
+/// those of another process would otherwise have to scan at every poll (at 4,096 partitions
+/// and 10 handlers, 16% of a core of the database server). On PostgreSQL the pass notifies
+/// every process's handlers of its queues (NOTIFY), which wakes them to scan, so it marks
+/// nothing.
 ///
 /// The mark follows the pass's commit, so a handler that sees it scans after the rows are
 /// visible. Under load it goes out at most every [`MARK_AT_MOST_EVERY`]; a pass that moved
@@ -101,7 +103,8 @@ impl Sequencer {
     /// pending and the last mark is old enough, or the pass moved nothing (see [`Marks`]).
     async fn mark(&self, moved: bool) {
         let store = &self.shared.store;
-        if !store.marks_changes() {
+        // PostgreSQL: the pass itself notified every process's handlers of its queues.
+        if !store.marks_changes() || store.dialect.listen_notify() {
             return;
         }
         let send = {
