@@ -52,6 +52,17 @@ fn scans(queue: &str) -> u64 {
         .sum()
 }
 
+/// After `settle`, the handlers of `queue` read their cursors at most once in 3 s of idle
+/// polling (60 polls at 50 ms; 3 on PostgreSQL, which polls once a second).
+async fn assert_idle(queue: &str, settle: Duration, when: &str) {
+    tokio::time::sleep(settle).await;
+    let _ = scans(queue);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = scans(queue);
+    eprintln!("{when}: {idle} reads in 3 s");
+    assert!(idle <= 1, "{when}: {idle} reads of the cursors in 3 s");
+}
+
 async fn an_idle_handler_does_not_rescan_an_unchanged_database(t: Arc<TestDb>) {
     snapshotter();
     let queue: &'static str = format!("idle_{:?}", t.kind).to_lowercase().leak();
@@ -75,8 +86,7 @@ async fn an_idle_handler_does_not_rescan_an_unchanged_database(t: Arc<TestDb>) {
         })
         .overrides(Overrides::NONE.backoff_base(RETRY).backoff_max(RETRY))
     };
-    // LowLatency polls every 50 ms (PostgreSQL: once a second): 60 polls (3) in the 3 s
-    // measured below.
+    // LowLatency polls every 50 ms (PostgreSQL: once a second).
     let rt = Outbox::builder(db.clone())
         .profile(Profile::LowLatency)
         .queue(QueueSpec::new(queue, 64))
@@ -103,17 +113,10 @@ async fn an_idle_handler_does_not_rescan_an_unchanged_database(t: Arc<TestDb>) {
     };
 
     // 1. Idle: the polls skip their reads.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let _ = scans(queue);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle = scans(queue);
-    eprintln!("idle: {idle} reads in 3 s");
-    assert!(
-        idle <= 1,
-        "{idle} reads of the cursors in 3 s of idle polling"
-    );
+    assert_idle(queue, Duration::from_secs(1), "idle").await;
 
-    // 2. Another process commits: the watch wakes the sequencer, which wakes the handler.
+    // 2. Another process commits: the watch (SQLite), NOTIFY (PostgreSQL) or the poll
+    //    (MariaDB) wakes the sequencer, which wakes the handler.
     commit("other").await;
     seen.wait_until(FOUND_WITHIN, "the commit of another process", |d| {
         d.len() == 1
@@ -139,15 +142,7 @@ async fn an_idle_handler_does_not_rescan_an_unchanged_database(t: Arc<TestDb>) {
     );
 
     // 4. Idle again, once vacuum removed what was handled (SQLite's watch sees that write).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let _ = scans(queue);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle = scans(queue);
-    eprintln!("idle after work: {idle} reads in 3 s");
-    assert!(
-        idle <= 1,
-        "{idle} reads of the cursors in 3 s idle after work"
-    );
+    assert_idle(queue, Duration::from_secs(3), "idle after work").await;
 
     rt.shutdown(Duration::from_secs(5)).await.expect("shutdown");
     assert_invariants(&db, "outbox_").await;
