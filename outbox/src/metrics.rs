@@ -9,6 +9,7 @@
 //! | `outbox_enqueued_total` | counter | `queue` | Messages enqueued through this process (counted when the insert succeeds, so a rolled-back caller transaction still counts). |
 //! | `outbox_duplicates_total` | counter | `queue` | Enqueues that wrote nothing because their deduplication key was taken. |
 //! | `outbox_handled_total` | counter | `queue`, `handler` | Messages acked by the handler (the cursor moved past them). |
+//! | `outbox_batches_total` | counter | `queue`, `handler` | Batches acked: one transaction of a transactional handler (which may carry the batches of several partitions with a few messages each), one lease of a leased handler. `outbox_handled_total` ÷ this is the mean batch fill. |
 //! | `outbox_retried_total` | counter | `queue`, `handler` | Failed attempts that will be retried after a backoff. |
 //! | `outbox_dead_lettered_total` | counter | `queue`, `handler` | Messages moved to the dead letters (attempts exhausted or rejected). |
 //! | `outbox_blocked_total` | counter | `queue`, `handler` | Times a poisoned head blocked a partition (block policy). |
@@ -57,6 +58,9 @@ pub const ENQUEUED: &str = "outbox_enqueued_total";
 pub const DUPLICATES: &str = "outbox_duplicates_total";
 /// Name of the counter of handled (acked) messages.
 pub const HANDLED: &str = "outbox_handled_total";
+/// Name of the counter of acked batches (transactions of a transactional handler, leases of a
+/// leased one).
+pub const BATCHES: &str = "outbox_batches_total";
 /// Name of the counter of failed attempts that will be retried.
 pub const RETRIED: &str = "outbox_retried_total";
 /// Name of the counter of dead-lettered messages.
@@ -105,10 +109,13 @@ pub(crate) fn duplicate(queue: &str) {
     counter!(DUPLICATES, "queue" => queue.to_owned()).increment(1);
 }
 
+/// Counts one acked batch and the `n` messages the handler saw in it.
 pub(crate) fn handled(queue: &str, handler: &str, n: u64) {
     if n > 0 {
         counter!(HANDLED, "queue" => queue.to_owned(), "handler" => handler.to_owned())
             .increment(n);
+        counter!(BATCHES, "queue" => queue.to_owned(), "handler" => handler.to_owned())
+            .increment(1);
     }
 }
 
