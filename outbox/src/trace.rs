@@ -114,6 +114,19 @@ pub(crate) fn batch_handler_span(queue: &str, handler: &str, ms: &[Message]) -> 
     span
 }
 
+/// The span of the cursor writes that settle a group of partitions' batches in one statement.
+pub(crate) fn group_ack_span(queue: &str, handler: &str, partitions: usize) -> tracing::Span {
+    tracing::info_span!(
+        "outbox.ack",
+        queue,
+        handler,
+        partitions,
+        handled = Empty,
+        otel.status_code = Empty,
+        otel.status_message = Empty
+    )
+}
+
 /// The span of an ack: the cursor of `handler` on `partition` of `queue` moves to `seq`
 /// (`handled` messages, a failure being recorded when `failed_seq` is set).
 pub(crate) fn ack_span(queue: &str, handler: &str, partition: u32, seq: i64) -> tracing::Span {

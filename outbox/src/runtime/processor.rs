@@ -5,7 +5,7 @@
 //! cursor write ([`Store::settle`](crate::storage::Store)) records it in the right transaction
 //! (see [`Processor::record_failure`] and the two batch functions).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,9 +73,22 @@ pub(crate) struct Processor {
 /// partitions quadratic (4,096 partitions: one full scan per partition drained).
 #[derive(Debug, Default)]
 pub(crate) struct Backlog {
-    ready: VecDeque<u32>,
+    ready: VecDeque<Ready>,
     due: Option<Instant>,
 }
+
+/// A partition the last scan found ready.
+#[derive(Debug, Clone, Copy)]
+struct Ready {
+    partition: u32,
+    /// Messages after the cursor when scanned.
+    waiting: i64,
+    /// The head has failed before: it is claimed alone, with its failure rules.
+    retried: bool,
+}
+
+/// The most partitions one group claim takes (one transaction of a transactional handler).
+const MAX_GROUP: usize = 64;
 
 /// Where a watch on the database's files tells that nothing changed (SQLite), a poll skips the
 /// scan but still scans at least this often.
@@ -151,6 +164,17 @@ struct Carried {
     failed: Failed,
 }
 
+/// What a group claim leaves to do.
+#[derive(Debug, Default)]
+struct GroupEnd {
+    /// A batch was handled and committed.
+    worked: bool,
+    /// Partitions to claim one by one.
+    alone: Vec<u32>,
+    /// Partitions to claim again as a group.
+    regroup: Vec<u32>,
+}
+
 /// What one partition's drain carries from a batch to the next.
 #[derive(Default)]
 struct Drain {
@@ -192,7 +216,7 @@ impl Processor {
                 left_behind = !self.backlog_is_empty();
                 break;
             };
-            let Some(partition) = self
+            let Some(first) = self
                 .backlog
                 .lock()
                 .ok()
@@ -204,21 +228,30 @@ impl Processor {
                 let Ok(mut set) = self.in_flight.lock() else {
                     break;
                 };
-                if !set.insert(partition) {
+                if !set.insert(first.partition) {
                     // Its task is still running; it wakes us if it did any work, and the next
                     // scan finds whatever is left.
                     continue;
                 }
             }
+            let group = self.gather(first);
             let this = self.clone();
             self.tracker.spawn(async move {
+                let work = async {
+                    match group.as_slice() {
+                        [partition] => this.drain_partition(*partition).await,
+                        _ => this.drain_group(&group).await,
+                    }
+                };
                 let worked = tokio::select! {
                     // Past the release window nothing waits for a database call that hangs.
                     () = this.abandon.cancelled() => false,
-                    worked = this.drain_partition(partition) => worked,
+                    worked = work => worked,
                 };
                 if let Ok(mut set) = this.in_flight.lock() {
-                    set.remove(&partition);
+                    for partition in &group {
+                        set.remove(partition);
+                    }
                 }
                 drop(permit);
                 // Look again if messages may have arrived meanwhile or others wait for a slot.
@@ -244,6 +277,42 @@ impl Processor {
             ),
             None => Next::Idle,
         })
+    }
+
+    /// The partitions one batch task takes, starting with `first` (already in flight): for a
+    /// transactional handler, the ready partitions that follow it in the backlog while their
+    /// messages fit in one batch, so that a drain over many shallow partitions costs one
+    /// transaction per group instead of one per partition. The backlog is shared out over the
+    /// free slots, so that a handler's concurrency still applies. A partition whose head failed
+    /// before, or with a full batch waiting, runs alone.
+    fn gather(&self, first: Ready) -> Vec<u32> {
+        let mut group = vec![first.partition];
+        let batch = i64::from(self.tuning.batch_size);
+        let groupable = |r: &Ready| !r.retried && r.waiting < batch;
+        if self.mode.kind != HandlerMode::Transactional || !groupable(&first) {
+            return group;
+        }
+        let (Ok(mut backlog), Ok(mut set)) = (self.backlog.lock(), self.in_flight.lock()) else {
+            return group;
+        };
+        let share = (backlog.ready.len() + 1)
+            .div_ceil(self.slots.available_permits() + 1)
+            .min(MAX_GROUP);
+        let mut messages = first.waiting;
+        while group.len() < share {
+            let Some(&next) = backlog.ready.front() else {
+                break;
+            };
+            if !groupable(&next) || messages + next.waiting > batch {
+                break;
+            }
+            backlog.ready.pop_front();
+            if set.insert(next.partition) {
+                group.push(next.partition);
+                messages += next.waiting;
+            }
+        }
+        group
     }
 
     /// A poll finds nothing a new scan would: that scan is recent, no partition it saw held
@@ -304,7 +373,11 @@ impl Processor {
                     let wait = t - now;
                     due = Some(due.map_or(wait, |d| d.min(wait)));
                 }
-                None => backlog.ready.push_back(rp.partition),
+                None => backlog.ready.push_back(Ready {
+                    partition: rp.partition,
+                    waiting: rp.waiting,
+                    retried: rp.attempts > 0,
+                }),
             }
         }
         backlog.due =
@@ -342,6 +415,211 @@ impl Processor {
             }
         }
         worked
+    }
+
+    /// Drains a group of shallow partitions: group claims while they find work, then one by one
+    /// the partitions a group left to the single path (a head that failed before, a full batch,
+    /// a group that failed); returns whether it did anything.
+    async fn drain_group(&self, group: &[u32]) -> bool {
+        let mut worked = false;
+        let mut alone = Vec::new();
+        let mut todo = group.to_vec();
+        while !todo.is_empty() && !self.cancel.is_cancelled() {
+            match self.group_batch(&todo).await {
+                Ok(end) => {
+                    worked |= end.worked;
+                    alone.extend(end.alone);
+                    todo = end.regroup;
+                }
+                Err(e) => {
+                    // The database failed outside any handler: each partition retries on its
+                    // own, with the single path's backoff.
+                    tracing::warn!(queue = %self.queue, handler = %self.handler, partitions = todo.len(),
+                        error = %e, "group batch failed; claiming its partitions one by one");
+                    alone.append(&mut todo);
+                }
+            }
+        }
+        for partition in alone {
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            worked |= self.drain_partition(partition).await;
+        }
+        worked
+    }
+
+    /// One transaction over the batches of several partitions: lock their cursors, read every
+    /// batch in one statement, mark the claim, handle each partition's messages in order, and
+    /// settle every cursor in the same commit, guarded by the mark (as a single batch).
+    ///
+    /// Only partitions whose head has no failed attempt are taken; the others are left to the
+    /// single path with its failure rules. Any failure (a handler error, a panic, a time limit,
+    /// a failed settle or commit) rolls the whole group back and leaves every partition to the
+    /// single path: each message's effects are redone there, and only the message that fails
+    /// there is charged. On SQLite the group stops taking messages at half of the write-lock
+    /// budget and commits; the partitions it did not finish are claimed again as a group.
+    async fn group_batch(&self, group: &[u32]) -> Result<GroupEnd, DbErr> {
+        let store = &self.shared.store;
+        let mut end = GroupEnd::default();
+        let txn = store.begin_write().await?;
+        let mut claimed = Vec::new();
+        for (partition, cur) in store
+            .lock_cursors(&*txn, &self.queue, &self.handler, group)
+            .await?
+        {
+            if cur.held() {
+                // The next scan says when it comes free.
+                continue;
+            }
+            if cur.attempts > 0 || cur.abandoned_lease() {
+                end.alone.push(partition);
+                continue;
+            }
+            claimed.push((partition, cur.processed_seq));
+        }
+        let limit = self.tuning.batch_size;
+        let batches = match claimed.is_empty() {
+            true => BTreeMap::new(),
+            false => {
+                store
+                    .read_batches(&*txn, &self.queue, &claimed, limit)
+                    .await?
+            }
+        };
+        claimed.retain(|(p, _)| batches.contains_key(p));
+        if claimed.is_empty() {
+            txn.rollback().await?;
+            return Ok(end);
+        }
+        let partitions: Vec<u32> = claimed.iter().map(|&(p, _)| p).collect();
+        let marker = new_token();
+        store
+            .mark_claims(&*txn, &self.queue, &self.handler, &partitions, &marker)
+            .await?;
+        let span = tracing::info_span!("outbox.batch", queue = %self.queue, handler = %self.handler,
+            partitions = partitions.len(), mode = "transactional");
+        async {
+            let started = Instant::now();
+            let mut handled = 0usize;
+            let mut stopped = false;
+            let mut failure = None;
+            let mut progress: Vec<(u32, i64)> = Vec::with_capacity(claimed.len());
+            for &(partition, after) in &claimed {
+                let batch = batches.get(&partition).map_or(&[][..], Vec::as_slice);
+                let mut processed = after;
+                if !stopped && failure.is_none() {
+                    let (done, reached) = self
+                        .handle_in_group(&txn, partition, batch, started, &mut handled)
+                        .await;
+                    processed = reached.unwrap_or(after);
+                    match done {
+                        Ok(finished) => stopped = !finished,
+                        Err(e) => failure = Some(e),
+                    }
+                }
+                progress.push((partition, processed));
+            }
+            if let Some(err) = failure {
+                // A failed rollback (lost connection) still releases the locks server-side.
+                let _ = txn.rollback().await;
+                if !matches!(err, CallError::Interrupted) {
+                    tracing::debug!(queue = %self.queue, handler = %self.handler, error = %err,
+                        "a group's batch failed; its partitions are claimed one by one");
+                    end.alone.extend(partitions);
+                }
+                return Ok(end);
+            }
+            let span = trace::group_ack_span(&self.queue, &self.handler, progress.len());
+            span.record("handled", handled);
+            let settle = async {
+                let settled = store
+                    .settle_group(&*txn, &self.queue, &self.handler, &progress, &marker)
+                    .await;
+                match settled {
+                    Ok(true) => txn.commit().await.map(|()| true),
+                    other => {
+                        let _ = txn.rollback().await;
+                        other.map(|_| false)
+                    }
+                }
+            };
+            match trace::traced(span, settle).await {
+                Ok(true) => {}
+                // The database rolled the group back behind the handlers, or a write failed:
+                // the single path finds the message that breaks it.
+                Ok(false) | Err(_) => {
+                    end.alone.extend(partitions);
+                    return Ok(end);
+                }
+            }
+            end.worked = true;
+            let n = u64::try_from(handled).unwrap_or(0);
+            self.shared.acked(n);
+            metrics::handled(&self.queue, &self.handler, n);
+            for &(partition, processed) in &progress {
+                let batch = batches.get(&partition).map_or(&[][..], Vec::as_slice);
+                match batch.last() {
+                    // Not finished before the write budget ran out: claimed again as a group.
+                    Some(last) if last.seq > processed => end.regroup.push(partition),
+                    // A full batch: more may wait, claimed alone.
+                    _ if batch.len() == limit as usize => end.alone.push(partition),
+                    _ => {}
+                }
+            }
+            Ok(end)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Handles one partition's batch inside a group's transaction. Returns whether it finished
+    /// the batch (`Ok(false)`: the SQLite write budget stopped it) or the error that fails the
+    /// group, and the last sequence handled or passed over, if any.
+    async fn handle_in_group(
+        &self,
+        txn: &WriteTxn,
+        partition: u32,
+        batch: &[StoredMessage],
+        started: Instant,
+        handled: &mut usize,
+    ) -> (Result<bool, CallError>, Option<i64>) {
+        let mut reached = None;
+        if self.mode.batch {
+            let msgs = self.messages(batch, partition, 0);
+            if !msgs.is_empty() {
+                let (limit, budget) = self.time_left(started, *handled > 0);
+                if limit.is_zero() {
+                    return (Ok(false), None);
+                }
+                let scope = Scope::Transaction(txn);
+                if let Err(e) = self
+                    .invoke(&msgs, scope, Limit::Time { limit, budget })
+                    .await
+                {
+                    return (Err(e), None);
+                }
+                *handled += msgs.len();
+            }
+            return (Ok(true), batch.last().map(|m| m.seq));
+        }
+        for m in batch {
+            if self.mine(m) {
+                let (limit, budget) = self.time_left(started, *handled > 0);
+                if limit.is_zero() {
+                    return (Ok(false), reached);
+                }
+                let msg = m.clone().into_message(&self.queue, partition, 1);
+                let one = std::slice::from_ref(&msg);
+                let scope = Scope::Transaction(txn);
+                if let Err(e) = self.invoke(one, scope, Limit::Time { limit, budget }).await {
+                    return (Err(e), reached);
+                }
+                *handled += 1;
+            }
+            reached = Some(m.seq);
+        }
+        (Ok(true), reached)
     }
 
     /// Runs a handler future, catching panics, failing it when `limit` completes; hard shutdown

@@ -6,6 +6,7 @@
 //! ([`Dialect::now_ms`](super::dialect::Dialect::now_ms)), so processes whose clocks disagree
 //! still agree on retry times and on who holds a lease.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, DbErr, Value};
@@ -64,6 +65,11 @@ impl CursorRow {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReadyPartition {
     pub(crate) partition: u32,
+    /// Messages after the cursor (of every handler: replayed copies addressed to another
+    /// handler count too).
+    pub(crate) waiting: i64,
+    /// Failed attempts of the head.
+    pub(crate) attempts: i64,
     pub(crate) retry_at: i64,
     pub(crate) lease_expires_at: Option<i64>,
     /// The database's clock when read.
@@ -172,12 +178,13 @@ impl Store {
             .db
             .query_all_raw(self.stmt(
                 &format!(
-                    "SELECT c.partition_no, c.retry_at, c.lease_expires_at, {now} FROM {} c JOIN {} p \
+                    "SELECT c.partition_no, c.retry_at, c.lease_expires_at, {now}, \
+                     p.last_seq - {from}, c.attempts FROM {} c JOIN {} p \
                      ON p.queue = c.queue AND p.partition_no = c.partition_no \
-                     WHERE c.queue = ? AND c.handler = ? AND p.last_seq > {} AND c.blocked = 0",
+                     WHERE c.queue = ? AND c.handler = ? AND p.last_seq > {from} AND c.blocked = 0",
                     self.t.cursors,
                     self.t.partitions,
-                    self.dialect.greatest("c.processed_seq", "p.vacuumed_seq"),
+                    from = self.dialect.greatest("c.processed_seq", "p.vacuumed_seq"),
                     now = self.dialect.now_ms(),
                 ),
                 vec![queue.into(), handler.into()],
@@ -190,6 +197,8 @@ impl Store {
                     retry_at: col(r, 1)?,
                     lease_expires_at: col(r, 2)?,
                     now: col(r, 3)?,
+                    waiting: col(r, 4)?,
+                    attempts: col(r, 5)?,
                 })
             })
             .collect()
@@ -214,6 +223,84 @@ impl Store {
             ))
             .await?;
         row.as_ref().map(cursor_from_row).transpose()
+    }
+
+    /// Locks the cursors of `partitions` for a group claim (skipping those another worker
+    /// holds) and reads them with the database's clock, in partition order.
+    pub(crate) async fn lock_cursors<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        queue: &str,
+        handler: &str,
+        partitions: &[u32],
+    ) -> Result<Vec<(u32, CursorRow)>, DbErr> {
+        let mut values: Vec<Value> = vec![queue.into(), handler.into()];
+        values.extend(partitions.iter().map(|&p| Value::from(i64::from(p))));
+        let rows = c
+            .query_all_raw(self.stmt(
+                &format!(
+                    "SELECT {CURSOR_COLS}, {}, partition_no FROM {} \
+                     WHERE queue = ? AND handler = ? AND partition_no IN {} \
+                     ORDER BY partition_no{}",
+                    self.dialect.now_ms(),
+                    self.t.cursors,
+                    Store::list(partitions.len()),
+                    self.dialect.skip_locked()
+                ),
+                values,
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let partition = u32::try_from(col::<i64>(r, 6)?).unwrap_or(0);
+                Ok((partition, cursor_from_row(r)?))
+            })
+            .collect()
+    }
+
+    /// For each `(partition, after_seq)`, up to `limit` messages after `after_seq`, in
+    /// sequence order: one statement for a group claim, each partition read by its own range.
+    pub(crate) async fn read_batches<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        queue: &str,
+        from: &[(u32, i64)],
+        limit: u32,
+    ) -> Result<BTreeMap<u32, Vec<StoredMessage>>, DbErr> {
+        let mut values: Vec<Value> = Vec::with_capacity(from.len() * 4);
+        let parts: Vec<String> = from
+            .iter()
+            .enumerate()
+            .map(|(i, &(partition, after_seq))| {
+                values.extend([
+                    queue.into(),
+                    i64::from(partition).into(),
+                    after_seq.into(),
+                    i64::from(limit).into(),
+                ]);
+                format!(
+                    "SELECT * FROM (SELECT seq, payload, target_handler, created_at, headers, \
+                     partition_no FROM {} WHERE queue = ? AND partition_no = ? AND seq > ? \
+                     ORDER BY seq LIMIT ?) b{i}",
+                    self.t.outgoing
+                )
+            })
+            .collect();
+        let rows = c
+            .query_all_raw(self.stmt(&parts.join(" UNION ALL "), values))
+            .await?;
+        let mut batches: BTreeMap<u32, Vec<StoredMessage>> = BTreeMap::new();
+        for r in &rows {
+            let partition = u32::try_from(col::<i64>(r, 5)?).unwrap_or(0);
+            batches
+                .entry(partition)
+                .or_default()
+                .push(message_from_row(r)?);
+        }
+        for batch in batches.values_mut() {
+            batch.sort_by_key(|m| m.seq);
+        }
+        Ok(batches)
     }
 
     /// Up to `limit` messages after `after_seq`, in sequence order.
@@ -289,6 +376,65 @@ impl Store {
         )
         .await?;
         Ok(())
+    }
+
+    /// Writes one claim marker on the locked cursors of a group (see [`Fence::Claim`]).
+    pub(crate) async fn mark_claims<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        queue: &str,
+        handler: &str,
+        partitions: &[u32],
+        marker: &str,
+    ) -> Result<(), DbErr> {
+        let mut values: Vec<Value> = vec![marker.into(), queue.into(), handler.into()];
+        values.extend(partitions.iter().map(|&p| Value::from(i64::from(p))));
+        exec(
+            c,
+            self.stmt(
+                &format!(
+                    "UPDATE {} SET lease_token = ? WHERE queue = ? AND handler = ? \
+                     AND partition_no IN {}",
+                    self.t.cursors,
+                    Store::list(partitions.len())
+                ),
+                values,
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Settles a group whose handlers all succeeded: each cursor moves to its
+    /// `(partition, processed_seq)`, with no failed attempt, if every one of them still carries
+    /// the group's claim `marker` (else nothing is written and this returns false).
+    pub(crate) async fn settle_group<C: ConnectionTrait>(
+        &self,
+        c: &C,
+        queue: &str,
+        handler: &str,
+        progress: &[(u32, i64)],
+        marker: &str,
+    ) -> Result<bool, DbErr> {
+        let now = self.dialect.now_ms();
+        let mut values: Vec<Value> = Vec::with_capacity(progress.len() * 3 + 3);
+        let mut cases = String::new();
+        for &(partition, processed_seq) in progress {
+            cases.push_str(" WHEN ? THEN ?");
+            values.extend([i64::from(partition).into(), processed_seq.into()]);
+        }
+        values.extend([queue.into(), handler.into()]);
+        values.extend(progress.iter().map(|&(p, _)| Value::from(i64::from(p))));
+        values.push(marker.into());
+        let sql = format!(
+            "UPDATE {} SET processed_seq = CASE partition_no{cases} END, attempts = 0, \
+             retry_at = 0, blocked = 0, last_error = NULL, lease_token = NULL, \
+             lease_owner = NULL, lease_expires_at = NULL, updated_at = {now} \
+             WHERE queue = ? AND handler = ? AND partition_no IN {} AND lease_token = ?",
+            self.t.cursors,
+            Store::list(progress.len())
+        );
+        Ok(exec(c, self.stmt(&sql, values)).await? == progress.len() as u64)
     }
 
     /// Takes the lease of a locked cursor until `lease` from now (database clock), recording
