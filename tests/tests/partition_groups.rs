@@ -16,7 +16,7 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use outbox::sea_orm::DatabaseConnection;
 use outbox::{HandlerError, HandlerSpec, NewMessage, Overrides, Profile, QueueSpec};
 use outbox_tests::{
-    Harness, Seen, TestDb, create_effects_table, effects, on_every_backend, write_effect,
+    Harness, Seen, TestDb, create_effects_table, effects, on_every_backend, scalar, write_effect,
 };
 
 fn snapshotter() -> &'static Snapshotter {
@@ -299,6 +299,28 @@ async fn a_group_stops_at_the_sqlite_write_budget(t: Arc<TestDb>) {
     h.finish().await;
 }
 
+/// PostgreSQL: start analyzes the cursor table once it created cursors. Until a table has
+/// statistics the planner serves a group claim's list of partitions by reading every cursor
+/// row of the handler and filtering (the drain of 10,000 messages over 4,096 partitions took
+/// 6-11 s that way, 3.3 s with statistics).
+async fn start_gives_the_planner_statistics_of_new_cursors(t: Arc<TestDb>) {
+    let queue = queue_name("group_stats", &t);
+    let db = t.pool(8).await;
+    create_effects_table(&db).await;
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new(queue, 64)).handler(writer(queue))
+    })
+    .await;
+    // -1 until the table was analyzed (PostgreSQL 14 and later).
+    let rows = scalar(
+        &db,
+        "SELECT CAST(reltuples AS BIGINT) FROM pg_class WHERE relname = 'outbox_cursors'",
+    )
+    .await;
+    assert_eq!(rows, 64, "the planner's row count of the cursor table");
+    h.finish().await;
+}
+
 on_every_backend!(
     shallow_partitions_are_drained_several_per_transaction,
     a_failure_in_a_group_is_charged_once_to_its_message,
@@ -309,4 +331,9 @@ on_every_backend!(
         mysql = "no write-lock budget: transactions on a server run side by side"
     )]
     a_group_stops_at_the_sqlite_write_budget,
+    #[skip(
+        sqlite = "the planner looks up key lists without statistics",
+        mysql = "InnoDB keeps statistics of its own as rows change"
+    )]
+    start_gives_the_planner_statistics_of_new_cursors,
 );

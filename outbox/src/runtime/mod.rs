@@ -914,10 +914,16 @@ impl Builder {
         if !problems.is_empty() {
             return Err(StartError::Registry(problems));
         }
+        let mut created = 0;
         for h in &self.handlers {
-            store
+            created += store
                 .register_handler(&h.queue, &h.name, known[&*h.queue])
                 .await?;
+        }
+        if created > 0
+            && let Err(e) = store.analyze_cursors().await
+        {
+            tracing::warn!(error = %e, "could not analyze the cursor table; group claims may read more rows until the database does");
         }
         let wake = Arc::new(Wake::new(store.dialect.listen_notify()));
         let shared = Arc::new(Shared {

@@ -487,7 +487,24 @@ impl Processor {
                     .await?
             }
         };
-        claimed.retain(|(p, _)| batches.contains_key(p));
+        // What fits in one batch: a partition with a full batch waiting runs alone, and the
+        // ones past the batch size are claimed again as a group.
+        let mut taken = 0usize;
+        claimed.retain(|&(p, _)| {
+            let Some(batch) = batches.get(&p) else {
+                return false;
+            };
+            if batch.len() >= limit as usize {
+                end.alone.push(p);
+                return false;
+            }
+            if taken > 0 && taken + batch.len() > limit as usize {
+                end.regroup.push(p);
+                return false;
+            }
+            taken += batch.len();
+            true
+        });
         if claimed.is_empty() {
             txn.rollback().await?;
             return Ok(end);
@@ -559,12 +576,9 @@ impl Processor {
             metrics::handled(&self.queue, &self.handler, n);
             for &(partition, processed) in &progress {
                 let batch = batches.get(&partition).map_or(&[][..], Vec::as_slice);
-                match batch.last() {
-                    // Not finished before the write budget ran out: claimed again as a group.
-                    Some(last) if last.seq > processed => end.regroup.push(partition),
-                    // A full batch: more may wait, claimed alone.
-                    _ if batch.len() == limit as usize => end.alone.push(partition),
-                    _ => {}
+                // Not finished before the write budget ran out: claimed again as a group.
+                if batch.last().is_some_and(|last| last.seq > processed) {
+                    end.regroup.push(partition);
                 }
             }
             Ok(end)

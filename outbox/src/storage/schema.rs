@@ -313,13 +313,13 @@ impl Store {
 
     /// Registers a handler and creates its cursor rows (one per partition). A new cursor starts
     /// where vacuum has deleted up to, so a handler added late sees every retained message and
-    /// counts none of the deleted ones as pending.
+    /// counts none of the deleted ones as pending. Returns the number of cursors created.
     pub(crate) async fn register_handler(
         &self,
         queue: &str,
         handler: &str,
         partitions: u32,
-    ) -> Result<(), DbErr> {
+    ) -> Result<u64, DbErr> {
         let txn = self.begin_write().await?;
         let now = self.dialect.now_ms();
         exec(
@@ -334,7 +334,7 @@ impl Store {
             ),
         )
         .await?;
-        exec(
+        let created = exec(
             &*txn,
             self.stmt(
                 &self.dialect.insert_ignore(
@@ -350,7 +350,22 @@ impl Store {
             ),
         )
         .await?;
-        txn.commit().await
+        txn.commit().await?;
+        Ok(created)
+    }
+
+    /// Gives the planner statistics of the cursor table where it needs them to look up a list
+    /// of keys (see [`Dialect::plans_key_lists_by_statistics`]). A role that does not own the
+    /// table gets a warning from the database, not an error.
+    ///
+    /// [`Dialect::plans_key_lists_by_statistics`]: super::dialect::Dialect::plans_key_lists_by_statistics
+    pub(crate) async fn analyze_cursors(&self) -> Result<(), DbErr> {
+        if self.dialect.plans_key_lists_by_statistics() {
+            self.db
+                .execute_unprepared(&format!("ANALYZE {}", self.t.cursors))
+                .await?;
+        }
+        Ok(())
     }
 
     /// The stored partition count of a queue.

@@ -48,6 +48,16 @@ pub(crate) trait Dialect: std::fmt::Debug + Send + Sync {
     /// processes on commit (PostgreSQL).
     fn listen_notify(&self) -> bool;
 
+    /// Until a table has statistics (the database's background analyze comes later), the
+    /// planner serves an `IN` list or an `OR` of key ranges by reading every row of the key's
+    /// prefix and filtering, instead of looking each one up (PostgreSQL: a group claim at
+    /// 4,096 partitions read all 4,096 cursor rows of its handler per statement). The engine
+    /// then analyzes the cursor table after it creates cursors, and reads a group's batches as
+    /// a `UNION ALL` of key ranges, which every branch serves from the key.
+    fn plans_key_lists_by_statistics(&self) -> bool {
+        false
+    }
+
     /// `INSERT … RETURNING id` gives the ids of the rows inserted; without it, the id of a
     /// one-row insert is the connection's last insert id.
     fn insert_returning(&self) -> bool;

@@ -42,6 +42,10 @@ impl Dialect for Postgres {
         true
     }
 
+    fn plans_key_lists_by_statistics(&self) -> bool {
+        true
+    }
+
     fn insert_returning(&self) -> bool {
         true
     }
