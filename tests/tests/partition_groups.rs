@@ -188,12 +188,15 @@ async fn a_failure_in_a_group_is_charged_once_to_its_message(t: Arc<TestDb>) {
     h.finish().await;
 }
 
+/// One batch handler call: the (partition, seq) of each message it got.
+type Call = Vec<(u32, i64)>;
+
 /// A batch handler called for a group still gets one partition's messages per call, in order.
 async fn a_batch_handler_in_a_group_sees_one_partition_per_call(t: Arc<TestDb>) {
     let queue = queue_name("group_batch", &t);
     let db = t.pool(8).await;
     create_effects_table(&db).await;
-    let calls: Arc<Mutex<Vec<Vec<(u32, i64)>>>> = Arc::default();
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
     let handler = {
         let calls = calls.clone();
         HandlerSpec::transactional_batch(queue, "writer", move |ms, txn| {
