@@ -600,5 +600,6 @@ pub async fn wait_drained(outbox: &outbox::Outbox, queue: &str, timeout: Duratio
 
 pub mod brokers;
 pub mod harness;
+pub mod recorder;
 
 pub use harness::Harness;

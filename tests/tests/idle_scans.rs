@@ -7,49 +7,23 @@
 //! and reads the cursors only when it moved. The scans are counted by `outbox_scans_total`;
 //! the process-wide recorder is installed once.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use outbox::sea_orm::TransactionTrait;
 use outbox::{HandlerError, HandlerSpec, NewMessage, Outbox, Overrides, Profile, QueueSpec};
-use outbox_tests::{Seen, TestDb, assert_invariants, on_every_backend};
+use outbox_tests::{Seen, TestDb, assert_invariants, on_every_backend, recorder};
 
 /// The handler's retry delay after its one failure.
 const RETRY: Duration = Duration::from_millis(300);
 /// Well below the 10 s the runtime waits at most between two reads of its cursors.
 const FOUND_WITHIN: Duration = Duration::from_millis(2_500);
 
-fn snapshotter() -> &'static Snapshotter {
-    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
-    SNAPSHOTTER.get_or_init(|| {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder.install().expect("install the recorder");
-        snapshotter
-    })
-}
-
-/// Scans of the handlers of `queue` since the last call (a snapshot resets counters). Each
-/// backend's test has its own queue name: they run at once and share the recorder.
+/// Scans of the handlers of `queue` since the last call. Each backend's test has its own queue
+/// name: they run at once and share the recorder.
 fn scans(queue: &str) -> u64 {
-    snapshotter()
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(k, ..)| {
-            let key = k.key();
-            key.name() == outbox::metrics::SCANS
-                && key
-                    .labels()
-                    .any(|l| l.key() == "queue" && l.value() == queue)
-        })
-        .map(|(.., v)| match v {
-            DebugValue::Counter(n) => n,
-            _ => 0,
-        })
-        .sum()
+    recorder::since_last(queue, outbox::metrics::SCANS)
 }
 
 /// After `settle`, the handlers of `queue` read their cursors at most once in 3 s of idle
@@ -64,7 +38,7 @@ async fn assert_idle(queue: &str, settle: Duration, when: &str) {
 }
 
 async fn an_idle_handler_does_not_rescan_an_unchanged_database(t: Arc<TestDb>) {
-    snapshotter();
+    recorder::install();
     let queue: &'static str = format!("idle_{:?}", t.kind).to_lowercase().leak();
     let db = t.pool(6).await;
     let seen = Seen::default();
@@ -153,7 +127,7 @@ async fn an_idle_handler_does_not_rescan_an_unchanged_database(t: Arc<TestDb>) {
 /// producer's mark of its pass tells the handler in time; on PostgreSQL (NOTIFY) and SQLite
 /// (the file watch) the consumer's sequencer may take the rows first, which is found too.
 async fn rows_another_sequencer_moved_reach_an_idle_handler(t: Arc<TestDb>) {
-    snapshotter();
+    recorder::install();
     let db = t.pool(6).await;
     let seen = Seen::default();
     let handler = {
@@ -207,7 +181,7 @@ async fn rows_another_sequencer_moved_reach_an_idle_handler(t: Arc<TestDb>) {
 /// it saw would have expired. A handles one message per batch and is stopped inside its first;
 /// B polls every 50 ms.
 async fn a_partition_a_stopped_process_let_go_reaches_an_idle_handler(t: Arc<TestDb>) {
-    snapshotter();
+    recorder::install();
     let queue: &'static str = format!("handoff_{:?}", t.kind).to_lowercase().leak();
     let db = t.pool(6).await;
     let seen = Seen::default();

@@ -9,49 +9,17 @@
 //! backend, because they run at once.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use outbox::sea_orm::DatabaseConnection;
 use outbox::{HandlerError, HandlerSpec, NewMessage, Overrides, Profile, QueueSpec};
 use outbox_tests::{
-    Harness, Seen, TestDb, create_effects_table, effects, on_every_backend, scalar, write_effect,
+    Harness, Seen, TestDb, create_effects_table, effects, on_every_backend, recorder, scalar,
+    write_effect,
 };
 
-fn snapshotter() -> &'static Snapshotter {
-    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
-    SNAPSHOTTER.get_or_init(|| {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder.install().expect("install the recorder");
-        snapshotter
-    })
-}
-
-/// The counters of `queue` since the test binary started, by name. A snapshot resets every
-/// counter of the process, so each one is added to running totals kept here, under one lock.
-fn counters(queue: &str) -> BTreeMap<String, u64> {
-    static TOTALS: Mutex<BTreeMap<(String, String), u64>> = Mutex::new(BTreeMap::new());
-    let mut totals = TOTALS.lock().expect("totals lock");
-    for (k, _, _, v) in snapshotter().snapshot().into_vec() {
-        let key = k.key();
-        let Some(q) = key.labels().find(|l| l.key() == "queue") else {
-            continue;
-        };
-        if let DebugValue::Counter(n) = v {
-            *totals
-                .entry((q.value().to_owned(), key.name().to_owned()))
-                .or_default() += n;
-        }
-    }
-    totals
-        .iter()
-        .filter(|((q, _), _)| q == queue)
-        .map(|((_, name), n)| (name.clone(), *n))
-        .collect()
-}
-
+/// `name` in a reading of [`recorder::counters`].
 fn counted(counters: &BTreeMap<String, u64>, name: &str) -> u64 {
     counters.get(name).copied().unwrap_or(0)
 }
@@ -104,7 +72,7 @@ fn writer(queue: &'static str) -> HandlerSpec {
 /// 512 partitions with one or two messages each: a handler drains them in a few transactions,
 /// not one per partition (before: at least 512).
 async fn shallow_partitions_are_drained_several_per_transaction(t: Arc<TestDb>) {
-    snapshotter();
+    recorder::install();
     let queue = queue_name("groups", &t);
     let db = t.pool(8).await;
     create_effects_table(&db).await;
@@ -116,7 +84,7 @@ async fn shallow_partitions_are_drained_several_per_transaction(t: Arc<TestDb>) 
     h.enqueue_committed(&messages(queue, &per_partition)).await;
     h.wait_drained(queue).await;
     assert_effects_once_in_order(&db, &per_partition).await;
-    let batches = counted(&counters(queue), outbox::metrics::BATCHES);
+    let batches = counted(&recorder::counters(queue), outbox::metrics::BATCHES);
     eprintln!("{queue}: 768 messages over 512 partitions in {batches} transactions");
     assert!(
         batches <= 128,
@@ -129,7 +97,7 @@ async fn shallow_partitions_are_drained_several_per_transaction(t: Arc<TestDb>) 
 /// own message (which then succeeds at its second attempt), and the other partitions' effects
 /// happen exactly once.
 async fn a_failure_in_a_group_is_charged_once_to_its_message(t: Arc<TestDb>) {
-    snapshotter();
+    recorder::install();
     let queue = queue_name("group_failure", &t);
     let db = t.pool(8).await;
     create_effects_table(&db).await;
@@ -164,7 +132,7 @@ async fn a_failure_in_a_group_is_charged_once_to_its_message(t: Arc<TestDb>) {
     h.enqueue_committed(&messages(queue, &per_partition)).await;
     h.wait_drained(queue).await;
     assert_effects_once_in_order(&db, &per_partition).await;
-    let counted_now = counters(queue);
+    let counted_now = recorder::counters(queue);
     let failing: Vec<u32> = (1..=256).filter(|n| n % 37 == 0 || n % 53 == 0).collect();
     let mut last_attempt: BTreeMap<u32, u32> = BTreeMap::new();
     for d in seen.of("writer") {
@@ -263,7 +231,7 @@ async fn two_runtimes_share_shallow_partitions_without_duplicates(t: Arc<TestDb>
 /// commits what it did; the rest runs in later transactions and nothing is charged as a
 /// failure.
 async fn a_group_stops_at_the_sqlite_write_budget(t: Arc<TestDb>) {
-    snapshotter();
+    recorder::install();
     let queue = queue_name("group_budget", &t);
     let db = t.pool(8).await;
     create_effects_table(&db).await;
@@ -286,7 +254,7 @@ async fn a_group_stops_at_the_sqlite_write_budget(t: Arc<TestDb>) {
     h.enqueue_committed(&messages(queue, &per_partition)).await;
     h.wait_drained(queue).await;
     assert_effects_once_in_order(&db, &per_partition).await;
-    let counted_now = counters(queue);
+    let counted_now = recorder::counters(queue);
     assert_eq!(
         counted(&counted_now, outbox::metrics::RETRIED),
         0,
