@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox::sea_orm::DatabaseConnection;
+use outbox::sea_orm::{ConnectionTrait, DatabaseConnection};
 use outbox::{HandlerError, HandlerSpec, NewMessage, Overrides, Profile, QueueSpec};
 use outbox_tests::{
     Harness, Seen, TestDb, create_effects_table, effects, on_every_backend, recorder, scalar,
@@ -152,6 +152,74 @@ async fn a_failure_in_a_group_is_charged_once_to_its_message(t: Arc<TestDb>) {
         counted(&counted_now, outbox::metrics::RETRIED),
         failing.len() as u64,
         "failed attempts counted"
+    );
+    h.finish().await;
+}
+
+/// A group whose transaction the database rolled back behind the handlers (here a handler ends
+/// it itself and swallows the outcome): the settle finds the claim mark gone, so nothing of the
+/// group counts; its partitions run one by one, where the message that breaks the transaction
+/// is charged once, and every effect happens exactly once. The message is in the highest
+/// partition, the last of its group, so no handler of the group runs after the rollback.
+async fn a_group_rolled_back_behind_the_handlers_is_redone_one_by_one(t: Arc<TestDb>) {
+    recorder::install();
+    let queue = queue_name("group_rolled", &t);
+    let db = t.pool(8).await;
+    create_effects_table(&db).await;
+    let seen = Seen::default();
+    let handler = {
+        let seen = seen.clone();
+        HandlerSpec::transactional(queue, "writer", move |m, txn| {
+            seen.push("writer", m);
+            let breaks = m.partition() == 31 && m.attempt() == 1;
+            Box::pin(async move {
+                write_effect(txn, "writer", m).await?;
+                if breaks {
+                    let _ = txn.execute_unprepared("ROLLBACK").await;
+                }
+                Ok(())
+            })
+        })
+        .overrides(
+            Overrides::NONE
+                .backoff_base(Duration::from_millis(10))
+                .backoff_max(Duration::from_millis(40)),
+        )
+    };
+    let per_partition = vec![1u32; 32];
+    let h = Harness::start(db.clone(), |b| {
+        b.queue(QueueSpec::new(queue, 32)).handler(handler)
+    })
+    .await;
+    h.enqueue_committed(&messages(queue, &per_partition)).await;
+    h.wait_drained(queue).await;
+    assert_effects_once_in_order(&db, &per_partition).await;
+    for d in seen.of("writer") {
+        if d.partition != 31 {
+            assert_eq!(
+                d.attempt, 1,
+                "partition {}: nothing else was charged",
+                d.partition
+            );
+        }
+    }
+    let last = seen
+        .of("writer")
+        .iter()
+        .filter(|d| d.partition == 31)
+        .map(|d| d.attempt)
+        .max();
+    assert_eq!(last, Some(2), "the breaking message is charged once");
+    let counters = recorder::counters(queue);
+    assert_eq!(
+        counted(&counters, outbox::metrics::RETRIED),
+        1,
+        "failed attempts counted"
+    );
+    assert_eq!(
+        counted(&counters, outbox::metrics::HANDLED),
+        32,
+        "messages counted as acked (a rolled-back group acks nothing)"
     );
     h.finish().await;
 }
@@ -297,6 +365,7 @@ on_every_backend!(
     a_failure_in_a_group_is_charged_once_to_its_message,
     a_batch_handler_in_a_group_sees_one_partition_per_call,
     two_runtimes_share_shallow_partitions_without_duplicates,
+    a_group_rolled_back_behind_the_handlers_is_redone_one_by_one,
     #[skip(
         postgres = "no write-lock budget: transactions on a server run side by side",
         mysql = "no write-lock budget: transactions on a server run side by side"

@@ -561,14 +561,17 @@ impl Processor {
                     }
                 }
             };
-            match trace::traced(span, settle).await {
-                Ok(true) => {}
-                // The database rolled the group back behind the handlers, or a write failed:
-                // the single path finds the message that breaks it.
-                Ok(false) | Err(_) => {
-                    end.alone.extend(partitions);
-                    return Ok(end);
-                }
+            let reason = match trace::traced(span, settle).await {
+                Ok(true) => None,
+                Ok(false) => Some("the database rolled the transaction back while the handlers ran".to_owned()),
+                Err(e) => Some(format!("the transaction failed after the handlers returned: {e}")),
+            };
+            if let Some(reason) = reason {
+                // The single path finds the message that breaks it, if one does.
+                tracing::info!(queue = %self.queue, handler = %self.handler, partitions = partitions.len(),
+                    %reason, "group transaction failed; claiming its partitions one by one");
+                end.alone.extend(partitions);
+                return Ok(end);
             }
             end.worked = true;
             let n = u64::try_from(handled).unwrap_or(0);
