@@ -63,6 +63,26 @@ async fn assert_effects_once_in_order(db: &DatabaseConnection, per_partition: &[
     }
 }
 
+/// Enqueues `per_partition` messages in one committed transaction, waits until the queue is
+/// drained, and checks every effect happened once, in order.
+async fn drain_and_check(
+    h: &Harness,
+    db: &DatabaseConnection,
+    queue: &'static str,
+    per_partition: &[u32],
+) {
+    h.enqueue_committed(&messages(queue, per_partition)).await;
+    h.wait_drained(queue).await;
+    assert_effects_once_in_order(db, per_partition).await;
+}
+
+/// Retries within tens of milliseconds.
+fn quick_retries() -> Overrides {
+    Overrides::NONE
+        .backoff_base(Duration::from_millis(10))
+        .backoff_max(Duration::from_millis(40))
+}
+
 fn writer(queue: &'static str) -> HandlerSpec {
     HandlerSpec::transactional(queue, "writer", |m, txn| {
         Box::pin(async move { Ok(write_effect(txn, "writer", m).await?) })
@@ -81,9 +101,7 @@ async fn shallow_partitions_are_drained_several_per_transaction(t: Arc<TestDb>) 
         b.queue(QueueSpec::new(queue, 512)).handler(writer(queue))
     })
     .await;
-    h.enqueue_committed(&messages(queue, &per_partition)).await;
-    h.wait_drained(queue).await;
-    assert_effects_once_in_order(&db, &per_partition).await;
+    drain_and_check(&h, &db, queue, &per_partition).await;
     let batches = counted(&recorder::counters(queue), outbox::metrics::BATCHES);
     eprintln!("{queue}: 768 messages over 512 partitions in {batches} transactions");
     assert!(
@@ -118,20 +136,14 @@ async fn a_failure_in_a_group_is_charged_once_to_its_message(t: Arc<TestDb>) {
                 Ok(())
             })
         })
-        .overrides(
-            Overrides::NONE
-                .backoff_base(Duration::from_millis(10))
-                .backoff_max(Duration::from_millis(40)),
-        )
+        .overrides(quick_retries())
     };
     let per_partition = vec![2u32; 128];
     let h = Harness::start(db.clone(), |b| {
         b.queue(QueueSpec::new(queue, 128)).handler(handler)
     })
     .await;
-    h.enqueue_committed(&messages(queue, &per_partition)).await;
-    h.wait_drained(queue).await;
-    assert_effects_once_in_order(&db, &per_partition).await;
+    drain_and_check(&h, &db, queue, &per_partition).await;
     let counted_now = recorder::counters(queue);
     let failing: Vec<u32> = (1..=256).filter(|n| n % 37 == 0 || n % 53 == 0).collect();
     let mut last_attempt: BTreeMap<u32, u32> = BTreeMap::new();
@@ -180,20 +192,14 @@ async fn a_group_rolled_back_behind_the_handlers_is_redone_one_by_one(t: Arc<Tes
                 Ok(())
             })
         })
-        .overrides(
-            Overrides::NONE
-                .backoff_base(Duration::from_millis(10))
-                .backoff_max(Duration::from_millis(40)),
-        )
+        .overrides(quick_retries())
     };
     let per_partition = vec![1u32; 32];
     let h = Harness::start(db.clone(), |b| {
         b.queue(QueueSpec::new(queue, 32)).handler(handler)
     })
     .await;
-    h.enqueue_committed(&messages(queue, &per_partition)).await;
-    h.wait_drained(queue).await;
-    assert_effects_once_in_order(&db, &per_partition).await;
+    drain_and_check(&h, &db, queue, &per_partition).await;
     for d in seen.of("writer") {
         if d.partition != 31 {
             assert_eq!(
@@ -252,9 +258,7 @@ async fn a_batch_handler_in_a_group_sees_one_partition_per_call(t: Arc<TestDb>) 
         b.queue(QueueSpec::new(queue, 256)).handler(handler)
     })
     .await;
-    h.enqueue_committed(&messages(queue, &per_partition)).await;
-    h.wait_drained(queue).await;
-    assert_effects_once_in_order(&db, &per_partition).await;
+    drain_and_check(&h, &db, queue, &per_partition).await;
     for call in calls.lock().expect("calls").iter() {
         let partition = call.first().map(|c| c.0);
         assert!(
@@ -319,9 +323,7 @@ async fn a_group_stops_at_the_sqlite_write_budget(t: Arc<TestDb>) {
             .handler(handler)
     })
     .await;
-    h.enqueue_committed(&messages(queue, &per_partition)).await;
-    h.wait_drained(queue).await;
-    assert_effects_once_in_order(&db, &per_partition).await;
+    drain_and_check(&h, &db, queue, &per_partition).await;
     let counted_now = recorder::counters(queue);
     assert_eq!(
         counted(&counted_now, outbox::metrics::RETRIED),
